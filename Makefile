@@ -1,0 +1,29 @@
+# make setup       create .venv and install npp with its pinned dependencies (idempotent)
+# make test        the default test suite (CPU, ~minutes)
+# make test-heavy  the slow end-to-end tests as well
+# make bench       CPU throughput benchmarks (figures go in docs/benchmarks.md)
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: setup test test-heavy bench
+
+setup: $(STAMP)
+
+# Re-install only when the dependency list changes.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $@
+
+test: setup
+	$(PY) -m pytest
+
+test-heavy: setup
+	$(PY) -m pytest -m ""
+
+bench: setup
+	$(PY) benchmarks/step_throughput.py --preset tiny --grid 16

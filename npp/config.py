@@ -1,0 +1,239 @@
+"""Typed, validated configuration.
+
+Every field documents itself; ``__post_init__`` rejects bad values with one line that names the
+field and the fix, so a broken run fails before any weight is allocated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the field and the fix."""
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def _is_power_of_two(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+# name -> (n_layer, n_head, dim). B..XXL and 3B are LlamaGen's; 2B is ours (REFERENCE §2).
+MODEL_PRESETS: dict[str, tuple[int, int, int]] = {
+    "debug": (2, 2, 64),
+    "tiny": (6, 4, 256),
+    "B": (12, 12, 768),
+    "L": (24, 16, 1024),
+    "XL": (36, 20, 1280),
+    "XXL": (48, 24, 1536),
+    "2B": (36, 32, 2048),
+    "3B": (24, 32, 3200),
+}
+
+
+@dataclass
+class ModelConfig:
+    """Architecture of a class-conditional LlamaGen GPT. Defaults are GPT-B on ImageNet VQ-16."""
+
+    vocab_size: int = 16384
+    """Number of VQ codes (the tokenizer's codebook size)."""
+    num_classes: int = 1000
+    """Number of class labels; the class table gets one extra row, the null class used by CFG."""
+    grid: int = 16
+    """Side of the square token grid; a sequence holds grid² image tokens."""
+    n_layer: int = 12
+    """Number of transformer blocks."""
+    n_head: int = 12
+    """Number of query heads; head_dim = dim // n_head."""
+    dim: int = 768
+    """Width of the residual stream."""
+    n_kv_head: int | None = None
+    """Key/value heads for grouped-query attention; None means n_head (plain multi-head)."""
+    ffn_dim: int | None = None
+    """SwiGLU hidden width; None means LlamaGen's rule, int(8·dim/3) rounded up to multiple_of."""
+    multiple_of: int = 256
+    """Rounding of the default SwiGLU hidden width."""
+    rope_base: float = 10000.0
+    """Base of the rotary frequencies."""
+    norm_eps: float = 1e-5
+    """RMSNorm epsilon."""
+    init_std: float = 0.02
+    """Standard deviation of the normal init of every Linear and Embedding (the head is zeroed)."""
+    token_dropout: float = 0.1
+    """Dropout on the input sequence (class token and image embeddings)."""
+    attn_dropout: float = 0.0
+    """Dropout on attention probabilities (LlamaGen's code uses 0, its paper says 0.1)."""
+    resid_dropout: float = 0.1
+    """Dropout on the attention output projection."""
+    ffn_dropout: float = 0.1
+    """Dropout on the feed-forward output."""
+    class_dropout: float = 0.1
+    """Probability that a training label is replaced by the null class (enables CFG)."""
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "num_classes", "grid", "n_layer", "n_head", "dim", "multiple_of"):
+            value = getattr(self, name)
+            _check(isinstance(value, int) and value > 0,
+                   f"ModelConfig.{name}={value!r}: must be a positive integer")
+        _check(self.dim % self.n_head == 0,
+               f"ModelConfig.dim={self.dim} is not divisible by n_head={self.n_head}: "
+               f"choose n_head among the divisors of {self.dim}")
+        _check(self.head_dim % 4 == 0,
+               f"ModelConfig: head_dim={self.head_dim} (dim/n_head) must be a multiple of 4 for "
+               f"2-D RoPE (two halves of rotary pairs); change dim or n_head")
+        if self.n_kv_head is not None:
+            _check(self.n_kv_head > 0 and self.n_head % self.n_kv_head == 0,
+                   f"ModelConfig.n_kv_head={self.n_kv_head} must divide n_head={self.n_head}; "
+                   f"use a divisor of n_head, or None for multi-head attention")
+        if self.ffn_dim is not None:
+            _check(self.ffn_dim > 0, f"ModelConfig.ffn_dim={self.ffn_dim}: must be positive or None")
+        for name in ("token_dropout", "attn_dropout", "resid_dropout", "ffn_dropout", "class_dropout"):
+            value = getattr(self, name)
+            _check(0.0 <= value < 1.0, f"ModelConfig.{name}={value}: must lie in [0, 1)")
+        _check(self.rope_base > 0, f"ModelConfig.rope_base={self.rope_base}: must be positive")
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> "ModelConfig":
+        """A named architecture (debug, tiny, B, L, XL, XXL, 2B, 3B) with any field overridden."""
+        if name not in MODEL_PRESETS:
+            raise ConfigError(f"unknown model preset {name!r}: choose one of {', '.join(MODEL_PRESETS)}")
+        n_layer, n_head, dim = MODEL_PRESETS[name]
+        return cls(**{"n_layer": n_layer, "n_head": n_head, "dim": dim, **overrides})
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_head
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_head or self.n_head
+
+    @property
+    def hidden_dim(self) -> int:
+        """SwiGLU hidden width actually used."""
+        if self.ffn_dim is not None:
+            return self.ffn_dim
+        hidden = int(2 * 4 * self.dim / 3)
+        return -(-hidden // self.multiple_of) * self.multiple_of
+
+    @property
+    def seq_len(self) -> int:
+        return self.grid * self.grid
+
+    def patch_sizes(self) -> list[int]:
+        """Every valid patch side for this grid: the powers of two that divide it."""
+        return [p for p in (2**i for i in range(self.grid.bit_length())) if self.grid % p == 0]
+
+    def check_patch_size(self, patch_size: int) -> None:
+        _check(isinstance(patch_size, int) and _is_power_of_two(patch_size)
+               and self.grid % patch_size == 0,
+               f"patch_size={patch_size!r} does not tile the {self.grid}×{self.grid} grid: "
+               f"use one of {self.patch_sizes()}")
+
+    def matmul_params(self) -> int:
+        """Weights of every matmul, the head included and the embedding tables excluded."""
+        D = self.dim
+        per_layer = D * (self.n_head + 2 * self.kv_heads) * self.head_dim + D * D + 3 * D * self.hidden_dim
+        return self.n_layer * per_layer + D * self.vocab_size
+
+    def flops_per_sample(self, patch_size: int = 1) -> float:
+        """Training FLOPs for one image: 6·N_matmul·S + 12·n_layer·dim·S², S = (grid/p)² (REFERENCE §9)."""
+        self.check_patch_size(patch_size)
+        seq = (self.grid // patch_size) ** 2
+        return 6.0 * self.matmul_params() * seq + 12.0 * self.n_layer * self.dim * seq**2
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        _check(not unknown, f"ModelConfig: unknown field(s) {unknown}; remove them or upgrade npp")
+        return cls(**data)
+
+
+@dataclass
+class ScheduleConfig:
+    """The coarse-to-fine plan: patch levels, their lengths, and the learning rate in each stage.
+
+    Stage sides are 2^(levels-1), …, 2, 1 and cumulative stage ends are total_steps·λ^i for
+    i = levels-1 … 0, so the last stage is always plain next-token prediction (REFERENCE §3).
+    """
+
+    total_steps: int = 1000
+    """Optimizer steps in the whole run, all stages together."""
+    levels: int = 2
+    """Number of patch levels #L; 1 is a plain NTP run, 2 is the paper's default (2×2 then 1×1)."""
+    segment_factor: float = 0.5
+    """λ: each stage but the last ends at total_steps·λ^i; the paper's default is 1/2."""
+    lr: float = 1e-4
+    """Peak learning rate of every stage."""
+    end_lr: float = 1e-5
+    """Learning rate reached at the end of each stage's decay."""
+    warmup_steps: int = 0
+    """Linear warm-up from 0 at the start of every stage (the paper warms up each stage)."""
+    decay_fraction: float = 0.2
+    """Fraction of each stage, at its end, over which the LR decays linearly to end_lr."""
+    stage_patch_sizes: list[int] = field(default_factory=list)
+    """Explicit patch sides per stage (e.g. [4, 2, 1]); empty means the powers of two from levels."""
+
+    def __post_init__(self) -> None:
+        _check(isinstance(self.total_steps, int) and self.total_steps > 0,
+               f"ScheduleConfig.total_steps={self.total_steps!r}: must be a positive integer")
+        _check(isinstance(self.levels, int) and self.levels >= 1,
+               f"ScheduleConfig.levels={self.levels!r}: must be ≥ 1 (1 = plain next-token prediction)")
+        if self.levels > 1:
+            _check(0.0 < self.segment_factor < 1.0,
+                   f"ScheduleConfig.segment_factor={self.segment_factor}: λ must lie in (0, 1), "
+                   f"e.g. 0.5 (the paper's default)")
+        _check(self.lr > 0, f"ScheduleConfig.lr={self.lr}: must be positive")
+        _check(0 <= self.end_lr <= self.lr,
+               f"ScheduleConfig.end_lr={self.end_lr}: must lie in [0, lr={self.lr}]")
+        _check(isinstance(self.warmup_steps, int) and self.warmup_steps >= 0,
+               f"ScheduleConfig.warmup_steps={self.warmup_steps!r}: must be a non-negative integer")
+        _check(0.0 <= self.decay_fraction <= 1.0,
+               f"ScheduleConfig.decay_fraction={self.decay_fraction}: must lie in [0, 1]")
+        if self.stage_patch_sizes:
+            sides = self.stage_patch_sizes
+            _check(len(sides) == self.levels,
+                   f"ScheduleConfig.stage_patch_sizes={sides} has {len(sides)} entries but "
+                   f"levels={self.levels}: give one side per level or leave it empty")
+            _check(all(_is_power_of_two(p) for p in sides) and sides[-1] == 1
+                   and all(a > b for a, b in zip(sides, sides[1:])),
+                   f"ScheduleConfig.stage_patch_sizes={sides}: sides must be decreasing powers of two "
+                   f"ending with 1 (the final stage is next-token prediction)")
+
+    @property
+    def patch_sizes(self) -> list[int]:
+        """Patch side of each stage, coarse to fine."""
+        if self.stage_patch_sizes:
+            return list(self.stage_patch_sizes)
+        return [2 ** (self.levels - 1 - i) for i in range(self.levels)]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def dump_json(obj: Any, path) -> None:
+    """Write JSON atomically: a reader never sees a half-written file."""
+    import os
+    import tempfile
+
+    directory = os.path.dirname(os.fspath(path)) or "."
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".json")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=2, sort_keys=True)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise

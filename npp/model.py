@@ -1,0 +1,437 @@
+"""A class-conditional LlamaGen GPT that can read its input in p×p patches.
+
+Read top to bottom: normalisation, 2-D rotary embeddings, attention (with an explicit KV cache for
+sampling), the SwiGLU feed-forward, the block, and the GPT itself with its import and export.
+Parameter names match LlamaGen's state dicts exactly, so released checkpoints load strictly.
+
+Sequence layout: position 0 is the class token, then (patch) embeddings in row-major grid order.
+The training forward takes the full token grid; with patch_size p > 1 it averages the embeddings
+of each p×p square (npp.patching), so the sequence is p² times shorter.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import math
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from npp.config import ModelConfig, dump_json
+from npp.patching import group_patches
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 and cast back before the weight, as LlamaGen does: bf16 checkpoints
+        # then give the same activations here as there.
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return normed.type_as(x) * self.weight
+
+
+# --------------------------------------------------------------------------------------------
+# 2-D rotary position embedding
+# --------------------------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=64)
+def rope_2d(grid: int, head_dim: int, base: float, device: torch.device | str = "cpu") -> torch.Tensor:
+    """cos/sin table of shape (1 + grid², head_dim // 2, 2) in fp32, row 0 for the class token.
+
+    The rotary pairs are adjacent dims (x[2i], x[2i+1]); the first half of the pairs rotates with the
+    grid row, the second half with the column. Row 0 is all zeros, so the class token's query and key
+    are multiplied by zero and only its value carries the class: LlamaGen's checkpoints were trained
+    that way and need it. Pure and cached; callers must not modify the returned tensor.
+    """
+    half = head_dim // 2
+    freqs_F = 1.0 / (base ** (torch.arange(0, half, 2, dtype=torch.float32, device=device) / half))
+    coord = torch.arange(grid, dtype=torch.float32, device=device)
+    angle_GF = torch.outer(coord, freqs_F)
+    angle_GGK = torch.cat(
+        [angle_GF[:, None, :].expand(grid, grid, -1),   # row angle, constant along a row
+         angle_GF[None, :, :].expand(grid, grid, -1)],  # column angle
+        dim=-1,
+    )
+    table_LK2 = torch.stack([angle_GGK.cos(), angle_GGK.sin()], dim=-1).flatten(0, 1)
+    class_row = torch.zeros(1, half, 2, device=device)
+    return torch.cat([class_row, table_LK2])
+
+
+def apply_rope(x_BSHd: torch.Tensor, rope_SK2: torch.Tensor) -> torch.Tensor:
+    """Rotate adjacent pairs of x by the angles in rope (fp32 maths, result in x's dtype)."""
+    x_BSHK2 = x_BSHd.float().unflatten(-1, (-1, 2))
+    cos, sin = rope_SK2[None, :, None, :, 0], rope_SK2[None, :, None, :, 1]
+    x0, x1 = x_BSHK2[..., 0], x_BSHK2[..., 1]
+    rotated = torch.stack([x0 * cos - x1 * sin, x1 * cos + x0 * sin], dim=-1)
+    return rotated.flatten(-2).type_as(x_BSHd)
+
+
+# --------------------------------------------------------------------------------------------
+# Attention with an explicit, preallocated KV cache
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class KVCache:
+    """Preallocated keys and values for every layer: (n_layer, B, kv_heads, max_len, head_dim).
+
+    It lives outside the model and is passed to each decoding call, so sampling never mutates the
+    module and no tensor is re-allocated per step.
+    """
+
+    k: torch.Tensor
+    v: torch.Tensor
+
+    @classmethod
+    def empty(cls, config: ModelConfig, batch: int, max_len: int, *, dtype: torch.dtype,
+              device: torch.device | str) -> "KVCache":
+        shape = (config.n_layer, batch, config.kv_heads, max_len, config.head_dim)
+        return cls(torch.zeros(shape, dtype=dtype, device=device),
+                   torch.zeros(shape, dtype=dtype, device=device))
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.kv_heads, config.head_dim
+        self.wqkv = nn.Linear(config.dim, (self.n_head + 2 * self.n_kv_head) * self.head_dim, bias=False)
+        self.wo = nn.Linear(config.dim, config.dim, bias=False)
+        self.attn_dropout = config.attn_dropout
+        self.resid_dropout = nn.Dropout(config.resid_dropout)
+
+    def forward(self, x_BSD: torch.Tensor, rope_SK2: torch.Tensor,
+                cache: tuple[torch.Tensor, torch.Tensor] | None = None, start: int = 0) -> torch.Tensor:
+        B, S, D = x_BSD.shape
+        q_dim, kv_dim = self.n_head * self.head_dim, self.n_kv_head * self.head_dim
+        q, k, v = self.wqkv(x_BSD).split([q_dim, kv_dim, kv_dim], dim=-1)
+        q_BSHd = apply_rope(q.view(B, S, self.n_head, self.head_dim), rope_SK2)
+        k_BSHd = apply_rope(k.view(B, S, self.n_kv_head, self.head_dim), rope_SK2)
+        q_BHSd, k_BHSd = q_BSHd.transpose(1, 2), k_BSHd.transpose(1, 2)
+        v_BHSd = v.view(B, S, self.n_kv_head, self.head_dim).transpose(1, 2)
+
+        mask, causal = None, True
+        if cache is not None:
+            k_cache, v_cache = cache
+            k_cache[:, :, start:start + S] = k_BHSd
+            v_cache[:, :, start:start + S] = v_BHSd
+            k_BHSd, v_BHSd = k_cache[:, :, :start + S], v_cache[:, :, :start + S]
+            if start > 0:  # queries sit at start..start+S-1 and see every key up to themselves
+                causal = False
+                if S > 1:
+                    key_pos = torch.arange(start + S, device=x_BSD.device)
+                    query_pos = torch.arange(start, start + S, device=x_BSD.device)
+                    mask = key_pos[None, :] <= query_pos[:, None]
+
+        out_BHSd = F.scaled_dot_product_attention(
+            q_BHSd, k_BHSd, v_BHSd, attn_mask=mask, is_causal=causal,
+            dropout_p=self.attn_dropout if self.training else 0.0,
+            enable_gqa=self.n_kv_head != self.n_head,
+        )
+        return self.resid_dropout(self.wo(out_BHSd.transpose(1, 2).reshape(B, S, D)))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.w1 = nn.Linear(config.dim, config.hidden_dim, bias=False)
+        self.w3 = nn.Linear(config.dim, config.hidden_dim, bias=False)
+        self.w2 = nn.Linear(config.hidden_dim, config.dim, bias=False)
+        self.ffn_dropout = nn.Dropout(config.ffn_dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ffn_dropout(self.w2(F.silu(self.w1(x)) * self.w3(x)))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.attention_norm = RMSNorm(config.dim, config.norm_eps)
+        self.attention = Attention(config)
+        self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
+        self.feed_forward = FeedForward(config)
+
+    def forward(self, x: torch.Tensor, rope_SK2: torch.Tensor,
+                cache: tuple[torch.Tensor, torch.Tensor] | None = None, start: int = 0) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), rope_SK2, cache, start)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class ClassEmbedding(nn.Module):
+    """Class table with a final null row; in training, labels drop to the null class at random."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.null_class = config.num_classes
+        self.drop_prob = config.class_dropout
+        self.embedding_table = nn.Embedding(config.num_classes + 1, config.dim)
+
+    def forward(self, labels_B: torch.Tensor) -> torch.Tensor:
+        if self.training and self.drop_prob > 0:
+            drop_B = torch.rand(labels_B.shape, device=labels_B.device) < self.drop_prob
+            labels_B = torch.where(drop_B, self.null_class, labels_B)
+        return self.embedding_table(labels_B).unsqueeze(1)
+
+
+# --------------------------------------------------------------------------------------------
+# The GPT
+# --------------------------------------------------------------------------------------------
+
+class GPT(nn.Module):
+    """Class-conditional LlamaGen GPT with next-patch input grouping.
+
+    >>> model = GPT(ModelConfig.preset("debug", vocab_size=64, num_classes=10, grid=8))
+    >>> logits_BNV = model(tokens_BL, labels_B, patch_size=2)   # N = (8 / 2)² = 16
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.cls_embedding = ClassEmbedding(config)
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
+        self.tok_dropout = nn.Dropout(config.token_dropout)
+        self.layers = nn.ModuleList(TransformerBlock(config) for _ in range(config.n_layer))
+        self.norm = RMSNorm(config.dim, config.norm_eps)
+        self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
+        self.activation_checkpointing = False
+        """Recompute each block in the backward pass (set by the trainer; saves activation memory)."""
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, mean=0.0, std=self.config.init_std)
+            elif isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
+        # A zero head predicts the uniform distribution: the first loss is exactly ln(vocab).
+        nn.init.zeros_(self.output.weight)
+
+    # ---- training forward ----------------------------------------------------------------
+
+    def forward(self, tokens_BL: torch.Tensor, labels_B: torch.Tensor, patch_size: int = 1) -> torch.Tensor:
+        """Next-(patch) logits for a full token grid.
+
+        tokens_BL: (B, grid²) codes in row-major order; labels_B: (B,) class ids (num_classes is the
+        null class). Returns logits_BNV with N = (grid / patch_size)²: row n predicts patch n (token
+        n when patch_size = 1) from the class and patches 0..n-1.
+        """
+        grid = self.config.grid
+        if tokens_BL.shape[1] != grid * grid:
+            raise ValueError(f"expected {grid * grid} tokens per image ({grid}×{grid} grid), "
+                             f"got {tokens_BL.shape[1]}: pass the full token grid")
+        emb_BND = group_patches(self.tok_embeddings(tokens_BL), grid, patch_size)
+        cls_B1D = self.cls_embedding(labels_B)
+        # The last patch is never an input: nothing follows it.
+        h_BND = self.tok_dropout(torch.cat([cls_B1D, emb_BND[:, :-1]], dim=1))
+        rope_NK2 = rope_2d(grid // patch_size, self.config.head_dim, self.config.rope_base, h_BND.device)
+        for layer in self.layers:
+            if self.activation_checkpointing and self.training:
+                h_BND = checkpoint(layer, h_BND, rope_NK2[:-1], use_reentrant=False)
+            else:
+                h_BND = layer(h_BND, rope_NK2[:-1])
+        return self.output(self.norm(h_BND)).float()
+
+    # ---- cached decoding (sampling) -------------------------------------------------------
+
+    def new_cache(self, batch: int, *, dtype: torch.dtype | None = None) -> KVCache:
+        """An empty KV cache long enough for a whole image (class token + grid² - 1 inputs)."""
+        weight = self.tok_embeddings.weight
+        return KVCache.empty(self.config, batch, self.config.seq_len, dtype=dtype or weight.dtype,
+                             device=weight.device)
+
+    def decode(self, cache: KVCache, start: int, *, labels_B: torch.Tensor | None = None,
+               tokens_BS: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits for sequence positions start..start+S-1, reading and filling the cache.
+
+        Position 0 is the class token (give labels_B, start = 0); position i ≥ 1 holds image token
+        i - 1 (give tokens_BS). With both, the class token is followed by the tokens. Labels are
+        used as given (no class dropout): pass the null class for the unconditional branch of CFG.
+        """
+        parts = []
+        if labels_B is not None:
+            if start != 0:
+                raise ValueError("the class token sits at position 0: call decode(labels_B=…) with start=0")
+            parts.append(self.cls_embedding.embedding_table(labels_B).unsqueeze(1))
+        if tokens_BS is not None:
+            parts.append(self.tok_embeddings(tokens_BS))
+        if not parts:
+            raise ValueError("decode() needs labels_B, tokens_BS or both")
+        h_BSD = self.tok_dropout(torch.cat(parts, dim=1))
+        S = h_BSD.shape[1]
+        if start + S > cache.k.shape[3]:
+            raise ValueError(f"positions up to {start + S} exceed the cache length {cache.k.shape[3]}")
+        rope = rope_2d(self.config.grid, self.config.head_dim, self.config.rope_base, h_BSD.device)
+        for i, layer in enumerate(self.layers):
+            h_BSD = layer(h_BSD, rope[start:start + S], (cache.k[i], cache.v[i]), start)
+        return self.output(self.norm(h_BSD)).float()
+
+    # ---- accounting ------------------------------------------------------------------------
+
+    def num_params(self, *, exclude_embeddings: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        if exclude_embeddings:
+            n -= self.tok_embeddings.weight.numel() + self.cls_embedding.embedding_table.weight.numel()
+        return n
+
+    def flops_per_sample(self, patch_size: int = 1) -> float:
+        """Training FLOPs for one image at this patch size (see ModelConfig.flops_per_sample)."""
+        return self.config.flops_per_sample(patch_size)
+
+    # ---- our format: safetensors + config.json ---------------------------------------------
+
+    def save_pretrained(self, directory: str | os.PathLike) -> Path:
+        """Write model.safetensors and config.json (atomically) into directory."""
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        tmp = directory / ".model.safetensors.tmp"
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
+        os.replace(tmp, directory / "model.safetensors")
+        dump_json({"architecture": "npp.GPT", **self.config.to_dict()}, directory / "config.json")
+        return directory
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike, *, device: str | torch.device = "cpu") -> "GPT":
+        """Rebuild a model written by save_pretrained (no other flags needed)."""
+        from safetensors.torch import load_file
+
+        directory = Path(directory)
+        for name in ("config.json", "model.safetensors"):
+            if not (directory / name).is_file():
+                raise CheckpointError(f"{directory} has no {name}: point at a folder written by "
+                                      f"GPT.save_pretrained (e.g. runs/<name>/export)")
+        data = json.loads((directory / "config.json").read_text())
+        if data.pop("architecture", "npp.GPT") != "npp.GPT":
+            raise CheckpointError(f"{directory}/config.json does not describe an npp.GPT")
+        with torch.device("meta"):
+            model = cls(ModelConfig.from_dict(data))
+        state = load_file(str(directory / "model.safetensors"), device=str(device))
+        _check_state_dict(model, state, str(directory / "model.safetensors"))
+        model.load_state_dict(state, strict=True, assign=True)
+        return model.eval()
+
+    # ---- LlamaGen / NPP checkpoints --------------------------------------------------------
+
+    @classmethod
+    def from_llamagen(cls, path_or_state_dict: str | os.PathLike | Mapping[str, torch.Tensor], *,
+                      n_head: int | None = None, grid: int | None = None, **overrides: Any) -> "GPT":
+        """Load a LlamaGen or NPP class-conditional GPT checkpoint, strictly.
+
+        Vocabulary, width, depth, classes, FFN width and GQA heads are read from tensor shapes;
+        n_head defaults to dim // 64 and grid to 16 (256 px with VQ-16). Other ModelConfig fields
+        (dropouts, rope_base, …) can be given as keyword overrides.
+        """
+        state, source = load_foreign_state_dict(path_or_state_dict)
+        config = infer_llamagen_config(state, source, n_head=n_head, grid=grid, **overrides)
+        with torch.device("meta"):
+            model = cls(config)
+        _check_state_dict(model, state, source)
+        model.load_state_dict(state, strict=True, assign=True)
+        return model.eval()
+
+
+# --------------------------------------------------------------------------------------------
+# Loading foreign checkpoints
+# --------------------------------------------------------------------------------------------
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be used; the one-line message says what is wrong with it."""
+
+
+_WRAPPER_KEYS = ("model", "module", "state_dict")
+
+
+def load_foreign_state_dict(path_or_state_dict) -> tuple[dict[str, torch.Tensor], str]:
+    """The bare state dict of a .pt file (or mapping) saved by DDP, DeepSpeed, FSDP or by hand.
+
+    Unpickling uses weights_only=True: a malicious file cannot run code. argparse.Namespace is
+    allowed because LlamaGen's training script stores its arguments in the checkpoint.
+    """
+    if isinstance(path_or_state_dict, Mapping):
+        obj, source = path_or_state_dict, "the given state dict"
+    else:
+        source = os.fspath(path_or_state_dict)
+        if not os.path.isfile(source):
+            raise CheckpointError(f"{source}: no such file; give the path of a .pt checkpoint")
+        try:
+            with torch.serialization.safe_globals([argparse.Namespace]):
+                obj = torch.load(source, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as err:  # truncated zip, plain text, unsafe pickle: all mean "not usable"
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise CheckpointError(f"{source} is not a readable PyTorch checkpoint ({reason}); "
+                                  f"re-download or re-export it") from None
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"{source} holds a {type(obj).__name__}, not a state dict")
+    for key in _WRAPPER_KEYS:
+        if key in obj and isinstance(obj[key], Mapping):
+            obj = obj[key]
+            break
+    state = {k: v for k, v in obj.items()}
+    if not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{source} holds no state dict (looked for keys {_WRAPPER_KEYS} "
+                              f"or a bare name→tensor mapping)")
+    # torch.compile and DDP wrappers prefix every key; strip a prefix only when all keys share it.
+    for prefix in ("_orig_mod.", "module."):
+        if all(k.startswith(prefix) for k in state):
+            state = {k[len(prefix):]: v for k, v in state.items()}
+    return state, source
+
+
+def infer_llamagen_config(state: Mapping[str, torch.Tensor], source: str, *, n_head: int | None,
+                          grid: int | None, **overrides: Any) -> ModelConfig:
+    if "tok_embeddings.weight" not in state or "cls_embedding.embedding_table.weight" not in state:
+        hint = ("it looks like a VQ tokenizer: use npp.VQModel.from_llamagen"
+                if any(k.startswith(("encoder.", "quantize.")) for k in state)
+                else "expected a LlamaGen/NPP class-conditional GPT")
+        raise CheckpointError(f"{source} has no tok_embeddings.weight/cls_embedding.embedding_table.weight; {hint}")
+    vocab_size, dim = state["tok_embeddings.weight"].shape
+    layer_ids = {int(m.group(1)) for k in state if (m := re.match(r"layers\.(\d+)\.", k))}
+    if not layer_ids:
+        raise CheckpointError(f"{source} has no transformer layers (layers.N.*): not a GPT checkpoint")
+    n_head = n_head or dim // 64
+    if dim % n_head:
+        raise CheckpointError(f"{source}: width {dim} is not divisible by n_head={n_head}; pass n_head=")
+    head_dim = dim // n_head
+    qkv_rows = state["layers.0.attention.wqkv.weight"].shape[0] if "layers.0.attention.wqkv.weight" in state else 3 * dim
+    n_kv_head = (qkv_rows // head_dim - n_head) // 2
+    ffn = state.get("layers.0.feed_forward.w1.weight")
+    return ModelConfig(
+        vocab_size=vocab_size, dim=dim, n_layer=max(layer_ids) + 1, n_head=n_head,
+        n_kv_head=None if n_kv_head == n_head else n_kv_head,
+        num_classes=state["cls_embedding.embedding_table.weight"].shape[0] - 1,
+        ffn_dim=None if ffn is None else ffn.shape[0], grid=grid or 16, **overrides,
+    )
+
+
+def _check_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
+    """Strict key and shape matching, reported in one line before anything is copied."""
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+
+    def listing(keys: list[str]) -> str:
+        return ", ".join(keys[:4]) + (f" (+{len(keys) - 4} more)" if len(keys) > 4 else "")
+
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        parts = ([f"missing keys {listing(missing)}"] if missing else []) + \
+                ([f"unexpected keys {listing(unexpected)}"] if unexpected else [])
+        raise CheckpointError(f"{source} does not match the model: {'; '.join(parts)}")
+    wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(s)}" for k, s in expected.items()
+             if tuple(state[k].shape) != tuple(s)]
+    if wrong:
+        raise CheckpointError(f"{source} has shape mismatches (checkpoint vs model): {listing(wrong)}; "
+                              f"check n_head/grid or the preset")
