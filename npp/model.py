@@ -71,6 +71,12 @@ def rope_2d(grid: int, head_dim: int, base: float, device: torch.device | str = 
     return torch.cat([class_row, table_LK2])
 
 
+def _rope(grid: int, config: ModelConfig, device: torch.device) -> torch.Tensor:
+    # Under torch.compile the table is traced as ordinary ops (Dynamo cannot use the cache).
+    make = rope_2d.__wrapped__ if torch.compiler.is_compiling() else rope_2d
+    return make(grid, config.head_dim, config.rope_base, device)
+
+
 def apply_rope(x_BSHd: torch.Tensor, rope_SK2: torch.Tensor) -> torch.Tensor:
     """Rotate adjacent pairs of x by the angles in rope (fp32 maths, result in x's dtype)."""
     x_BSHK2 = x_BSHd.float().unflatten(-1, (-1, 2))
@@ -235,7 +241,7 @@ class GPT(nn.Module):
         cls_B1D = self.cls_embedding(labels_B)
         # The last patch is never an input: nothing follows it.
         h_BND = self.tok_dropout(torch.cat([cls_B1D, emb_BND[:, :-1]], dim=1))
-        rope_NK2 = rope_2d(grid // patch_size, self.config.head_dim, self.config.rope_base, h_BND.device)
+        rope_NK2 = _rope(grid // patch_size, self.config, h_BND.device)
         for layer in self.layers:
             if self.activation_checkpointing and self.training:
                 h_BND = checkpoint(layer, h_BND, rope_NK2[:-1], use_reentrant=False)
@@ -272,7 +278,7 @@ class GPT(nn.Module):
         S = h_BSD.shape[1]
         if start + S > cache.k.shape[3]:
             raise ValueError(f"positions up to {start + S} exceed the cache length {cache.k.shape[3]}")
-        rope = rope_2d(self.config.grid, self.config.head_dim, self.config.rope_base, h_BSD.device)
+        rope = _rope(self.config.grid, self.config, h_BSD.device)
         for i, layer in enumerate(self.layers):
             h_BSD = layer(h_BSD, rope[start:start + S], (cache.k[i], cache.v[i]), start)
         return self.output(self.norm(h_BSD)).float()
