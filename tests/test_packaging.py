@@ -1,0 +1,35 @@
+"""The set-up files agree with each other, so every install path gets the same environment."""
+
+import re
+import tomllib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _normalise(requirement: str) -> str:
+    return re.sub(r"\s+", "", requirement).lower().replace("_", "-")
+
+
+def test_environment_yml_mirrors_pyproject():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    wanted = {_normalise(r) for r in project["dependencies"] + project["optional-dependencies"]["dev"]}
+    lines = (ROOT / "environment.yml").read_text().splitlines()
+    start = lines.index("  - pip:")
+    conda_pip = {_normalise(line.strip()[2:]) for line in lines[start + 1:]
+                 if line.strip().startswith("- ") and line.strip() != "- -e ."}
+    assert conda_pip == wanted
+
+
+def test_every_dependency_has_a_tested_range():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    for requirement in project["dependencies"] + project["optional-dependencies"]["dev"]:
+        assert ">=" in requirement and "<" in requirement.split(">=", 1)[1], requirement
+
+
+def test_ci_runs_the_readme_test_command():
+    readme = (ROOT / "README.md").read_text()
+    assert "make test" in readme
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert re.search(r"^make test$", ci, re.M)
+    assert re.search(r"^test: setup$", (ROOT / "Makefile").read_text(), re.M)
