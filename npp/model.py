@@ -12,6 +12,7 @@ of each p×p square (npp.patching), so the sequence is p² times shorter.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import math
@@ -414,13 +415,15 @@ def infer_llamagen_config(state: Mapping[str, torch.Tensor], source: str, *, n_h
     head_dim = dim // n_head
     qkv_rows = state["layers.0.attention.wqkv.weight"].shape[0] if "layers.0.attention.wqkv.weight" in state else 3 * dim
     n_kv_head = (qkv_rows // head_dim - n_head) // 2
-    ffn = state.get("layers.0.feed_forward.w1.weight")
-    return ModelConfig(
+    config = ModelConfig(
         vocab_size=vocab_size, dim=dim, n_layer=max(layer_ids) + 1, n_head=n_head,
         n_kv_head=None if n_kv_head == n_head else n_kv_head,
-        num_classes=state["cls_embedding.embedding_table.weight"].shape[0] - 1,
-        ffn_dim=None if ffn is None else ffn.shape[0], grid=grid or 16, **overrides,
+        num_classes=state["cls_embedding.embedding_table.weight"].shape[0] - 1, grid=grid or 16, **overrides,
     )
+    ffn = state.get("layers.0.feed_forward.w1.weight")
+    if ffn is not None and ffn.shape[0] != config.hidden_dim:  # keep the default rule when it fits
+        config = dataclasses.replace(config, ffn_dim=ffn.shape[0])
+    return config
 
 
 def _check_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
