@@ -9,7 +9,8 @@ import argparse
 import sys
 
 from npp.config import ConfigError
-from npp.model import GPT, CheckpointError
+from npp.model import GPT
+from npp.weights import CheckpointError
 
 
 def _convert(args: argparse.Namespace) -> None:

@@ -11,11 +11,8 @@ of each p×p square (npp.patching), so the sequence is p² times shorter.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
-import json
-import math
 import os
 import re
 from dataclasses import dataclass
@@ -27,8 +24,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from npp.config import ModelConfig, dump_json
+from npp.config import ModelConfig
 from npp.patching import group_patches
+from npp.weights import (CheckpointError, load_foreign_state_dict, load_strict, read_safetensors,
+                         save_safetensors)
 
 
 class RMSNorm(nn.Module):
@@ -300,36 +299,15 @@ class GPT(nn.Module):
 
     def save_pretrained(self, directory: str | os.PathLike) -> Path:
         """Write model.safetensors and config.json (atomically) into directory."""
-        from safetensors.torch import save_file
-
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        tmp = directory / ".model.safetensors.tmp"
-        save_file(tensors, str(tmp), metadata={"format": "pt"})
-        os.replace(tmp, directory / "model.safetensors")
-        dump_json({"architecture": "npp.GPT", **self.config.to_dict()}, directory / "config.json")
-        return directory
+        return save_safetensors(self, directory, {"architecture": "npp.GPT", **self.config.to_dict()})
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, *, device: str | torch.device = "cpu") -> "GPT":
         """Rebuild a model written by save_pretrained (no other flags needed)."""
-        from safetensors.torch import load_file
-
-        directory = Path(directory)
-        for name in ("config.json", "model.safetensors"):
-            if not (directory / name).is_file():
-                raise CheckpointError(f"{directory} has no {name}: point at a folder written by "
-                                      f"GPT.save_pretrained (e.g. runs/<name>/export)")
-        data = json.loads((directory / "config.json").read_text())
-        if data.pop("architecture", "npp.GPT") != "npp.GPT":
-            raise CheckpointError(f"{directory}/config.json does not describe an npp.GPT")
+        config, state = read_safetensors(directory, "npp.GPT", "GPT.save_pretrained (e.g. runs/<name>/export)", device)
         with torch.device("meta"):
-            model = cls(ModelConfig.from_dict(data))
-        state = load_file(str(directory / "model.safetensors"), device=str(device))
-        _check_state_dict(model, state, str(directory / "model.safetensors"))
-        model.load_state_dict(state, strict=True, assign=True)
-        return model.eval()
+            model = cls(ModelConfig.from_dict(config))
+        return load_strict(model, state, f"{directory}/model.safetensors").eval()
 
     # ---- LlamaGen / NPP checkpoints --------------------------------------------------------
 
@@ -346,56 +324,7 @@ class GPT(nn.Module):
         config = infer_llamagen_config(state, source, n_head=n_head, grid=grid, **overrides)
         with torch.device("meta"):
             model = cls(config)
-        _check_state_dict(model, state, source)
-        model.load_state_dict(state, strict=True, assign=True)
-        return model.eval()
-
-
-# --------------------------------------------------------------------------------------------
-# Loading foreign checkpoints
-# --------------------------------------------------------------------------------------------
-
-class CheckpointError(ValueError):
-    """A checkpoint cannot be used; the one-line message says what is wrong with it."""
-
-
-_WRAPPER_KEYS = ("model", "module", "state_dict")
-
-
-def load_foreign_state_dict(path_or_state_dict) -> tuple[dict[str, torch.Tensor], str]:
-    """The bare state dict of a .pt file (or mapping) saved by DDP, DeepSpeed, FSDP or by hand.
-
-    Unpickling uses weights_only=True: a malicious file cannot run code. argparse.Namespace is
-    allowed because LlamaGen's training script stores its arguments in the checkpoint.
-    """
-    if isinstance(path_or_state_dict, Mapping):
-        obj, source = path_or_state_dict, "the given state dict"
-    else:
-        source = os.fspath(path_or_state_dict)
-        if not os.path.isfile(source):
-            raise CheckpointError(f"{source}: no such file; give the path of a .pt checkpoint")
-        try:
-            with torch.serialization.safe_globals([argparse.Namespace]):
-                obj = torch.load(source, map_location="cpu", weights_only=True, mmap=True)
-        except Exception as err:  # truncated zip, plain text, unsafe pickle: all mean "not usable"
-            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise CheckpointError(f"{source} is not a readable PyTorch checkpoint ({reason}); "
-                                  f"re-download or re-export it") from None
-    if not isinstance(obj, Mapping):
-        raise CheckpointError(f"{source} holds a {type(obj).__name__}, not a state dict")
-    for key in _WRAPPER_KEYS:
-        if key in obj and isinstance(obj[key], Mapping):
-            obj = obj[key]
-            break
-    state = {k: v for k, v in obj.items()}
-    if not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise CheckpointError(f"{source} holds no state dict (looked for keys {_WRAPPER_KEYS} "
-                              f"or a bare name→tensor mapping)")
-    # torch.compile and DDP wrappers prefix every key; strip a prefix only when all keys share it.
-    for prefix in ("_orig_mod.", "module."):
-        if all(k.startswith(prefix) for k in state):
-            state = {k[len(prefix):]: v for k, v in state.items()}
-    return state, source
+        return load_strict(model, state, source).eval()
 
 
 def infer_llamagen_config(state: Mapping[str, torch.Tensor], source: str, *, n_head: int | None,
@@ -424,23 +353,3 @@ def infer_llamagen_config(state: Mapping[str, torch.Tensor], source: str, *, n_h
     if ffn is not None and ffn.shape[0] != config.hidden_dim:  # keep the default rule when it fits
         config = dataclasses.replace(config, ffn_dim=ffn.shape[0])
     return config
-
-
-def _check_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
-    """Strict key and shape matching, reported in one line before anything is copied."""
-    expected = {k: v.shape for k, v in model.state_dict().items()}
-
-    def listing(keys: list[str]) -> str:
-        return ", ".join(keys[:4]) + (f" (+{len(keys) - 4} more)" if len(keys) > 4 else "")
-
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected:
-        parts = ([f"missing keys {listing(missing)}"] if missing else []) + \
-                ([f"unexpected keys {listing(unexpected)}"] if unexpected else [])
-        raise CheckpointError(f"{source} does not match the model: {'; '.join(parts)}")
-    wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(s)}" for k, s in expected.items()
-             if tuple(state[k].shape) != tuple(s)]
-    if wrong:
-        raise CheckpointError(f"{source} has shape mismatches (checkpoint vs model): {listing(wrong)}; "
-                              f"check n_head/grid or the preset")

@@ -1,0 +1,131 @@
+"""Reading and writing weights: foreign .pt checkpoints (strict, weights_only) and our safetensors.
+
+Shared by the GPT and the VQ tokenizer, so both refuse the same bad files with the same one-line
+errors, and both write the same atomic ``model.safetensors`` + ``config.json`` pair.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+import torch.nn as nn
+
+from npp.config import dump_json
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be used; the one-line message says what is wrong with it."""
+
+
+_WRAPPER_KEYS = ("model", "module", "state_dict")
+
+
+def load_foreign_state_dict(path_or_state_dict) -> tuple[dict[str, torch.Tensor], str]:
+    """The bare state dict of a .pt file (or mapping) saved by DDP, DeepSpeed, FSDP or by hand.
+
+    Unpickling uses weights_only=True: a malicious file cannot run code. argparse.Namespace is
+    allowed because LlamaGen's training script stores its arguments in the checkpoint.
+    Returns the state dict and a name for it to use in messages.
+    """
+    if isinstance(path_or_state_dict, Mapping):
+        obj, source = path_or_state_dict, "the given state dict"
+    else:
+        source = os.fspath(path_or_state_dict)
+        if not os.path.isfile(source):
+            raise CheckpointError(f"{source}: no such file; give the path of a .pt checkpoint")
+        try:
+            with torch.serialization.safe_globals([argparse.Namespace]):
+                obj = torch.load(source, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as err:  # truncated zip, plain text, unsafe pickle: all mean "not usable"
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise CheckpointError(f"{source} is not a readable PyTorch checkpoint ({reason}); "
+                                  f"re-download or re-export it") from None
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"{source} holds a {type(obj).__name__}, not a state dict")
+    for key in _WRAPPER_KEYS:
+        if key in obj and isinstance(obj[key], Mapping):
+            obj = obj[key]
+            break
+    state = {k: v for k, v in obj.items()}
+    if not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{source} holds no state dict (looked for keys {_WRAPPER_KEYS} "
+                              f"or a bare name→tensor mapping)")
+    # torch.compile and DDP wrappers prefix every key; strip a prefix only when all keys share it.
+    for prefix in ("_orig_mod.", "module."):
+        if all(k.startswith(prefix) for k in state):
+            state = {k[len(prefix):]: v for k, v in state.items()}
+    return state, source
+
+
+def check_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
+    """Strict key and shape matching, reported in one line before anything is copied."""
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+
+    def listing(keys: list[str]) -> str:
+        return ", ".join(keys[:4]) + (f" (+{len(keys) - 4} more)" if len(keys) > 4 else "")
+
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        parts = ([f"missing keys {listing(missing)}"] if missing else []) + \
+                ([f"unexpected keys {listing(unexpected)}"] if unexpected else [])
+        raise CheckpointError(f"{source} does not match the model: {'; '.join(parts)}")
+    wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(s)}" for k, s in expected.items()
+             if tuple(state[k].shape) != tuple(s)]
+    if wrong:
+        raise CheckpointError(f"{source} has shape mismatches (checkpoint vs model): {listing(wrong)}; "
+                              f"check the architecture arguments or the preset")
+
+
+def load_strict(model: nn.Module, state: Mapping[str, torch.Tensor], source: str) -> nn.Module:
+    """Check, then assign the tensors of state to a model built on the meta device."""
+    check_state_dict(model, state, source)
+    model.load_state_dict(state, strict=True, assign=True)
+    return model
+
+
+def save_safetensors(model: nn.Module, directory: str | os.PathLike, config: dict[str, Any]) -> Path:
+    """Write model.safetensors and config.json into directory, each atomically."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    tmp = directory / ".model.safetensors.tmp"
+    save_file(tensors, str(tmp), metadata={"format": "pt"})
+    os.replace(tmp, directory / "model.safetensors")
+    dump_json(config, directory / "config.json")
+    return directory
+
+
+def read_safetensors(directory: str | os.PathLike, architecture: str, writer: str,
+                     device: str | torch.device = "cpu") -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The config (without its architecture tag) and tensors of a folder written by save_safetensors."""
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    for name in ("config.json", "model.safetensors"):
+        if not (directory / name).is_file():
+            raise CheckpointError(f"{directory} has no {name}: point at a folder written by {writer}")
+    config = json.loads((directory / "config.json").read_text())
+    found = config.pop("architecture", None)
+    if found != architecture:
+        raise CheckpointError(f"{directory}/config.json describes {found!r}, not {architecture!r}: "
+                              f"load it with the matching class")
+    return config, load_file(str(directory / "model.safetensors"), device=str(device))
+
+
+def fingerprint(model: nn.Module) -> str:
+    """sha256 of the state dict's names, dtypes, shapes and bytes: the same for a .pt and its export."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().contiguous().cpu()
+        digest.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
