@@ -1,14 +1,19 @@
 """The `npp` command. Each sub-command is a thin wrapper over the library.
 
     npp convert c2i_B_256.pt out/gpt-b       # LlamaGen/NPP .pt -> safetensors + config.json
+    npp extract imagenet/train codes/in256 --tokenizer vq_ds16_c2i.pt   # images -> VQ codes
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
-from npp.config import ConfigError
+import torch
+
+from npp.config import VQ_PRESETS, ConfigError
+from npp.data import CROP_MODES, MNIST_SIZE, CropConfig, DataError, MnistSource
 from npp.model import GPT
 from npp.weights import CheckpointError
 
@@ -22,6 +27,71 @@ def _convert(args: argparse.Namespace) -> None:
           f"{c.num_classes} classes, {c.grid}×{c.grid} grid")
 
 
+def _extract(args: argparse.Namespace) -> None:
+    from npp.extract import extract_codes, load_tokenizer, open_source
+
+    architecture = {name: getattr(args, name) for name in _VQ_ARCHITECTURE if getattr(args, name) is not None}
+    if "ch_mult" in architecture:
+        architecture["ch_mult"] = tuple(architecture["ch_mult"])
+    vq = load_tokenizer(args.tokenizer, preset=args.vq_preset, **architecture)
+    source = open_source(args.source)
+    digits = isinstance(source, MnistSource)
+    # The digits are already 32×32: by default they are encoded as they are, one variant each.
+    mode = args.crop or ("none" if digits else "ten-crop")
+    size = args.image_size or (MNIST_SIZE if digits and mode == "none" else vq.config.image_size)
+    crops = CropConfig(mode, size=size, ranges=tuple(args.crop_ranges) if args.crop_ranges else None)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    report = extract_codes(source, vq, args.output, crops, batch_size=args.batch_size, device=device,
+                           num_workers=args.workers, progress=not args.no_progress,
+                           tokenizer_path=args.tokenizer)
+    if os.environ.get("RANK", "0") == "0":  # one summary, not one per rank
+        print(report.summary())
+
+
+# VQConfig fields a LlamaGen .pt needs to be described by (our folders carry their config.json).
+_VQ_ARCHITECTURE = ("base_channels", "ch_mult", "num_res_blocks", "z_channels", "codebook_size", "codebook_dim")
+
+
+def _add_extract(commands) -> None:
+    extract = commands.add_parser(
+        "extract", help="encode a data set's images into VQ codes (memory-mapped .npy, resumable)",
+        description="Encode every crop variant of every image into VQ codes: codes.npy (N, crops, h·w), "
+                    "labels.npy (-1 marks an unreadable image), manifest.json. Rerun the same command to "
+                    "resume; under torchrun/deepspeed every rank takes its share.")
+    extract.add_argument("source", help="an ImageFolder root (<root>/<class>/<image>), or mnist, mnist:train, "
+                                        "mnist:test for the embedded digits")
+    extract.add_argument("output", help="folder for codes.npy, labels.npy, manifest.json (new, empty, or "
+                                        "an interrupted extraction to resume)")
+    extract.add_argument("--tokenizer", required=True,
+                         help="folder written by VQModel.save_pretrained, or a LlamaGen VQ .pt")
+    crops = extract.add_argument_group("crops")
+    crops.add_argument("--crop", choices=CROP_MODES, default=None,
+                       help="crop variants per image (default: ten-crop for folders, none for mnist)")
+    crops.add_argument("--crop-ranges", type=float, nargs="+", metavar="R", default=None,
+                       help="ten-crop: centre-crop to size·R first, for each R (default: 1.1 1.05)")
+    crops.add_argument("--image-size", type=int, default=None,
+                       help="side of every crop in pixels (default: the tokenizer's image_size; 32 for mnist)")
+    run = extract.add_argument_group("run")
+    run.add_argument("--batch-size", type=int, default=8,
+                     help="images per batch; a batch encodes batch-size × crops views")
+    run.add_argument("--device", default=None,
+                     help="torch device (default: cuda if available, else cpu); under a launcher 'cuda' "
+                          "means cuda:LOCAL_RANK")
+    run.add_argument("--workers", type=int, default=4, help="DataLoader processes that decode and crop "
+                                                            "images (0: the main process)")
+    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    arch = extract.add_argument_group("tokenizer architecture (LlamaGen .pt only; a folder has its config)")
+    arch.add_argument("--vq-preset", choices=list(VQ_PRESETS), default=None,
+                      help="architecture of the .pt (default: llamagen-vq16); the flags below override it")
+    arch.add_argument("--base-channels", type=int, default=None)
+    arch.add_argument("--ch-mult", type=int, nargs="+", default=None, metavar="M")
+    arch.add_argument("--num-res-blocks", type=int, default=None)
+    arch.add_argument("--z-channels", type=int, default=None)
+    arch.add_argument("--codebook-size", type=int, default=None)
+    arch.add_argument("--codebook-dim", type=int, default=None)
+    extract.set_defaults(run=_extract)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="npp", description="Next Patch Prediction workbench")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -32,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--n-head", type=int, default=None, help="attention heads (default: width // 64)")
     convert.add_argument("--grid", type=int, default=None, help="token grid side (default: 16, i.e. 256 px with VQ-16)")
     convert.set_defaults(run=_convert)
+    _add_extract(commands)
     return parser
 
 
@@ -39,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.run(args)
-    except (ConfigError, CheckpointError) as err:
+    except (ConfigError, CheckpointError, DataError) as err:
         print(f"npp {args.command}: error: {err}", file=sys.stderr)
         return 2
     return 0
