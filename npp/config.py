@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import tempfile
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 
@@ -308,11 +311,14 @@ class VQConfig:
         return cls(**data)
 
 
+def cache_dir() -> Path:
+    """Where npp keeps what it derives once and reuses (embedded codes, reference statistics):
+    $NPP_CACHE, or ~/.cache/npp."""
+    return Path(os.environ.get("NPP_CACHE") or Path.home() / ".cache" / "npp")
+
+
 def dump_json(obj: Any, path) -> None:
     """Write JSON atomically: a reader never sees a half-written file."""
-    import os
-    import tempfile
-
     directory = os.path.dirname(os.fspath(path)) or "."
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".json")
     try:
@@ -323,3 +329,113 @@ def dump_json(obj: Any, path) -> None:
     except BaseException:
         os.unlink(tmp)
         raise
+
+
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run; saved as runs/<name>/config.json and enough to resume.
+
+    Batch sizes count images. The global batch stays the same in every stage of the schedule (as in
+    the paper), so a p×p stage sees the same images per step as NTP with p² times fewer positions.
+    """
+
+    name: str = "run"
+    """Run name; the run directory is runs_dir/name."""
+    runs_dir: str = "runs"
+    """Folder that holds run directories."""
+    data: str = "mnist-8x8"
+    """Training codes: an embedded data set (mnist-8x8, mnist-16x16) or a folder written by `npp extract`."""
+    model: str = "tiny"
+    """Model preset (debug, tiny, B, L, XL, XXL, 2B, 3B); vocabulary, classes and grid come from the data."""
+    model_overrides: dict[str, Any] = field(default_factory=dict)
+    """ModelConfig fields that replace the preset's, e.g. {"resid_dropout": 0.0}."""
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    """Steps, patch levels, segment factor and learning rate of every stage."""
+    batch_size: int = 64
+    """Images per optimizer step, all processes together."""
+    micro_batch_size: int = 0
+    """Images per process per forward pass; 0 means batch_size / world size (no accumulation)."""
+    weight_decay: float = 0.05
+    """AdamW weight decay, applied only to tensors with ≥ 2 dimensions."""
+    betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW betas."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this value; 0 turns clipping off."""
+    precision: str = "auto"
+    """auto (bf16 on GPU, fp32 on CPU), fp32 or bf16."""
+    ema_decay: float = 0.0
+    """Decay of an exponential moving average of the weights; 0 keeps none (the export then uses the
+    trained weights, otherwise the average)."""
+    activation_checkpointing: bool = False
+    """Recompute each block in the backward pass: less activation memory, ~30% more compute."""
+    compile: bool = False
+    """torch.compile the model (it recompiles once when a stage changes the sequence length)."""
+    deepspeed: str = ""
+    """DeepSpeed JSON (ds_configs/zero2.json, …); its "auto" values come from this config. Empty: no ZeRO."""
+    seed: int = 0
+    """Seed of the weights, the data order, the crop choice and every dropout mask."""
+    num_workers: int = 2
+    """DataLoader worker processes per training process."""
+    log_every: int = 10
+    """Steps between metrics.jsonl rows (stage ends are always logged)."""
+    ckpt_every: int = 500
+    """Steps between checkpoints (stage ends and the end of the run always get one)."""
+    keep_last: int = 2
+    """Checkpoints to keep; older ones are deleted once a newer one is complete."""
+    tensorboard: bool = True
+    """Also write TensorBoard events to runs/<name>/tensorboard."""
+    wandb_project: str = ""
+    """Log to this Weights & Biases project as well (empty: no wandb)."""
+    progress: bool = True
+    """Show a progress bar on rank 0."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.schedule, dict):
+            self.schedule = ScheduleConfig(**self.schedule)
+        self.betas = tuple(self.betas)
+        _check(bool(self.name) and "/" not in self.name and self.name not in (".", ".."),
+               f"TrainConfig.name={self.name!r}: give a plain folder name such as 'ntp-tiny'")
+        _check(self.model in MODEL_PRESETS,
+               f"TrainConfig.model={self.model!r}: choose one of {', '.join(MODEL_PRESETS)}")
+        _check(isinstance(self.batch_size, int) and self.batch_size > 0,
+               f"TrainConfig.batch_size={self.batch_size!r}: must be a positive integer")
+        _check(isinstance(self.micro_batch_size, int) and self.micro_batch_size >= 0,
+               f"TrainConfig.micro_batch_size={self.micro_batch_size!r}: must be ≥ 0 (0 = no accumulation)")
+        _check(self.weight_decay >= 0, f"TrainConfig.weight_decay={self.weight_decay}: must be ≥ 0")
+        _check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+               f"TrainConfig.betas={self.betas}: give two values in [0, 1), e.g. [0.9, 0.95]")
+        _check(self.grad_clip >= 0, f"TrainConfig.grad_clip={self.grad_clip}: must be ≥ 0 (0 = off)")
+        _check(self.precision in PRECISIONS,
+               f"TrainConfig.precision={self.precision!r}: choose one of {', '.join(PRECISIONS)}")
+        _check(0.0 <= self.ema_decay < 1.0,
+               f"TrainConfig.ema_decay={self.ema_decay}: must lie in [0, 1), e.g. 0.9999 (0 = off)")
+        for name in ("log_every", "ckpt_every", "keep_last"):
+            value = getattr(self, name)
+            _check(isinstance(value, int) and value > 0, f"TrainConfig.{name}={value!r}: must be a positive integer")
+        _check(isinstance(self.num_workers, int) and self.num_workers >= 0,
+               f"TrainConfig.num_workers={self.num_workers!r}: must be ≥ 0")
+        if self.deepspeed:
+            _check(os.path.isfile(self.deepspeed),
+                   f"TrainConfig.deepspeed={self.deepspeed!r}: no such file; use one of ds_configs/*.json")
+        known = {f.name for f in dataclasses.fields(ModelConfig)}
+        unknown = sorted(set(self.model_overrides) - known)
+        _check(not unknown, f"TrainConfig.model_overrides: unknown ModelConfig field(s) {unknown}")
+
+    @property
+    def run_dir(self) -> str:
+        return os.path.join(self.runs_dir, self.name)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["betas"] = list(self.betas)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        _check(not unknown, f"TrainConfig: unknown field(s) {unknown}; check the spelling (see npp train --help)")
+        return cls(**data)

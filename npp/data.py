@@ -466,9 +466,14 @@ class CodeDataset(torch.utils.data.Dataset):
         return len(self.rows)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.item(index, self.epoch)
+
+    def item(self, index: int, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Item `index` as served in `epoch`: a sampler that knows the epoch of each index (the
+        trainer's step-indexed order) uses this instead of set_epoch."""
         if self._codes_NVL is None:
             self._codes_NVL = np.load(self.directory / "codes.npy", mmap_mode="r")
-        tokens_L = self._codes_NVL[self.rows[index], self.variant(index)].astype(np.int64)
+        tokens_L = self._codes_NVL[self.rows[index], self.variant(index, epoch)].astype(np.int64)
         return torch.from_numpy(tokens_L), torch.tensor(self.labels[index], dtype=torch.int64)
 
     def __getstate__(self) -> dict[str, Any]:
