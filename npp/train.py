@@ -410,7 +410,7 @@ class Trainer:
 
             self.ema = {k: v.to(self.device) for k, v in load_file(str(ema_file)).items()}
         if self.rank == 0:
-            self.run.truncate_metrics(self.start_step - 1)
+            self.run.truncate_metrics(self.start_step)
 
     # ---- export ----------------------------------------------------------------------------
 
