@@ -371,8 +371,13 @@ class Trainer:
         """Write a checkpoint, then point `latest` at it; older ones beyond keep_last are removed."""
         tag = f"step-{step:08d}"
         self.run.checkpoints.mkdir(parents=True, exist_ok=True)
-        self.engine.save_checkpoint(str(self.run.checkpoints), tag=tag, save_latest=False,
-                                    client_state={"step": step})
+        # universal_checkpoint_info lets DeepSpeed's ds_to_universal re-shard this checkpoint for
+        # another number of processes (no tensor parallelism here, so it holds only its version).
+        from deepspeed.checkpoint.constants import (UNIVERSAL_CHECKPOINT_INFO, UNIVERSAL_CHECKPOINT_VERSION_KEY,
+                                                    UNIVERSAL_CHECKPOINT_VERSION_VALUE)
+
+        self.engine.save_checkpoint(str(self.run.checkpoints), tag=tag, save_latest=False, client_state={
+            "step": step, UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}})
         if self.rank == 0:
             folder = self.run.checkpoints / tag
             if self.ema is not None:
