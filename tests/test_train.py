@@ -214,3 +214,43 @@ def test_bad_configs_fail_fast_with_one_line(codes, tmp_path, overrides, message
     assert message in result.stderr
     assert time.time() - started < 60
     assert not (tmp_path / "runs" / "bad" / "checkpoints").exists()
+
+
+def test_ema_is_checkpointed_and_exported(codes, tmp_path):
+    from safetensors.torch import load_file
+
+    runs = tmp_path / "runs"
+    result = train(codes, runs, "ema", ema_decay=0.9, **{"schedule.total_steps": 10})
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = RunDir(runs / "ema")
+    assert json.loads((run.export / "source.json").read_text())["ema"] is True
+    ema = load_file(str(run.checkpoints / run.latest_tag() / "ema.safetensors"))
+    exported = npp.GPT.from_pretrained(run.export).state_dict()
+    assert all(torch.equal(exported[k], ema[k]) for k in ema)
+    # The average lags the trained weights: the exported head is not the last step's head.
+    trained = torch.load(run.checkpoints / run.latest_tag() / "mp_rank_00_model_states.pt",
+                         weights_only=False)["module"]
+    assert not torch.equal(trained["output.weight"], ema["output.weight"])
+
+
+@pytest.mark.heavy
+def test_compiled_training_compiles_once_per_stage(codes, tmp_path):
+    script = f"""
+import json, torch, torch._dynamo.utils as du
+from npp.config import TrainConfig, ScheduleConfig
+from npp.train import Trainer
+config = TrainConfig(name="c", runs_dir={str(tmp_path)!r}, data={codes!r}, model="debug", batch_size=16,
+                     schedule=ScheduleConfig(total_steps=8, levels=2), compile=True, num_workers=0, log_every=1,
+                     tensorboard=False, progress=False)
+trainer = Trainer(config)
+trainer.train()
+print(json.dumps(dict(du.counters["stats"])))
+trainer.close()
+"""
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env(tmp_path), capture_output=True,
+                            text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    stats = json.loads(result.stdout.strip().splitlines()[-1])
+    assert stats["unique_graphs"] <= 2  # one forward graph per stage (2×2, then NTP)
+    rows = losses(tmp_path, "c")
+    assert len(rows) == 8 and rows[-1] < rows[0]
