@@ -188,6 +188,11 @@ def zero_stage(ds_config: dict[str, Any]) -> int:
     return int(ds_config.get("zero_optimization", {}).get("stage", 0))
 
 
+def offloads_optimizer(ds_config: dict[str, Any]) -> bool:
+    offload = ds_config.get("zero_optimization", {}).get("offload_optimizer") or {}
+    return offload.get("device", "none") in ("cpu", "nvme")
+
+
 # --------------------------------------------------------------------------------------------
 # The trainer
 # --------------------------------------------------------------------------------------------
@@ -238,12 +243,17 @@ class Trainer:
         torch.manual_seed(self.config.seed)
         model = GPT(self.model_config)
         model.activation_checkpointing = self.config.activation_checkpointing
-        decay = [p for p in model.parameters() if p.dim() >= 2]
-        no_decay = [p for p in model.parameters() if p.dim() < 2]
-        optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": self.config.weight_decay},
-             {"params": no_decay, "weight_decay": 0.0}],
-            lr=self.config.schedule.lr, betas=self.config.betas, fused=self.device.type == "cuda")
+        groups = [{"params": [p for p in model.parameters() if p.dim() >= 2], "weight_decay": self.config.weight_decay},
+                  {"params": [p for p in model.parameters() if p.dim() < 2], "weight_decay": 0.0}]
+        if offloads_optimizer(self.ds_config):
+            # With the optimizer state on the host, DeepSpeed steps it with its vectorised CPU Adam.
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+            optimizer = DeepSpeedCPUAdam(groups, lr=self.config.schedule.lr, betas=self.config.betas,
+                                         adamw_mode=True)
+        else:
+            optimizer = torch.optim.AdamW(groups, lr=self.config.schedule.lr, betas=self.config.betas,
+                                          fused=self.device.type == "cuda")
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                                                  config=self.ds_config)
         self.micro = self.engine.train_micro_batch_size_per_gpu()
