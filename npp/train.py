@@ -229,6 +229,7 @@ class Trainer:
             raise ConfigError("TrainConfig.ema_decay needs full weights on every rank: use ZeRO-2 "
                               "(ds_configs/zero2.json) or set ema_decay to 0 with ZeRO-3")
         if resume_tag is not None:
+            _check_same_experiment(self.run, config)
             self._prepare_resume(resume_tag)
         self._build_engine()
         if resume_tag is not None:
@@ -456,6 +457,20 @@ class _EpochItems(torch.utils.data.Dataset):
     def __getitem__(self, pair: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         index, epoch = pair
         return self.data.item(index, epoch)
+
+
+# How a run is observed and sharded may change between resumes; what it computes may not.
+_RESUMABLE_CHANGES = {"runs_dir", "deepspeed", "num_workers", "log_every", "ckpt_every", "keep_last",
+                      "tensorboard", "wandb_project", "progress", "micro_batch_size", "activation_checkpointing",
+                      "compile"}
+
+
+def _check_same_experiment(run: RunDir, config: TrainConfig) -> None:
+    saved = run.read_config()
+    changed = sorted(k for k, v in config.to_dict().items() if k not in _RESUMABLE_CHANGES and saved.get(k) != v)
+    if changed:
+        raise ConfigError(f"{run.path} was started with other values of {', '.join(changed)}: resume it "
+                          f"unchanged, give a new --name, or pass --no-resume to start it again")
 
 
 def _to_universal(source: Path, target: Path) -> None:

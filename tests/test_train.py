@@ -254,3 +254,9 @@ trainer.close()
     assert stats["unique_graphs"] <= 2  # one forward graph per stage (2×2, then NTP)
     rows = losses(tmp_path, "c")
     assert len(rows) == 8 and rows[-1] < rows[0]
+
+
+def test_resuming_with_another_experiment_is_refused(codes, reference):
+    result = train(codes, reference, "full", **{"schedule.levels": 3})
+    assert result.returncode == 2
+    assert "was started with other values of schedule" in result.stderr and "--no-resume" in result.stderr
