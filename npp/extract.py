@@ -375,7 +375,8 @@ class ExtractReport:
         m = self.manifest
         h, w = m["grid"]
         rate = (self.encoded + self.skipped) / self.seconds if self.seconds > 0 else 0.0
-        return (f"{self.directory}: {m['count']} images × {m['crops']['count']} crops → {h}×{w} codes "
+        variants = m["crops"]["count"]
+        return (f"{self.directory}: {m['count']} images × {variants} crop{'s' * (variants != 1)} → {h}×{w} codes "
                 f"({m['dtype']}, vocab {m['vocab_size']}), {m['valid']} usable, {len(m['skipped'])} skipped; "
                 f"this run encoded {self.encoded} and skipped {self.skipped} in {self.seconds:.1f}s "
                 f"({rate:.1f} images/s)")
