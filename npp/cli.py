@@ -2,19 +2,29 @@
 
     npp convert c2i_B_256.pt out/gpt-b       # LlamaGen/NPP .pt -> safetensors + config.json
     npp extract imagenet/train codes/in256 --tokenizer vq_ds16_c2i.pt   # images -> VQ codes
+    npp tokenizer train --preset mnist-8x8 --out runs/vq-8x8             # a small VQ tokenizer on MNIST
+    npp classifier train --out runs/mnist-classifier                     # the MNIST judge / FID features
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
+import dataclasses
+import inspect
 import os
+import shlex
 import sys
+import textwrap
+import typing
 
 import torch
 
+from npp.classifier import ClassifierTrainConfig, train_classifier
 from npp.config import VQ_PRESETS, ConfigError
 from npp.data import CROP_MODES, MNIST_SIZE, CropConfig, DataError, MnistSource
 from npp.model import GPT
+from npp.tokenizer_train import TokenizerTrainConfig, train_tokenizer
 from npp.weights import CheckpointError
 
 
@@ -92,6 +102,82 @@ def _add_extract(commands) -> None:
     extract.set_defaults(run=_extract)
 
 
+# ---- training commands: one flag per config field, its docstring as the help -------------------
+
+def _field_docs(cls: type) -> dict[str, str]:
+    """The docstring under each field of a dataclass (Python keeps none of them at run time)."""
+    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
+    return {field.target.id: " ".join(doc.value.value.split()) for field, doc in zip(body, body[1:])
+            if isinstance(field, ast.AnnAssign) and isinstance(doc, ast.Expr)
+            and isinstance(doc.value, ast.Constant) and isinstance(doc.value.value, str)}
+
+
+def _add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
+    """--kebab-case flags for the scalar and tuple fields of a config dataclass (nested configs keep defaults)."""
+    docs, hints = _field_docs(cls), typing.get_type_hints(cls)
+    group = parser.add_argument_group(f"{cls.__name__} (defaults are the shipped recipe)")
+    for field in dataclasses.fields(cls):
+        kind = hints[field.name]
+        if dataclasses.is_dataclass(kind):
+            continue
+        default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
+        if kind is bool:
+            options = dict(action=argparse.BooleanOptionalAction)
+        elif typing.get_origin(kind) is tuple:
+            options = dict(type=typing.get_args(kind)[0], nargs=len(typing.get_args(kind)), metavar="X")
+        else:
+            options = dict(type=kind)
+        help_text = docs.get(field.name, "").replace("%", "%%")
+        group.add_argument(f"--{field.name.replace('_', '-')}", dest=field.name, default=default,
+                           help=f"{help_text} (default: {default})", **options)
+
+
+def _config_from_args(cls: type, args: argparse.Namespace):
+    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)})
+
+
+def _tokenizer_train(args: argparse.Namespace) -> None:
+    _, metrics = train_tokenizer(_config_from_args(TokenizerTrainConfig, args), args.out, resume=args.resume,
+                                 command=args.command_line)
+    test = metrics["test"]
+    judged = (f", classifier recognises {test['recon_classifier_accuracy']:.2%} of reconstructions"
+              if "recon_classifier_accuracy" in test else "")
+    print(f"{args.out}: {metrics['steps']} steps in {metrics['wall_time_s']:.0f} s; on {test['images']} test "
+          f"digits MSE {test['recon_mse']:.4f} ({test['psnr_db']:.1f} dB), codebook usage "
+          f"{test['codebook_usage']:.1%}, perplexity {test['perplexity']:.0f}{judged}")
+
+
+def _classifier_train(args: argparse.Namespace) -> None:
+    _, metrics = train_classifier(_config_from_args(ClassifierTrainConfig, args), args.out,
+                                  command=args.command_line)
+    print(f"{args.out}: test accuracy {metrics['test_accuracy']:.2%} on {metrics['test_images']} digits, "
+          f"{metrics['wall_time_s']:.0f} s")
+
+
+def _add_training(commands) -> None:
+    tokenizer = commands.add_parser("tokenizer", help="VQ tokenizers: train a small one on the embedded MNIST")
+    train = tokenizer.add_subparsers(dest="action", required=True).add_parser(
+        "train", help="train a VQ tokenizer preset on the embedded MNIST",
+        description="Train a VQ tokenizer on the embedded MNIST (L2 + codebook + commitment loss, dead-code "
+                    "re-seeding). Writes metrics.jsonl and checkpoints/latest.pt while training, and "
+                    "model.safetensors, config.json, metrics.json at the end.")
+    train.add_argument("--out", required=True, help="run folder (new, or one to --resume)")
+    train.add_argument("--resume", action="store_true",
+                       help="continue from OUT/checkpoints/latest.pt (the result equals an uninterrupted run)")
+    _add_config_arguments(train, TokenizerTrainConfig)
+    train.set_defaults(run=_tokenizer_train)
+
+    classifier = commands.add_parser("classifier", help="the MNIST classifier that judges reconstructions and "
+                                                        "gives domain FID features")
+    train = classifier.add_subparsers(dest="action", required=True).add_parser(
+        "train", help="train the MNIST CNN classifier",
+        description="Train the MNIST classifier on the embedded digits; writes model.safetensors, "
+                    "config.json and metrics.json (test accuracy, command, machine, wall time).")
+    train.add_argument("--out", required=True, help="folder for the weights and metrics.json")
+    _add_config_arguments(train, ClassifierTrainConfig)
+    train.set_defaults(run=_classifier_train)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="npp", description="Next Patch Prediction workbench")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -103,11 +189,13 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--grid", type=int, default=None, help="token grid side (default: 16, i.e. 256 px with VQ-16)")
     convert.set_defaults(run=_convert)
     _add_extract(commands)
+    _add_training(commands)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.command_line = shlex.join(["npp", *(sys.argv[1:] if argv is None else argv)])  # for metrics.json
     try:
         args.run(args)
     except (ConfigError, CheckpointError, DataError) as err:
