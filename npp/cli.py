@@ -4,24 +4,24 @@
     npp extract imagenet/train codes/in256 --tokenizer vq_ds16_c2i.pt   # images -> VQ codes
     npp tokenizer train --preset mnist-8x8 --out runs/vq-8x8             # a small VQ tokenizer on MNIST
     npp classifier train --out runs/mnist-classifier                     # the MNIST judge / FID features
+    npp train --name npp-tiny --model tiny --schedule.levels 2           # NTP or NPP training (npp/train.py)
+    npp export runs/npp-tiny                                             # safetensors from the latest checkpoint
+    npp quickstart                                                       # the embedded data, an NTP and an NPP run
 """
 
 from __future__ import annotations
 
 import argparse
-import ast
 import dataclasses
-import inspect
 import os
 import shlex
 import sys
-import textwrap
 import typing
 
 import torch
 
 from npp.classifier import ClassifierTrainConfig, train_classifier
-from npp.config import VQ_PRESETS, ConfigError
+from npp.config import VQ_PRESETS, ConfigError, field_docs
 from npp.data import CROP_MODES, MNIST_SIZE, CropConfig, DataError, MnistSource
 from npp.model import GPT
 from npp.tokenizer_train import TokenizerTrainConfig, train_tokenizer
@@ -104,17 +104,9 @@ def _add_extract(commands) -> None:
 
 # ---- training commands: one flag per config field, its docstring as the help -------------------
 
-def _field_docs(cls: type) -> dict[str, str]:
-    """The docstring under each field of a dataclass (Python keeps none of them at run time)."""
-    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
-    return {field.target.id: " ".join(doc.value.value.split()) for field, doc in zip(body, body[1:])
-            if isinstance(field, ast.AnnAssign) and isinstance(doc, ast.Expr)
-            and isinstance(doc.value, ast.Constant) and isinstance(doc.value.value, str)}
-
-
 def _add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
     """--kebab-case flags for the scalar and tuple fields of a config dataclass (nested configs keep defaults)."""
-    docs, hints = _field_docs(cls), typing.get_type_hints(cls)
+    docs, hints = field_docs(cls), typing.get_type_hints(cls)
     group = parser.add_argument_group(f"{cls.__name__} (defaults are the shipped recipe)")
     for field in dataclasses.fields(cls):
         kind = hints[field.name]
@@ -178,6 +170,20 @@ def _add_training(commands) -> None:
     train.set_defaults(run=_classifier_train)
 
 
+def _export(args: argparse.Namespace) -> None:
+    from npp.train import TrainingError, export_run
+
+    try:
+        folder = export_run(args.run_dir)
+    except (TrainingError, FileNotFoundError) as err:
+        raise ConfigError(str(err)) from None
+    print(f"{args.run_dir} -> {folder}")
+
+
+# These hand their arguments to their own parsers (npp/train.py, npp/quickstart.py).
+_DELEGATED = {"train": "npp.train", "quickstart": "npp.quickstart"}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="npp", description="Next Patch Prediction workbench")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -190,12 +196,23 @@ def build_parser() -> argparse.ArgumentParser:
     convert.set_defaults(run=_convert)
     _add_extract(commands)
     _add_training(commands)
+    commands.add_parser("train", add_help=False,
+                        help="train a GPT with NTP or an NPP schedule (npp train --help; same as npp/train.py)")
+    export = commands.add_parser("export", help="write runs/<name>/export from the run's latest checkpoint")
+    export.add_argument("run_dir", help="the run directory, e.g. runs/quickstart-npp")
+    export.set_defaults(run=_export)
+    commands.add_parser("quickstart", add_help=False, help="the embedded data, an NTP and an NPP run, samples")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in _DELEGATED:
+        import importlib
+
+        return importlib.import_module(_DELEGATED[argv[0]]).main(argv[1:])
     args = build_parser().parse_args(argv)
-    args.command_line = shlex.join(["npp", *(sys.argv[1:] if argv is None else argv)])  # for metrics.json
+    args.command_line = shlex.join(["npp", *argv])  # for metrics.json
     try:
         args.run(args)
     except (ConfigError, CheckpointError, DataError) as err:

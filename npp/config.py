@@ -6,10 +6,13 @@ field and the fix, so a broken run fails before any weight is allocated.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import inspect
 import json
 import os
 import tempfile
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -317,6 +320,15 @@ def cache_dir() -> Path:
     return Path(os.environ.get("NPP_CACHE") or Path.home() / ".cache" / "npp")
 
 
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring under each field of a config dataclass (Python keeps none of them at run time),
+    so that command-line help says what the code says."""
+    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
+    return {node.target.id: " ".join(doc.value.value.split()) for node, doc in zip(body, body[1:])
+            if isinstance(node, ast.AnnAssign) and isinstance(doc, ast.Expr)
+            and isinstance(doc.value, ast.Constant) and isinstance(doc.value.value, str)}
+
+
 def dump_json(obj: Any, path) -> None:
     """Write JSON atomically: a reader never sees a half-written file."""
     directory = os.path.dirname(os.fspath(path)) or "."
@@ -325,6 +337,10 @@ def dump_json(obj: Any, path) -> None:
         with os.fdopen(fd, "w") as f:
             json.dump(obj, f, indent=2, sort_keys=True)
             f.write("\n")
+        # mkstemp creates the file private (0600); give it the permissions of any file we write.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)

@@ -42,7 +42,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from npp.config import ConfigError, ModelConfig, ScheduleConfig, TrainConfig, cache_dir, dump_json
+from npp.config import ConfigError, ModelConfig, ScheduleConfig, TrainConfig, cache_dir, dump_json, field_docs
 from npp.data import CodeDataset
 from npp.extract import mnist_codes
 from npp.model import GPT
@@ -620,20 +620,29 @@ def _flag_type(f: dataclasses.Field) -> Any:
     return {"int": int, "float": float}.get(kind, str)
 
 
+def _add_fields(parser: argparse.ArgumentParser, cls: type, prefix: str = "") -> None:
+    """--field (or --field-name) per dataclass field, its docstring as help; values are parsed
+    as the field's type (JSON for dicts, lists and tuples; true/false for booleans)."""
+    docs = field_docs(cls)
+    for f in dataclasses.fields(cls):
+        if f.name == "schedule":
+            _add_fields(parser, ScheduleConfig, "schedule.")
+            continue
+        name = prefix + f.name
+        spellings = dict.fromkeys([f"--{name}", f"--{name.replace('_', '-')}"])
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        parser.add_argument(*spellings, dest=name, type=_flag_type(f), default=None, metavar="V",
+                            help=f"{docs.get(f.name, '')} (default: {json.dumps(default)})".replace("%", "%%"))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="npp train", description="Train a GPT with next-token or next-patch prediction.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--config", help="JSON file with TrainConfig fields; flags override it")
+        prog="npp train", description="Train a GPT with next-token or next-patch prediction. Every "
+        "TrainConfig field is a flag; a JSON --config is read first and flags override it.")
+    parser.add_argument("--config", help="JSON file with TrainConfig fields (schedule as a nested object)")
     parser.add_argument("--no-resume", action="store_true", help="start again even if the run has checkpoints")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
-    for f in dataclasses.fields(TrainConfig):
-        if f.name == "schedule":
-            for g in dataclasses.fields(ScheduleConfig):
-                parser.add_argument(f"--schedule.{g.name}", dest=f"schedule.{g.name}", type=_flag_type(g),
-                                    default=None, help=f"ScheduleConfig.{g.name}")
-        else:
-            parser.add_argument(f"--{f.name}", type=_flag_type(f), default=None, help=f"TrainConfig.{f.name}")
+    _add_fields(parser, TrainConfig)
     return parser
 
 

@@ -260,3 +260,19 @@ def test_resuming_with_another_experiment_is_refused(codes, reference):
     result = train(codes, reference, "full", **{"schedule.levels": 3})
     assert result.returncode == 2
     assert "was started with other values of schedule" in result.stderr and "--no-resume" in result.stderr
+
+
+def test_npp_command_trains_and_exports(reference, tmp_path):
+    npp_bin = str(Path(sys.executable).parent / "npp")
+    helped = subprocess.run([npp_bin, "train", "--help"], capture_output=True, text=True, timeout=120)
+    assert helped.returncode == 0 and "--schedule.segment_factor" in helped.stdout and "λ" in helped.stdout
+    run = RunDir(reference / "full")
+    shutil.rmtree(run.export)
+    exported = subprocess.run([npp_bin, "export", str(run.path)], capture_output=True, text=True, timeout=300,
+                              env=env(reference.parent))
+    assert exported.returncode == 0, exported.stderr[-2000:]
+    assert npp.GPT.from_pretrained(run.export).config.grid == 8
+    missing = subprocess.run([npp_bin, "export", str(tmp_path / "nothing")], capture_output=True, text=True,
+                             timeout=120)
+    assert missing.returncode == 2 and missing.stderr.count("\n") == 1
+    assert "is not a run directory" in missing.stderr
