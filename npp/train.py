@@ -133,10 +133,16 @@ class _StepBatches(torch.utils.data.Sampler):
         return (self.end - self.start) * (self.order.batch_size // self.world // self.micro)
 
 
+def _is_rank0() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def open_data(spec: str, seed: int) -> CodeDataset:
     """An embedded data set by name (its codes extracted once into the cache) or an `npp extract` folder."""
     if spec in EMBEDDED_TOKENIZERS:
-        directory = mnist_codes(load_embedded_tokenizer(spec), cache_dir() / "codes", "train").directory
+        # Extracted once (all ranks share the work), then read from the cache by every later run.
+        directory = mnist_codes(load_embedded_tokenizer(spec), cache_dir() / "codes", "train",
+                                progress=_is_rank0()).directory
     elif os.path.isdir(spec):
         directory = spec
     else:

@@ -1,0 +1,101 @@
+"""`make quickstart`: the whole workbench loop on a laptop CPU, in minutes.
+
+1. The embedded data: the shipped MNIST tokenizer and classifier (npp/assets), and the codes of the
+   60,000 training digits, extracted once into the cache ($NPP_CACHE, default ~/.cache/npp).
+2. Two runs with the same steps, batch and learning rate, from configs/quickstart-{ntp,npp}.json:
+   next-token prediction, and next-patch prediction (#L 2, λ ½: 2×2 patches for the first half).
+3. Samples of every digit from each run, judged by the classifier, saved as PNG grids.
+
+Each run is an ordinary `python -m npp.train --config …` process, so what it prints is what a user
+of the trainer sees; a finished run is reused, an interrupted one resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from npp.classifier import load_mnist_classifier, predict
+from npp.config import TrainConfig, cache_dir
+from npp.images import image_grid, save_png
+from npp.model import GPT
+from npp.runs import RunDir
+from npp.sampling import generate
+from npp.tokenizer import VQModel, to_uint8
+from npp.tokenizer_train import load_embedded_tokenizer
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+QUICKSTART_RUNS = ("quickstart-ntp", "quickstart-npp")
+
+
+def sample_digits(model: GPT, vq: VQModel, per_class: int, *, cfg_scale: float = 2.0,
+                  seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """per_class samples of each class, decoded: uint8 images (B, H, W, 3) and their labels (B,)."""
+    labels_B = torch.arange(model.config.num_classes).repeat_interleave(per_class)
+    tokens_BL = generate(model, labels_B, cfg_scale=cfg_scale, generator=torch.Generator().manual_seed(seed))
+    grid = model.config.grid
+    return to_uint8(vq.decode(tokens_BL.view(-1, grid, grid))), labels_B
+
+
+def judge(images_BHW3: torch.Tensor, labels_B: torch.Tensor) -> float:
+    """Share of samples that the shipped classifier assigns to the class they were asked for."""
+    images_B3HW = images_BHW3.permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    return (predict(load_mnist_classifier(), images_B3HW) == labels_B).float().mean().item()
+
+
+def train_run(config_path: Path, runs_dir: str) -> float:
+    """Train (or resume, or reuse) one run in its own process; returns the wall time in seconds."""
+    started = time.perf_counter()
+    command = [sys.executable, "-m", "npp.train", "--config", str(config_path), "--runs_dir", runs_dir]
+    print("$ python " + " ".join(command[1:]), flush=True)
+    subprocess.run(command, check=True)
+    return time.perf_counter() - started
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="npp quickstart", description=__doc__.splitlines()[0])
+    parser.add_argument("--runs-dir", default="runs", help="where the two run directories go")
+    parser.add_argument("--per-class", type=int, default=10, help="samples of each digit per run")
+    args = parser.parse_args(argv)
+
+    print(f"1/3 embedded data: shipped tokenizer mnist-8x8 and classifier; codes cached in {cache_dir()}",
+          flush=True)
+    vq = load_embedded_tokenizer("mnist-8x8")
+    report = []
+    print("2/3 training", flush=True)
+    for name in QUICKSTART_RUNS:
+        path = CONFIGS / f"{name}.json"
+        config = TrainConfig.from_dict(json.loads(path.read_text()))
+        run = RunDir(Path(args.runs_dir) / config.name)
+        if (run.export / "model.safetensors").is_file():
+            print(f"{run.path} is already trained: reusing it (delete the folder to train again)")
+            seconds = None
+        else:
+            seconds = train_run(path, args.runs_dir)
+        report.append((name, run, seconds))
+
+    print("3/3 samples (class-conditional, CFG 2.0), judged by the shipped classifier", flush=True)
+    for name, run, seconds in report:
+        model = GPT.from_pretrained(run.export)
+        images, labels = sample_digits(model, vq, args.per_class)
+        grid = save_png(image_grid(images, nrow=args.per_class), run.samples / "quickstart.png")
+        rows = run.read_metrics()
+        took = "" if seconds is None else f", {seconds / 60:.1f} min"
+        print(f"  {name}: final loss {rows[-1]['loss']:.3f}, {rows[-1]['flops_seen'] / 1e12:.2f} TFLOP of "
+              f"training{took}; {judge(images, labels):.0%} of samples show the requested digit -> {grid}")
+
+    print("\nnext:\n"
+          "  tensorboard --logdir runs               loss, LR and throughput of both runs by step\n"
+          "  npp.GPT.from_pretrained('runs/quickstart-npp/export')   the trained weights, for npp.generate\n"
+          "  npp train --config configs/quickstart-npp.json --name npp-l3 --schedule.levels 3   another schedule")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
