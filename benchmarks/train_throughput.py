@@ -105,6 +105,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     timing = parser.add_argument_group("timing")
     timing.add_argument("--steps", type=int, default=10, help="stages/fit: timed steps per stage")
     timing.add_argument("--warmup", type=int, default=3, help="stages/fit: untimed steps before timing")
+    timing.add_argument("--patch-sizes", type=int, nargs="+", default=None,
+                        help="stages mode: the patch sides to time, e.g. 2 1 (default: every side "
+                             "whose coarse grid is at least 2×2); fewer stages, fewer compilations")
     timing.add_argument("--peak-tflops", type=float, default=989.0,
                         help="per-GPU peak for MFU (H100/H200 SXM dense bf16: 989, A100: 312)")
     schedule = parser.add_argument_group("schedule mode")
@@ -205,7 +208,7 @@ def describe_machine(world: int) -> dict[str, Any]:
     machine = {"torch": torch.__version__, "deepspeed": package_version("deepspeed"),
                "python": platform.python_version(), "cpu": cpu_name(), "cpu_cores": os.cpu_count(),
                "torch_threads": torch.get_num_threads(), "world_size": world,
-               "date": time.strftime("%Y-%m-%d")}
+               "load_avg_1m": round(os.getloadavg()[0], 2), "date": time.strftime("%Y-%m-%d")}
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(torch.cuda.current_device())
         machine.update(gpu=props.name, gpu_memory_gib=round(props.total_memory / 2**30, 1),
@@ -218,7 +221,8 @@ def machine_line(machine: dict[str, Any]) -> str:
              else f"CPU {machine['cpu']}")
     return (f"machine: {where}, {machine['cpu_cores']} CPU cores, torch {machine['torch']} "
             f"({machine['torch_threads']} threads), deepspeed {machine['deepspeed']}, "
-            f"world size {machine['world_size']}, {machine['date']}")
+            f"world size {machine['world_size']}, load average {machine.get('load_before', '?')} before and "
+            f"{machine['load_avg_1m']} after (1 min), {machine['date']}")
 
 
 def command_line() -> str:
@@ -330,6 +334,11 @@ def measure_stages(args: argparse.Namespace, data: str, runs_dir: Path, say) -> 
     from npp.train import Trainer
 
     sides = stage_sides(_data_grid(data, args))
+    if args.patch_sizes:
+        unknown = sorted(set(args.patch_sizes) - set(sides))
+        if unknown:
+            raise SystemExit(f"--patch-sizes {unknown}: choose among {sides}")
+        sides = sorted(set(args.patch_sizes) | {1}, reverse=True)  # a schedule always ends with NTP
     per_stage = args.warmup + args.steps
     # λ = ½ over len(sides) levels: the first (shortest) stage has exactly per_stage steps.
     schedule = ScheduleConfig(total_steps=per_stage * 2 ** (len(sides) - 1), levels=len(sides),
@@ -398,7 +407,8 @@ def loop_times(rows: list[dict], batch: int) -> dict[str, Any]:
 
     With log_every = 1 each row's imgs_per_s is batch / (that step's train_step seconds), so the
     sum of step times separates compute from what else the loop does (the stage-end checkpoint,
-    the data loader).
+    the data loader). The median step time of each stage ignores the bursts that other processes
+    on a shared machine add to a few steps.
     """
     step_s = [batch / row["imgs_per_s"] for row in rows]
     per_side: dict[int, list[float]] = {}
@@ -407,7 +417,14 @@ def loop_times(rows: list[dict], batch: int) -> dict[str, Any]:
     loop_s = rows[-1]["time"] - rows[0]["time"]
     steps_s = sum(step_s[1:])
     return {"loop_s": loop_s, "steps_s": steps_s, "other_s": loop_s - steps_s,
-            "step_ms_by_patch": {p: 1e3 * statistics.mean(s) for p, s in sorted(per_side.items(), reverse=True)}}
+            "step_ms_by_patch": {p: 1e3 * statistics.mean(s) for p, s in sorted(per_side.items(), reverse=True)},
+            "median_ms_by_patch": {p: 1e3 * statistics.median(s) for p, s in sorted(per_side.items(), reverse=True)}}
+
+
+def median_step_ratio(ntp: dict[str, Any], nxp: dict[str, Any], stages, total_steps: int) -> float:
+    """NPP/NTP compute time with every step priced at its stage's median step time."""
+    npp_ms = sum(stage.steps * nxp["median_ms_by_patch"][stage.patch_size] for stage in stages)
+    return npp_ms / (total_steps * ntp["median_ms_by_patch"][1])
 
 
 def measure_schedule(args: argparse.Namespace, data: str, runs_dir: Path, say) -> dict[str, Any]:
@@ -427,32 +444,39 @@ def measure_schedule(args: argparse.Namespace, data: str, runs_dir: Path, say) -
         nxp = loop_times(run_cli(args, data, runs_dir, f"npp-{repeat}", args.levels, args.segment_factor),
                          args.batch)
         pair = {"ntp": ntp, "npp": nxp, "ratio": nxp["loop_s"] / ntp["loop_s"],
-                "ratio_steps_only": nxp["steps_s"] / ntp["steps_s"]}
+                "ratio_steps_only": nxp["steps_s"] / ntp["steps_s"],
+                "ratio_median_steps": median_step_ratio(ntp, nxp, stages, args.total_steps)}
         pairs.append(pair)
         say(f"pair {repeat + 1}/{args.repeats}: NTP {ntp['loop_s']:.1f} s, NPP {nxp['loop_s']:.1f} s, "
             f"ratio {pair['ratio']:.3f}", flush=True)
     ratios = [p["ratio"] for p in pairs]
+    robust = [p["ratio_median_steps"] for p in pairs]
     return {"total_steps": args.total_steps, "levels": args.levels, "segment_factor": args.segment_factor,
             "grid": grid, "stages": [[s.patch_size, s.start, s.end] for s in stages],
             "flops_ratio": flops_ratio, "position_ratio": position_ratio, "pairs": pairs,
-            "ratio_median": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios)}
+            "ratio_median": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios),
+            "median_steps_ratio_median": statistics.median(robust), "median_steps_ratio_min": min(robust),
+            "median_steps_ratio_max": max(robust)}
 
 
 def print_schedule(result: dict[str, Any], say) -> None:
     sides = [side for side, _, _ in result["stages"]]
-    header = ["pair", "NTP loop s", "NPP loop s", "NPP/NTP", "steps only", "NTP ms/step",
+    header = ["pair", "NTP loop s", "NPP loop s", "NPP/NTP", "steps only", "median steps", "NTP ms/step",
               *[f"NPP {p}×{p} ms/step" for p in sides], "NPP other s"]
     say("| " + " | ".join(header) + " |")
     say("|" + "---|" * len(header))
     for i, pair in enumerate(result["pairs"], 1):
         ntp, nxp = pair["ntp"], pair["npp"]
         cells = [f"{i}", f"{ntp['loop_s']:.1f}", f"{nxp['loop_s']:.1f}", f"{pair['ratio']:.3f}",
-                 f"{pair['ratio_steps_only']:.3f}", f"{ntp['step_ms_by_patch'][1]:.0f}",
+                 f"{pair['ratio_steps_only']:.3f}", f"{pair['ratio_median_steps']:.3f}",
+                 f"{ntp['step_ms_by_patch'][1]:.0f}",
                  *[f"{nxp['step_ms_by_patch'].get(p, float('nan')):.0f}" for p in sides], f"{nxp['other_s']:.1f}"]
         say("| " + " | ".join(cells) + " |")
     say(f"\nNPP/NTP wall time: median {result['ratio_median']:.3f} (min {result['ratio_min']:.3f}, "
-        f"max {result['ratio_max']:.3f}) over {len(result['pairs'])} pair(s); model FLOPs ratio "
-        f"{result['flops_ratio']:.3f}; position-count bound {result['position_ratio']:.3f}")
+        f"max {result['ratio_max']:.3f}) over {len(result['pairs'])} pair(s); with each step at its "
+        f"stage's median: {result['median_steps_ratio_median']:.3f} ({result['median_steps_ratio_min']:.3f}–"
+        f"{result['median_steps_ratio_max']:.3f}); model FLOPs ratio {result['flops_ratio']:.3f}; "
+        f"position-count bound {result['position_ratio']:.3f}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -546,6 +570,7 @@ def _model_config(data: str, args: argparse.Namespace) -> ModelConfig:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     rank0 = int(os.environ.get("RANK", "0")) == 0
+    load_before = round(os.getloadavg()[0], 2)  # on a shared machine, how busy it was decides the noise
 
     def say(text: str = "", flush: bool = False) -> None:
         if rank0:
@@ -570,7 +595,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             shutil.rmtree(workdir, ignore_errors=True)
 
     # After the trainer: DeepSpeed may have changed the thread count, and the world is known.
-    machine = describe_machine(_world())
+    machine = {**describe_machine(_world()), "load_before": load_before}
     say()
     say(machine_line(machine))
     say(f"command: {command_line()}\n")
