@@ -1,0 +1,50 @@
+"""The quickstart: the shipped tokenizer and classifier, two real runs, and digits that look right."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import npp
+from npp.quickstart import CONFIGS, QUICKSTART_RUNS, judge, sample_digits
+from npp.runs import RunDir
+from npp.tokenizer_train import load_embedded_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_the_two_configs_differ_only_in_name_and_schedule():
+    ntp, npp_ = (json.loads((CONFIGS / f"{name}.json").read_text()) for name in QUICKSTART_RUNS)
+    assert ntp["schedule"].pop("levels") == 1
+    assert npp_["schedule"].pop("levels") == 2 and npp_["schedule"].pop("segment_factor") == 0.5
+    assert {k: v for k, v in ntp.items() if k != "name"} == {k: v for k, v in npp_.items() if k != "name"}
+    for config in (ntp, npp_):
+        npp.config.TrainConfig.from_dict({**config, "schedule": npp.ScheduleConfig(**config["schedule"])})
+
+
+def test_an_untrained_model_draws_no_digits():
+    # The judge is not fooled by noise: samples of a random model are rarely the requested digit.
+    vq = load_embedded_tokenizer("mnist-8x8")
+    model = npp.GPT(npp.ModelConfig.preset("debug", vocab_size=256, num_classes=10, grid=8)).eval()
+    torch.nn.init.normal_(model.output.weight, std=0.02)
+    images, labels = sample_digits(model, vq, per_class=5)
+    assert images.shape == (50, 32, 32, 3) and images.dtype == torch.uint8
+    assert judge(images, labels) < 0.4
+
+
+@pytest.mark.heavy
+def test_quickstart_trains_both_runs_and_they_draw_the_requested_digits(tmp_path):
+    env = {**os.environ, "NPP_CACHE": str(tmp_path / "cache"), "DS_ACCELERATOR": "cpu"}
+    result = subprocess.run([sys.executable, "-m", "npp.quickstart", "--runs-dir", str(tmp_path / "runs")],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=3600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    vq = load_embedded_tokenizer("mnist-8x8")
+    for name in QUICKSTART_RUNS:
+        run = RunDir(tmp_path / "runs" / name)
+        assert (run.samples / "quickstart.png").is_file()
+        images, labels = sample_digits(npp.GPT.from_pretrained(run.export), vq, per_class=20, seed=1)
+        assert judge(images, labels) >= 0.8, name
