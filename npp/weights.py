@@ -99,6 +99,10 @@ def save_safetensors(model: nn.Module, directory: str | os.PathLike, config: dic
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     tmp = directory / ".model.safetensors.tmp"
     save_file(tensors, str(tmp), metadata={"format": "pt"})
+    # safetensors creates its file private (0600); exports are meant to be shared.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
     os.replace(tmp, directory / "model.safetensors")
     dump_json(config, directory / "config.json")
     return directory

@@ -140,3 +140,11 @@ def test_console_script_is_installed():
     result = subprocess.run([os.path.join(os.path.dirname(sys.executable), "npp"), "convert", "--help"],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and "--n-head" in result.stdout
+
+
+def test_exports_are_readable_by_others(tmp_path):
+    state, cfg = llamagen_state()
+    model = npp.GPT(cfg)
+    model.save_pretrained(tmp_path / "export")
+    for name in ("model.safetensors", "config.json"):
+        assert (tmp_path / "export" / name).stat().st_mode & 0o044 == 0o044, name
