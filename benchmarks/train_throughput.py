@@ -125,6 +125,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                      help="folder for the codes and run directories (default: a temporary one, removed "
                           "at the end; give one that all ranks share under a launcher)")
     out.add_argument("--json", metavar="PATH", help="also write the results to this JSON file")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
     args = parser.parse_args(argv)
     if min(args.batch, args.steps, args.total_steps, args.repeats, args.images, args.min_micro_batch) < 1 \
             or args.warmup < 0 or args.micro_batch < 0:
