@@ -194,7 +194,7 @@ def reseed_codes(model: VQModel, optimizer: torch.optim.Optimizer, codes: torch.
 
 @torch.no_grad()
 def evaluate_tokenizer(model: VQModel, images_uint8: torch.Tensor, labels: torch.Tensor | None = None,
-                       classifier: MnistClassifier | None = None, batch_size: int = 500) -> dict[str, float]:
+                       classifier: MnistClassifier | None = None, batch_size: int = 100) -> dict[str, float]:
     """Reconstruction MSE (and PSNR) in [-1, 1] units, codebook usage and perplexity over all images,
     and, given a classifier and labels, the fraction of reconstructions it recognises."""
     was_training = model.training
