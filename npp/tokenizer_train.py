@@ -175,7 +175,8 @@ class CodeUsage:
 @torch.no_grad()
 def reseed_codes(model: VQModel, optimizer: torch.optim.Optimizer, codes: torch.Tensor, z_NC: torch.Tensor,
                  generator: torch.Generator) -> None:
-    """Move the given codes onto distinct random rows of z_NC (normalised encoder outputs).
+    """Move the given codes onto random rows of z_NC (normalised encoder outputs), distinct ones while
+    there are at least as many rows as codes.
 
     Their Adam moments are zeroed too: they belonged to a code that no longer exists.
     """
