@@ -465,8 +465,9 @@ class _EpochItems(torch.utils.data.Dataset):
         return self.data.item(index, epoch)
 
 
-# How a run is observed and sharded may change between resumes; what it computes may not.
-_RESUMABLE_CHANGES = {"runs_dir", "deepspeed", "num_workers", "log_every", "ckpt_every", "keep_last",
+# How a run is observed and sharded may change between resumes; what it computes may not. The name is
+# only the folder, so a copied or renamed run directory resumes too.
+_RESUMABLE_CHANGES = {"name", "runs_dir", "deepspeed", "num_workers", "log_every", "ckpt_every", "keep_last",
                       "tensorboard", "wandb_project", "progress", "micro_batch_size", "activation_checkpointing",
                       "compile"}
 
