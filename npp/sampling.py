@@ -5,7 +5,7 @@ NPP changes only training: every model, whatever its schedule, samples one token
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -35,13 +35,33 @@ def filter_logits(logits_BV: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -
     return logits_BV
 
 
-def sample_token(logits_BV: torch.Tensor, *, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
-    """Draw one token per row: temperature, then top-k/top-p, then a multinomial draw."""
+def draw_uniforms(B: int, L: int, generator: torch.Generator | Sequence[torch.Generator] | None,
+                  device: torch.device) -> torch.Tensor:
+    """The B×L uniforms that pick every token, drawn before sampling starts.
+
+    A list of generators gives each row its own stream (the diffusers convention): a sample then
+    depends only on its own generator, not on its batch-mates or on how a job was split.
+    """
+    if isinstance(generator, Sequence):
+        if len(generator) != B:
+            raise ValueError(f"got {len(generator)} generators for {B} labels: give one per label, or one in all")
+        rows = [torch.rand(L, generator=g, device=g.device).to(device) for g in generator]
+        return torch.stack(rows) if rows else torch.empty(0, L, device=device)
+    on = device if generator is None else generator.device
+    return torch.rand(B, L, generator=generator, device=on).to(device)
+
+
+def sample_token(logits_BV: torch.Tensor, uniform_B: torch.Tensor, *, temperature: float = 1.0,
+                 top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """One token per row: temperature, then top-k/top-p, then inverse-CDF sampling at uniform_B.
+
+    Filtered tokens have zero probability, a flat step of the CDF that no uniform can land in.
+    """
     # LlamaGen clamps the temperature instead of special-casing 0: near-zero means greedy.
-    logits_BV = filter_logits(logits_BV / max(temperature, 1e-5), top_k, top_p)
-    probs_BV = F.softmax(logits_BV, dim=-1)
-    return torch.multinomial(probs_BV, num_samples=1, generator=generator)
+    logits_BV = filter_logits(logits_BV.float() / max(temperature, 1e-5), top_k, top_p)
+    cdf_BV = F.softmax(logits_BV, dim=-1).cumsum(dim=-1)
+    at_B1 = uniform_B.to(cdf_BV.dtype)[:, None] * cdf_BV[:, -1:]
+    return torch.searchsorted(cdf_BV, at_B1, right=True).clamp_(max=logits_BV.shape[-1] - 1)[:, 0]
 
 
 @torch.no_grad()
@@ -54,7 +74,7 @@ def generate(
     temperature: float = 1.0,
     top_k: int = 0,
     top_p: float = 1.0,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
     progress: bool = False,
     callback: StepCallback | None = None,
 ) -> torch.Tensor:
@@ -62,7 +82,8 @@ def generate(
 
     cfg_scale > 1 doubles the batch with the null class and mixes uncond + s·(cond − uncond).
     cfg_interval ≥ 0 stops guidance after the first cfg_interval + 2 tokens, as in LlamaGen
-    (-1 guides every token). A torch.Generator on the model's device makes the draw reproducible.
+    (-1 guides every token). A torch.Generator makes the draw reproducible; a list of them, one
+    per label, makes every sample reproducible on its own, whatever batch it is drawn in.
     progress shows a tqdm bar; callback(step, tokens_BT) streams partial results.
     """
     config = model.config
@@ -87,6 +108,7 @@ def generate(
     guided = cfg_scale > 1.0
     if guided:
         labels_B = torch.cat([labels_B, torch.full_like(labels_B, config.num_classes)])
+    uniforms_BL = draw_uniforms(B, L, generator, labels_B.device)
     tokens_BL = torch.empty(B, L, dtype=torch.long, device=labels_B.device)
     steps = range(L)
     if progress:
@@ -111,8 +133,8 @@ def generate(
                     logits = uncond_BV + cfg_scale * (cond_BV - uncond_BV)
                 else:
                     logits = cond_BV
-            tokens_BL[:, step] = sample_token(logits, temperature=temperature, top_k=top_k, top_p=top_p,
-                                              generator=generator)[:, 0]
+            tokens_BL[:, step] = sample_token(logits, uniforms_BL[:, step], temperature=temperature,
+                                              top_k=top_k, top_p=top_p)
             if callback is not None:
                 callback(step, tokens_BL[:, :step + 1])
     finally:

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 import npp
-from npp.sampling import filter_logits
+from npp.sampling import filter_logits, sample_token
 
 from conftest import random_weights
 
@@ -91,3 +91,27 @@ def test_bad_sampling_arguments_are_named(model, kwargs, message):
     labels = torch.tensor(kwargs.pop("labels", [1]))
     with pytest.raises(ValueError, match=message):
         npp.generate(model, labels, **kwargs)
+
+
+def test_inverse_cdf_draws_follow_the_filtered_distribution():
+    probs = torch.tensor([0.1, 0.0, 0.6, 0.3])
+    uniforms = (torch.arange(10_000) + 0.5) / 10_000  # an even sweep of [0, 1)
+    logits = probs.log().expand(len(uniforms), -1)
+    counts = torch.bincount(sample_token(logits, uniforms), minlength=4) / len(uniforms)
+    assert torch.allclose(counts, probs, atol=1e-3)
+    top2 = torch.bincount(sample_token(logits, uniforms, top_k=2), minlength=4) / len(uniforms)
+    assert torch.allclose(top2, torch.tensor([0.0, 0.0, 2 / 3, 1 / 3]), atol=1e-3)
+    assert sample_token(logits[:1], torch.tensor([0.999999])).item() == 3  # never past the last token
+
+
+def test_one_generator_per_label_makes_each_sample_independent_of_its_batch(model):
+    def gens(seeds):
+        return [torch.Generator().manual_seed(s) for s in seeds]
+
+    kwargs = dict(cfg_scale=2.0, top_k=30)
+    batch = npp.generate(model, torch.tensor([3, 5, 8]), generator=gens([10, 11, 12]), **kwargs)
+    alone = npp.generate(model, torch.tensor([5]), generator=gens([11]), **kwargs)
+    other_mates = npp.generate(model, torch.tensor([1, 5]), generator=gens([99, 11]), **kwargs)
+    assert torch.equal(batch[1], alone[0]) and torch.equal(batch[1], other_mates[1])
+    with pytest.raises(ValueError, match="one per label"):
+        npp.generate(model, torch.tensor([1, 2]), generator=gens([1]))
