@@ -7,6 +7,7 @@
     npp train --name npp-tiny --model tiny --schedule.levels 2           # NTP or NPP training (npp/train.py)
     npp export runs/npp-tiny                                             # safetensors from the latest checkpoint
     npp quickstart                                                       # the embedded data, an NTP and an NPP run
+    npp evaluate runs/npp-tiny --num-samples 10000                       # FID, IS, precision/recall, KID
 """
 
 from __future__ import annotations
@@ -180,8 +181,8 @@ def _export(args: argparse.Namespace) -> None:
     print(f"{args.run_dir} -> {folder}")
 
 
-# These hand their arguments to their own parsers (npp/train.py, npp/quickstart.py).
-_DELEGATED = {"train": "npp.train", "quickstart": "npp.quickstart"}
+# These hand their arguments to their own parsers (npp/train.py, npp/quickstart.py, npp/evaluate.py).
+_DELEGATED = {"train": "npp.train", "quickstart": "npp.quickstart", "evaluate": "npp.evaluate"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -202,6 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("run_dir", help="the run directory, e.g. runs/quickstart-npp")
     export.set_defaults(run=_export)
     commands.add_parser("quickstart", add_help=False, help="the embedded data, an NTP and an NPP run, samples")
+    commands.add_parser("evaluate", add_help=False,
+                        help="sample a run and measure FID, IS, precision/recall, KID (npp evaluate --help)")
     return parser
 
 
