@@ -407,6 +407,19 @@ class TrainConfig:
     """Log to this Weights & Biases project as well (empty: no wandb)."""
     progress: bool = True
     """Show a progress bar on rank 0."""
+    eval_every: int = 0
+    """Every this many steps, and at every stage end, sample eval_samples images and log FID, IS,
+    precision, recall (and class accuracy on the embedded data) into metrics.jsonl, with a sample grid
+    in samples/. 0 turns it off (the default: it costs time on big runs)."""
+    eval_samples: int = 1000
+    """Samples per periodic evaluation (a quick estimate: FID is biased upwards at small N)."""
+    eval_cfg_scale: float = 2.0
+    """Classifier-free guidance scale of the periodic evaluation's samples."""
+    eval_reference: str = "auto"
+    """Real images the periodic evaluation compares with: an image folder, mnist-test, or auto (the
+    embedded test split for the embedded data; other data must name a folder)."""
+    eval_inception_weights: str = ""
+    """Inception weights file for the periodic evaluation of non-MNIST data (see npp evaluate)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.schedule, dict):
@@ -431,6 +444,10 @@ class TrainConfig:
         for name in ("log_every", "ckpt_every", "keep_last"):
             value = getattr(self, name)
             _check(isinstance(value, int) and value > 0, f"TrainConfig.{name}={value!r}: must be a positive integer")
+        _check(isinstance(self.eval_every, int) and self.eval_every >= 0,
+               f"TrainConfig.eval_every={self.eval_every!r}: must be ≥ 0 (0 = no periodic evaluation)")
+        _check(isinstance(self.eval_samples, int) and self.eval_samples > 1,
+               f"TrainConfig.eval_samples={self.eval_samples!r}: must be an integer ≥ 2 (FID needs a covariance)")
         _check(isinstance(self.num_workers, int) and self.num_workers >= 0,
                f"TrainConfig.num_workers={self.num_workers!r}: must be ≥ 0")
         if self.deepspeed:

@@ -145,7 +145,8 @@ class Subject:
     model: GPT
     vq: VQModel
     export: Path
-    data: str | None
+    mnist: bool
+    """Trained on the embedded MNIST: its classifier is the judge and its test split the reference."""
     identity: dict[str, Any]
 
 
@@ -155,6 +156,34 @@ def _sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def trained_on_mnist(info: dict[str, Any]) -> bool:
+    """Whether a tokenizer reference (an export's tokenizer.json) says the codes are embedded MNIST."""
+    return info.get("data") in EMBEDDED_TOKENIZERS or (info.get("source") or {}).get("kind") == "mnist"
+
+
+def tokenizer_for(info: dict[str, Any], vocab_size: int, *, override: str | None = None,
+                  where: str = "the run") -> VQModel:
+    """The tokenizer that decodes a model's codes, from the tokenizer reference its export carries
+    ({"data", "fingerprint", "path", "config"}): an embedded one by name, else the path the codes were
+    extracted with; `override` replaces that path, and the weights' fingerprint must match."""
+    data, path = info.get("data"), override or info.get("path")
+    if path:
+        vq = load_tokenizer(path, **({} if Path(path).is_dir() else info.get("config", {})))
+    elif data in EMBEDDED_TOKENIZERS:
+        vq = load_embedded_tokenizer(data)
+    else:
+        raise ConfigError(f"{where} does not say which tokenizer decodes its codes: pass --tokenizer "
+                          f"PATH (the folder or LlamaGen .pt its training codes were extracted with)")
+    expected = info.get("fingerprint")
+    if expected and vq.fingerprint() != expected:
+        raise ConfigError(f"the tokenizer's weights differ from those the training codes were extracted with "
+                          f"(fingerprint {vq.fingerprint()[:12]} ≠ {expected[:12]}): pass the right --tokenizer")
+    _check(vq.config.codebook_size == vocab_size,
+           f"the tokenizer has {vq.config.codebook_size} codes but the model predicts {vocab_size}: "
+           f"pass the tokenizer the model was trained with (--tokenizer)")
+    return vq
 
 
 def load_subject(path: str | os.PathLike, *, tokenizer: str | None = None,
@@ -174,29 +203,13 @@ def load_subject(path: str | os.PathLike, *, tokenizer: str | None = None,
     model = GPT.from_pretrained(export).to(device).eval()
     info_path = export / "tokenizer.json"
     info = json.loads(info_path.read_text()) if info_path.is_file() else {}
-    data = info.get("data")
-    if tokenizer is not None:
-        vq = load_tokenizer(tokenizer, **({} if Path(tokenizer).is_dir() else info.get("config", {})))
-    elif data in EMBEDDED_TOKENIZERS:
-        vq = load_embedded_tokenizer(data)
-    elif info.get("path"):
-        vq = load_tokenizer(info["path"], **({} if Path(info["path"]).is_dir() else info.get("config", {})))
-    else:
-        raise ConfigError(f"{export} does not say which tokenizer decodes its codes: pass --tokenizer "
-                          f"PATH (the folder or LlamaGen .pt its training codes were extracted with)")
-    expected = info.get("fingerprint")
-    if expected and vq.fingerprint() != expected:
-        raise ConfigError(f"the tokenizer's weights differ from those the training codes were extracted with "
-                          f"(fingerprint {vq.fingerprint()[:12]} ≠ {expected[:12]}): pass the right --tokenizer")
-    _check(vq.config.codebook_size == model.config.vocab_size,
-           f"the tokenizer has {vq.config.codebook_size} codes but the model predicts {model.config.vocab_size}: "
-           f"pass the tokenizer the model was trained with (--tokenizer)")
+    vq = tokenizer_for(info, model.config.vocab_size, override=tokenizer, where=str(export))
     identity = {"export": str(export.resolve()), "model_sha256": _sha256(export / "model.safetensors"),
-                "config": model.config.to_dict(), "data": data, "tokenizer_fingerprint": vq.fingerprint()}
+                "config": model.config.to_dict(), "data": info.get("data"), "tokenizer_fingerprint": vq.fingerprint()}
     source = export / "source.json"
     if source.is_file():
         identity["source"] = json.loads(source.read_text())
-    return Subject(model, vq.to(device).eval(), export, data, identity)
+    return Subject(model, vq.to(device).eval(), export, trained_on_mnist(info), identity)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -227,6 +240,14 @@ def draw_samples(subject: Subject, indices: Sequence[int], config: EvalConfig) -
                          generator=generators)
     grid = subject.model.config.grid
     return to_uint8(subject.vq.decode(tokens_BL.view(-1, grid, grid))).cpu(), labels_B
+
+
+def draw_all(subject: Subject, config: EvalConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every sample in memory, batch by batch as sample_to_folder draws them: (N, H, W, 3) and (N,)."""
+    indices = range(config.num_samples)
+    chunks = [draw_samples(subject, indices[k:k + config.batch_size], config)
+              for k in range(0, config.num_samples, config.batch_size)]
+    return torch.cat([c[0] for c in chunks]), torch.cat([c[1] for c in chunks])
 
 
 def _png_path(folder: Path, index: int) -> Path:
@@ -328,11 +349,11 @@ def inception_weights_path(given: str | None) -> Path:
     return path
 
 
-def resolve_extractor(config: EvalConfig, data: str | None) -> tuple[str, Path | None, str]:
+def resolve_extractor(config: EvalConfig, mnist: bool) -> tuple[str, Path | None, str]:
     """(torch-fidelity extractor name, weights path or None, sha256 of the weights)."""
     name = config.feature_extractor
     if name == "auto":
-        name = MNIST_EXTRACTOR if (data or "").startswith("mnist") else INCEPTION_EXTRACTOR
+        name = MNIST_EXTRACTOR if mnist else INCEPTION_EXTRACTOR
     if name == MNIST_EXTRACTOR:
         register_mnist_extractor()
         return name, None, _sha256(EMBEDDED_CLASSIFIER / "model.safetensors")
@@ -370,9 +391,10 @@ class Reference:
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 
-def resolve_reference(spec: str, data: str | None) -> Reference:
+def resolve_reference(spec: str, mnist: bool) -> Reference:
+    """'mnist-test', 'mnist-train', an image folder, or 'auto' (the test split for MNIST runs)."""
     if spec == "auto":
-        if not (data or "").startswith("mnist"):
+        if not mnist:
             raise ConfigError("this model was not trained on the embedded data: pass --reference FOLDER "
                               "(real images of the same resolution, e.g. the ImageNet validation set)")
         spec = "mnist-test"
@@ -383,7 +405,8 @@ def resolve_reference(spec: str, data: str | None) -> Reference:
                          {"kind": "embedded", "name": spec, "count": len(images)})
     folder = Path(spec)
     if not folder.is_dir():
-        raise ConfigError(f"--reference {spec!r}: not an image folder nor one of {list(EMBEDDED_REFERENCES)}")
+        raise ConfigError(f"reference {spec!r} is not an image folder nor one of {list(EMBEDDED_REFERENCES)}: "
+                          f"give a folder of real images (npp evaluate --reference, npp train --eval_reference)")
     files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in _IMAGE_SUFFIXES)
     if not files:
         raise ConfigError(f"reference folder {folder} holds no .png/.jpg images: point --reference at the "
@@ -440,6 +463,45 @@ def class_accuracy(images_NHW3: torch.Tensor, labels_N: torch.Tensor) -> float:
     return (predict(classifier, images_NHW3.permute(0, 3, 1, 2)) == labels_N).float().mean().item()
 
 
+def score(samples: str | torch.Tensor, images_NHW3: torch.Tensor, labels_N: torch.Tensor, reference: Reference,
+          config: EvalConfig, *, extractor: str, weights: Path | None, weights_sha256: str) -> dict[str, float]:
+    """The configured torch-fidelity metrics, plus class accuracy where the MNIST judge applies."""
+    metrics = fidelity_metrics(samples, reference, config.metrics, extractor=extractor, weights=weights,
+                               weights_sha256=weights_sha256, kid_subset_size=config.kid_subset_size,
+                               num_samples=len(images_NHW3), verbose=config.progress)
+    if extractor == MNIST_EXTRACTOR and int(labels_N.max()) < len(MNIST_CLASSES):
+        metrics["class_accuracy"] = class_accuracy(images_NHW3, labels_N)
+    return metrics
+
+
+class QuickEval:
+    """The trainer's periodic evaluation: samples in memory, metrics, nothing written but the row.
+
+    What can fail (weights file, reference, image size) is resolved when it is built, before training.
+    """
+
+    def __init__(self, config: EvalConfig, vq: VQModel, mnist: bool, grid: int):
+        self.config, self.vq, self.mnist = config, vq, mnist
+        self.extractor, self.weights, self.weights_sha = resolve_extractor(config, mnist)
+        self.reference = resolve_reference(config.reference, mnist)
+        _check_sizes(self.reference, vq.config.downsample * grid)
+
+    def __call__(self, model: GPT) -> tuple[dict[str, float], torch.Tensor, torch.Tensor]:
+        """(metrics, images (N, H, W, 3) uint8, labels (N,)) of the model as it is now."""
+        subject = Subject(model, self.vq.to(model.tok_embeddings.weight.device), Path("."), self.mnist, {})
+        images, labels = draw_all(subject, self.config)
+        metrics = score(images, images, labels, self.reference, self.config, extractor=self.extractor,
+                        weights=self.weights, weights_sha256=self.weights_sha)
+        return metrics, images, labels
+
+
+def _check_sizes(reference: Reference, side: int) -> None:
+    _check(reference.image_size == (side, side),
+           f"the reference images are {reference.image_size[0]}×{reference.image_size[1]} but the samples "
+           f"will be {side}×{side}: give a --reference of {side}×{side} images (resize/crop them as the "
+           f"training images were)")
+
+
 # ------------------------------------------------------------------------------------------------
 # The whole evaluation
 # ------------------------------------------------------------------------------------------------
@@ -464,13 +526,9 @@ def evaluate(path: str | os.PathLike, config: EvalConfig, *, out: str | os.PathL
     try:
         device = _device(config, ranks.world)
         subject = load_subject(path, tokenizer=tokenizer, device=device)
-        extractor, weights, weights_sha = resolve_extractor(config, subject.data)
-        reference = resolve_reference(config.reference, subject.data)
-        side = subject.vq.config.downsample * subject.model.config.grid
-        _check(reference.image_size == (side, side),
-               f"the reference images are {reference.image_size[0]}×{reference.image_size[1]} but the samples "
-               f"will be {side}×{side}: give a --reference of {side}×{side} images (resize/crop them as the "
-               f"training images were)")
+        extractor, weights, weights_sha = resolve_extractor(config, subject.mnist)
+        reference = resolve_reference(config.reference, subject.mnist)
+        _check_sizes(reference, subject.vq.config.downsample * subject.model.config.grid)
         folder = Path(out) if out else subject.export.parent / "eval" / config.folder_name()
         started = time.perf_counter()
         if config.save_png:
@@ -481,13 +539,15 @@ def evaluate(path: str | os.PathLike, config: EvalConfig, *, out: str | os.PathL
             bar.close()
             ranks.barrier()
             drawn = ranks.total(drawn)
+            in_memory = None
         else:
             _check(ranks.world == 1, "EvalConfig.save_png=False keeps samples in memory: run it in one process")
+            in_memory = draw_all(subject, config)
             drawn = config.num_samples
         sampling_seconds = time.perf_counter() - started
         # Every rank waits for rank 0's metrics, so a failure there is raised everywhere.
         results = ranks.on_rank0(lambda: _measure(subject, config, folder, reference, extractor, weights,
-                                                  weights_sha, drawn, sampling_seconds))
+                                                  weights_sha, drawn, sampling_seconds, in_memory))
         return results if ranks.rank == 0 else None
     finally:
         ranks.leave()
@@ -500,26 +560,22 @@ def _bar(total: int, desc: str, enabled: bool):
 
 
 def _measure(subject: Subject, config: EvalConfig, folder: Path, reference: Reference, extractor: str,
-             weights: Path | None, weights_sha: str, drawn: int, sampling_seconds: float) -> dict[str, Any]:
+             weights: Path | None, weights_sha: str, drawn: int, sampling_seconds: float,
+             in_memory: tuple[torch.Tensor, torch.Tensor] | None) -> dict[str, Any]:
     import torch_fidelity
 
-    indices = range(config.num_samples)
-    if config.save_png:
+    if in_memory is None:
         images = read_samples(folder / "samples", config.num_samples)
-        generators = sample_generators(indices, config.base_seed)
-        labels = sample_labels(indices, subject.model.config.num_classes, config.labels, generators)
+        indices = range(config.num_samples)
+        labels = sample_labels(indices, subject.model.config.num_classes, config.labels,
+                               sample_generators(indices, config.base_seed))
     else:
-        chunks = [draw_samples(subject, indices[k:k + config.batch_size], config)
-                  for k in range(0, config.num_samples, config.batch_size)]
-        images, labels = torch.cat([c[0] for c in chunks]), torch.cat([c[1] for c in chunks])
+        images, labels = in_memory
     started = time.perf_counter()
     samples_input = str(folder / "samples") if config.save_png else images
-    metrics = fidelity_metrics(samples_input, reference, config.metrics, extractor=extractor, weights=weights,
-                               weights_sha256=weights_sha, kid_subset_size=config.kid_subset_size,
-                               num_samples=config.num_samples, verbose=config.progress)
+    metrics = score(samples_input, images, labels, reference, config, extractor=extractor, weights=weights,
+                    weights_sha256=weights_sha)
     domain = extractor == MNIST_EXTRACTOR
-    if domain and subject.model.config.num_classes == len(MNIST_CLASSES):
-        metrics["class_accuracy"] = class_accuracy(images, labels)
     results = {
         "metrics": metrics,
         "note": ("domain metrics: features of the shipped MNIST classifier, not Inception; not comparable "

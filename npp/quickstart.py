@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         model = GPT.from_pretrained(run.export)
         images, labels = sample_digits(model, vq, args.per_class)
         grid = save_png(image_grid(images, nrow=args.per_class), run.samples / "quickstart.png")
-        rows = run.read_metrics()
+        rows = run.train_rows()
         took = "" if seconds is None else f", {seconds / 60:.1f} min"
         print(f"  {name}: final loss {rows[-1]['loss']:.3f}, {rows[-1]['flops_seen'] / 1e12:.2f} TFLOP of "
               f"training{took}; {judge(images, labels):.0%} of samples show the requested digit -> {grid}")

@@ -2,7 +2,8 @@
 
     runs/<name>/
       config.json       the TrainConfig that made the run (enough to resume or rebuild it)
-      metrics.jsonl     one JSON object per logged step (step, stage, patch_size, loss, lr, ...)
+      metrics.jsonl     one JSON object per logged step (step, stage, patch_size, loss, lr, ...), and
+                        evaluation rows ("eval": true, fid, is, precision, recall, ...)
       checkpoints/      DeepSpeed checkpoints, one folder per tag, and `latest` naming the newest
       export/           model.safetensors + config.json + tokenizer.json for inference
       samples/          sample grids
@@ -85,6 +86,14 @@ class RunDir:
             except json.JSONDecodeError:
                 continue
         return rows
+
+    def train_rows(self) -> list[dict[str, Any]]:
+        """The training rows (step, stage, loss, lr, ...), without the evaluation rows."""
+        return [row for row in self.read_metrics() if not row.get("eval")]
+
+    def eval_rows(self) -> list[dict[str, Any]]:
+        """The periodic evaluation rows (step, fid, is, precision, recall, flops_seen, ...)."""
+        return [row for row in self.read_metrics() if row.get("eval")]
 
     def truncate_metrics(self, after_step: int) -> None:
         """Drop rows logged after a checkpoint, so a resumed run does not log those steps twice."""

@@ -35,7 +35,7 @@ import signal
 import socket
 import sys
 import time
-from contextlib import closing
+from contextlib import closing, nullcontext
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -45,6 +45,7 @@ import torch
 from npp.config import ConfigError, ModelConfig, ScheduleConfig, TrainConfig, cache_dir, dump_json, field_docs
 from npp.data import CodeDataset
 from npp.extract import mnist_codes
+from npp.images import image_grid, save_png
 from npp.model import GPT
 from npp.patching import next_patch_loss
 from npp.runs import RunDir
@@ -237,6 +238,7 @@ class Trainer:
         if resume_tag is not None:
             _check_same_experiment(self.run, config)
             self._prepare_resume(resume_tag)
+        self.quick_eval = self._build_quick_eval() if config.eval_every else None
         self._build_engine()
         if resume_tag is not None:
             self._load_checkpoint(resume_tag)
@@ -270,6 +272,19 @@ class Trainer:
         self.ema: dict[str, torch.Tensor] | None = None
         if self.config.ema_decay:
             self.ema = {k: v.detach().float().clone() for k, v in self.engine.module.state_dict().items()}
+
+    def _build_quick_eval(self) -> Any:
+        """Resolved before the engine exists, so a missing reference or weights file fails at once."""
+        from npp.evaluate import EvalConfig, QuickEval, tokenizer_for, trained_on_mnist
+
+        c = self.config
+        settings = EvalConfig(num_samples=c.eval_samples, batch_size=min(c.eval_samples, 100),
+                              cfg_scale=c.eval_cfg_scale, reference=c.eval_reference,
+                              inception_weights=c.eval_inception_weights or None,
+                              metrics=("fid", "isc", "prc"), save_png=False, progress=False)
+        info = tokenizer_reference(c.data, self.data.manifest)
+        vq = tokenizer_for(info, self.data.vocab_size, where=f"TrainConfig.data={c.data!r}")
+        return QuickEval(settings, vq.to(self.device).eval(), trained_on_mnist(info), self.data.grid)
 
     # ---- one step --------------------------------------------------------------------------
 
@@ -349,6 +364,8 @@ class Trainer:
                     return None
                 if done % config.ckpt_every == 0 or at_stage_end:
                     self.save_checkpoint(done)
+                if self.quick_eval is not None and (done % config.eval_every == 0 or at_stage_end):
+                    self.evaluate_now(done, logger)
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
@@ -356,6 +373,26 @@ class Trainer:
             logger.close()
         export = self.export()
         return export
+
+    def evaluate_now(self, step: int, logger: _Logger | None) -> None:
+        """The periodic evaluation, on rank 0 while the others wait. Sampling draws from its own
+        generators and leaves the training RNG alone, so a run with evaluations trains the same."""
+        import deepspeed
+
+        params = list(self.engine.module.parameters())
+        # ZeRO-3 holds a shard of every weight per rank: gather them for the duration of the sampling.
+        gathered = deepspeed.zero.GatheredParameters(params) if zero_stage(self.ds_config) == 3 else nullcontext()
+        with gathered:
+            if self.rank == 0:
+                started = time.perf_counter()
+                metrics, images, labels = self.quick_eval(self.engine.module)
+                # Labels are balanced (sample i asks for class i mod C): with C ≤ 10 columns, one class each.
+                columns = min(self.model_config.num_classes, 10)
+                grid = save_png(image_grid(images[: 8 * columns], nrow=columns),
+                                self.run.samples / f"step-{step:08d}.png")
+                assert logger is not None
+                logger.evaluation(step, metrics, time.perf_counter() - started, grid)
+        torch.distributed.barrier()
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         # Finish the step in flight, then checkpoint at the same step on every rank.
@@ -469,7 +506,8 @@ class _EpochItems(torch.utils.data.Dataset):
 # only the folder, so a copied or renamed run directory resumes too.
 _RESUMABLE_CHANGES = {"name", "runs_dir", "deepspeed", "num_workers", "log_every", "ckpt_every", "keep_last",
                       "tensorboard", "wandb_project", "progress", "micro_batch_size", "activation_checkpointing",
-                      "compile"}
+                      "compile", "eval_every", "eval_samples", "eval_cfg_scale", "eval_reference",
+                      "eval_inception_weights"}
 
 
 def _check_same_experiment(run: RunDir, config: TrainConfig) -> None:
@@ -552,6 +590,24 @@ class _Logger:
                                      f"loss {loss:.4f} {imgs_per_s:.0f} img/s", refresh=False)
             self.bar.update(1)
 
+    def evaluation(self, step: int, metrics: dict[str, float], seconds: float, grid: Path) -> None:
+        """An eval row: the metrics with the step's stage, tokens and FLOPs, for FID-vs-step/FLOPs curves."""
+        t, c = self.trainer, self.trainer.config
+        stage = stage_at(self.stages, step - 1)
+        row = {"step": step, "stage": stage.index, "patch_size": stage.patch_size, "eval": True,
+               **metrics, "eval_samples": c.eval_samples, "eval_cfg_scale": c.eval_cfg_scale,
+               "tokens_seen": self.tokens_seen, "flops_seen": self.flops_seen, "eval_seconds": seconds,
+               "samples": str(grid.relative_to(t.run.path)), "time": time.time()}
+        t.run.append_metrics([row])
+        if self.tb is not None:
+            for key, value in metrics.items():
+                self.tb.add_scalar(f"eval/{key}", value, step)
+        if self.wandb is not None:
+            self.wandb.log({f"eval/{k}": v for k, v in metrics.items()}, step=step)
+        if self.bar is not None:
+            shown = ", ".join(f"{k} {v:.3g}" for k, v in metrics.items() if k in ("fid", "is", "class_accuracy"))
+            self.bar.write(f"step {step}: {shown} ({c.eval_samples} samples, {seconds:.0f} s) -> {grid}")
+
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
@@ -564,6 +620,12 @@ class _Logger:
 # --------------------------------------------------------------------------------------------
 # Export (no engine needed: it reads the checkpoint files)
 # --------------------------------------------------------------------------------------------
+
+def tokenizer_reference(data: str, manifest: dict[str, Any]) -> dict[str, Any]:
+    """What an export's tokenizer.json holds: the data spec, the source of the codes, and the
+    tokenizer's fingerprint, path and config, so evaluation can decode without being told how."""
+    return {"data": data, "source": manifest.get("source"), **manifest.get("tokenizer", {})}
+
 
 def export_run(run_dir: str | os.PathLike) -> Path:
     """runs/<name>/export from the latest checkpoint: fp32 weights (EMA when kept), config, tokenizer.
@@ -595,7 +657,7 @@ def export_run(run_dir: str | os.PathLike) -> Path:
     tmp = run.path / ".export.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
-    dump_json({"data": config.data, **data.manifest.get("tokenizer", {})}, tmp / "tokenizer.json")
+    dump_json(tokenizer_reference(config.data, data.manifest), tmp / "tokenizer.json")
     dump_json({"run": str(run.path), "checkpoint": tag, "ema": (folder / "ema.safetensors").is_file()},
               tmp / "source.json")
     shutil.rmtree(run.export, ignore_errors=True)

@@ -52,14 +52,14 @@ def export(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("export") / "export"
     config = npp.ModelConfig.preset("debug", vocab_size=256, num_classes=10, grid=8)
     random_weights(npp.GPT(config)).save_pretrained(folder)
-    vq = load_embedded_tokenizer("mnist-8x8")
+    vq = load_embedded_tokenizer(True)
     (folder / "tokenizer.json").write_text(json.dumps({"data": "mnist-8x8", "fingerprint": vq.fingerprint(),
                                                        "config": vq.config.to_dict(), "path": None}))
     return folder
 
 
 def mnist_reference_folder(folder: Path):
-    return resolve_reference(str(folder), "mnist-8x8")
+    return resolve_reference(str(folder), True)
 
 
 def direct_fid(input1: Path, input2: Path) -> float:
@@ -83,7 +83,7 @@ def test_fid_of_the_test_split_against_itself_and_a_perturbed_copy(folders, tmp_
     assert same == pytest.approx(direct_fid(test, test), abs=1e-6)
     assert other == pytest.approx(direct_fid(perturbed, test), rel=1e-6)
     # The embedded reference (in memory, features cached on first use) is the same images.
-    embedded = resolve_reference("mnist-test", "mnist-8x8")
+    embedded = resolve_reference("mnist-test", True)
     for _ in range(2):
         assert fidelity_metrics(str(perturbed), embedded, ["fid"], extractor=MNIST_EXTRACTOR,
                                 num_samples=10_000)["fid"] == pytest.approx(other, rel=1e-6)

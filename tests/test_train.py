@@ -276,3 +276,46 @@ def test_npp_command_trains_and_exports(reference, tmp_path):
                              timeout=120)
     assert missing.returncode == 2 and missing.stderr.count("\n") == 1
     assert "is not a run directory" in missing.stderr
+
+
+# ---- periodic evaluation ------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def judged_codes(tmp_path_factory) -> str:
+    """Codes of the first digits by the shipped mnist-8x8 tokenizer, which the manifest names, so that
+    samples can be decoded and judged."""
+    from npp.data import CropConfig, MnistSource
+    from npp.extract import extract_codes
+    from npp.tokenizer_train import ASSETS, load_embedded_tokenizer
+
+    out = tmp_path_factory.mktemp("judged") / "codes"
+    extract_codes(MnistSource("train", 256), load_embedded_tokenizer("mnist-8x8"), out,
+                  CropConfig("none", size=32), tokenizer_path=ASSETS / "mnist-8x8")
+    return str(out)
+
+
+def test_periodic_evaluation_logs_metrics_at_its_steps_and_leaves_training_unchanged(judged_codes, tmp_path):
+    runs = tmp_path / "runs"
+    short = {"schedule.total_steps": 12, "ckpt_every": 100}
+    plain = train(judged_codes, runs, "plain", **short)
+    judged = train(judged_codes, runs, "judged", eval_every=5, eval_samples=20, **short)
+    assert plain.returncode == 0 and judged.returncode == 0, judged.stderr[-3000:]
+    run = RunDir(runs / "judged")
+    assert [row["loss"] for row in run.train_rows()] == losses(runs, "plain")
+    rows = run.eval_rows()
+    assert [row["step"] for row in rows] == [5, 6, 10, 12]  # every 5 steps and at both stage ends
+    assert [row["patch_size"] for row in rows] == [2, 2, 1, 1]
+    for row in rows:
+        assert {"fid", "is", "precision", "recall", "class_accuracy", "flops_seen"} <= set(row)
+        assert row["fid"] > 0 and 0 <= row["class_accuracy"] <= 1
+        assert (run.path / row["samples"]).is_file()
+    assert rows[-1]["flops_seen"] == run.train_rows()[-1]["flops_seen"]
+
+
+def test_a_bad_evaluation_reference_fails_before_training(judged_codes, tmp_path):
+    started = time.perf_counter()
+    result = train(judged_codes, tmp_path / "runs", "bad", eval_every=5, eval_reference=str(tmp_path / "nowhere"))
+    assert result.returncode == 2
+    assert "is not an image folder" in result.stderr and "--eval_reference" in result.stderr
+    assert not (tmp_path / "runs" / "bad" / "checkpoints").exists()
+    assert time.perf_counter() - started < 60
