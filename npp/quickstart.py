@@ -4,7 +4,9 @@
    60,000 training digits, extracted once into the cache ($NPP_CACHE, default ~/.cache/npp).
 2. Two runs with the same steps, batch and learning rate, from configs/quickstart-{ntp,npp}.json:
    next-token prediction, and next-patch prediction (#L 2, λ ½: 2×2 patches for the first half).
-3. Samples of every digit from each run, judged by the classifier, saved as PNG grids.
+3. Samples of every digit from each run as a PNG grid, and an evaluation of 1,000 samples each
+   (`npp evaluate`): domain FID, IS, precision/recall against the test digits and class accuracy,
+   the share of samples that the classifier reads as the digit that was asked for.
 
 Each run is an ordinary `python -m npp.train --config …` process, so what it prints is what a user
 of the trainer sees; a finished run is reused, an interrupted one resumes.
@@ -21,8 +23,8 @@ from pathlib import Path
 
 import torch
 
-from npp.classifier import load_mnist_classifier, predict
 from npp.config import TrainConfig, cache_dir
+from npp.evaluate import EvalConfig, evaluate
 from npp.images import image_grid, save_png
 from npp.model import GPT
 from npp.runs import RunDir
@@ -43,12 +45,6 @@ def sample_digits(model: GPT, vq: VQModel, per_class: int, *, cfg_scale: float =
     return to_uint8(vq.decode(tokens_BL.view(-1, grid, grid))), labels_B
 
 
-def judge(images_BHW3: torch.Tensor, labels_B: torch.Tensor) -> float:
-    """Share of samples that the shipped classifier assigns to the class they were asked for."""
-    images_B3HW = images_BHW3.permute(0, 3, 1, 2).float() / 127.5 - 1.0
-    return (predict(load_mnist_classifier(), images_B3HW) == labels_B).float().mean().item()
-
-
 def train_run(config_path: Path, runs_dir: str) -> float:
     """Train (or resume, or reuse) one run in its own process; returns the wall time in seconds."""
     started = time.perf_counter()
@@ -61,7 +57,8 @@ def train_run(config_path: Path, runs_dir: str) -> float:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="npp quickstart", description=__doc__.splitlines()[0])
     parser.add_argument("--runs-dir", default="runs", help="where the two run directories go")
-    parser.add_argument("--per-class", type=int, default=10, help="samples of each digit per run")
+    parser.add_argument("--per-class", type=int, default=10, help="samples of each digit in the grid")
+    parser.add_argument("--eval-samples", type=int, default=1000, help="samples per run for npp evaluate")
     args = parser.parse_args(argv)
 
     print(f"1/3 embedded data: shipped tokenizer mnist-8x8 and classifier; codes cached in {cache_dir()}",
@@ -80,19 +77,24 @@ def main(argv: list[str] | None = None) -> int:
             seconds = train_run(path, args.runs_dir)
         report.append((name, run, seconds))
 
-    print("3/3 samples (class-conditional, CFG 2.0), judged by the shipped classifier", flush=True)
+    print(f"3/3 a grid of every digit per run, and {args.eval_samples} samples each for npp evaluate "
+          f"(domain metrics: MNIST classifier features, not comparable to ImageNet FID)", flush=True)
     for name, run, seconds in report:
         model = GPT.from_pretrained(run.export)
-        images, labels = sample_digits(model, vq, args.per_class)
+        images, _ = sample_digits(model, vq, args.per_class)
         grid = save_png(image_grid(images, nrow=args.per_class), run.samples / "quickstart.png")
-        rows = run.train_rows()
-        took = "" if seconds is None else f", {seconds / 60:.1f} min"
-        print(f"  {name}: final loss {rows[-1]['loss']:.3f}, {rows[-1]['flops_seen'] / 1e12:.2f} TFLOP of "
-              f"training{took}; {judge(images, labels):.0%} of samples show the requested digit -> {grid}")
+        results = evaluate(run.path, EvalConfig(num_samples=args.eval_samples, cfg_scale=2.0, progress=False))
+        m, rows = results["metrics"], run.train_rows()
+        took = "" if seconds is None else f" in {seconds / 60:.1f} min"
+        print(f"  {name}: {rows[-1]['flops_seen'] / 1e12:.1f} TFLOP{took}, final loss {rows[-1]['loss']:.3f}; "
+              f"FID {m['fid']:.1f}, IS {m['is']:.2f}, precision {m['precision']:.2f}, recall {m['recall']:.2f}; "
+              f"{m['class_accuracy']:.0%} show the requested digit\n      grid: {grid}\n"
+              f"      results: {results['results']}", flush=True)
 
     print("\nnext:\n"
           "  tensorboard --logdir runs               loss, LR and throughput of both runs by step\n"
           "  npp.GPT.from_pretrained('runs/quickstart-npp/export')   the trained weights, for npp.generate\n"
+          "  npp evaluate runs/quickstart-npp --num-samples 10000   a closer FID estimate\n"
           "  npp train --config configs/quickstart-npp.json --name npp-l3 --schedule.levels 3   another schedule")
     return 0
 
