@@ -52,7 +52,7 @@ def export(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("export") / "export"
     config = npp.ModelConfig.preset("debug", vocab_size=256, num_classes=10, grid=8)
     random_weights(npp.GPT(config)).save_pretrained(folder)
-    vq = load_embedded_tokenizer(True)
+    vq = load_embedded_tokenizer("mnist-8x8")
     (folder / "tokenizer.json").write_text(json.dumps({"data": "mnist-8x8", "fingerprint": vq.fingerprint(),
                                                        "config": vq.config.to_dict(), "path": None}))
     return folder
