@@ -86,8 +86,9 @@ class EvalConfig:
     top_p: float = 1.0
     """Nucleus sampling mass (1.0 = off)."""
     reference: str = "auto"
-    """'mnist-test' or 'mnist-train' (the embedded data), an image folder, or 'auto': the embedded
-    test split for runs on the embedded data."""
+    """'mnist-test' or 'mnist-train' (the embedded data), an image folder, an .npz with reference
+    images (arr_0, as in the ADM evaluator's batches) or FID statistics (mu, sigma; FID only), or
+    'auto': the embedded test split for runs on the embedded data."""
     feature_extractor: str = "auto"
     """'npp-mnist-classifier' (domain metrics), 'inception-v3-compat' (standard FID), or 'auto':
     the classifier for the embedded data, Inception otherwise."""
@@ -384,15 +385,19 @@ class Reference:
 
     input: Any
     count: int
-    image_size: tuple[int, int]
+    image_size: tuple[int, int] | None
+    """Side of the images; None for statistics, which fit any size."""
     identity: dict[str, Any]
+    statistics: dict[str, np.ndarray] | None = None
+    """FID's mu and sigma when the reference is a statistics file rather than images."""
 
 
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 
 def resolve_reference(spec: str, mnist: bool) -> Reference:
-    """'mnist-test', 'mnist-train', an image folder, or 'auto' (the test split for MNIST runs)."""
+    """'mnist-test', 'mnist-train', an image folder, an .npz of images (arr_0) or of FID statistics
+    (mu, sigma), or 'auto' (the test split for MNIST runs)."""
     if spec == "auto":
         if not mnist:
             raise ConfigError("this model was not trained on the embedded data: pass --reference FOLDER "
@@ -403,6 +408,8 @@ def resolve_reference(spec: str, mnist: bool) -> Reference:
         images = images_N3HW.permute(0, 2, 3, 1)
         return Reference(UInt8Images(images), len(images), tuple(images.shape[1:3]),
                          {"kind": "embedded", "name": spec, "count": len(images)})
+    if spec.endswith(".npz"):
+        return _npz_reference(Path(spec))
     folder = Path(spec)
     if not folder.is_dir():
         raise ConfigError(f"reference {spec!r} is not an image folder nor one of {list(EMBEDDED_REFERENCES)}: "
@@ -417,6 +424,58 @@ def resolve_reference(spec: str, mnist: bool) -> Reference:
     identity = {"kind": "folder", "path": str(folder.resolve()), "count": len(files),
                 "listing_sha256": hashlib.sha256(listing.encode()).hexdigest()}
     return Reference(str(folder), len(files), size, identity)
+
+
+def _npz_reference(path: Path) -> Reference:
+    """An .npz of reference images (arr_0, N×H×W×3 uint8, as in the ADM evaluator's reference batches)
+    or of FID statistics (mu, sigma of the extractor's features; FID only)."""
+    if not path.is_file():
+        raise ConfigError(f"reference {path}: no such file; give an .npz with arr_0 (images) or mu and sigma")
+    with np.load(path, allow_pickle=False) as npz:
+        keys = set(npz.files)
+        identity = {"kind": "npz", "path": str(path.resolve()), "sha256": _sha256(path)}
+        if "arr_0" in keys:
+            images = npz["arr_0"]
+            _check(images.ndim == 4 and images.shape[-1] == 3 and images.dtype == np.uint8 and len(images) > 1,
+                   f"{path}: arr_0 has shape {images.shape} and dtype {images.dtype}; the reference images "
+                   f"must be N×H×W×3 uint8 (N ≥ 2)")
+            return Reference(UInt8Images(torch.from_numpy(images)), len(images), tuple(images.shape[1:3]),
+                             {**identity, "count": len(images)})
+        _check({"mu", "sigma"} <= keys, f"{path} holds {sorted(keys)}: give an .npz with arr_0 (reference "
+                                         f"images) or with mu and sigma (FID statistics)")
+        stats = {"mu": npz["mu"], "sigma": npz["sigma"]}
+    _check(stats["mu"].ndim == 1 and stats["sigma"].shape == (len(stats["mu"]),) * 2,
+           f"{path}: mu must be a vector and sigma its square covariance, got {stats['mu'].shape} and "
+           f"{stats['sigma'].shape}")
+    return Reference(None, 0, None, {**identity, "statistics": True}, stats)
+
+
+def save_reference_statistics(reference: Reference, path: str | os.PathLike, *, extractor: str,
+                              weights: Path | None = None) -> Path:
+    """Write FID statistics (mu, sigma) of a reference's features, to use later as --reference FILE.npz."""
+    import torch_fidelity.metric_fid as metric_fid
+    from torch_fidelity.utils import create_feature_extractor
+
+    if extractor == MNIST_EXTRACTOR:
+        register_mnist_extractor()
+    layer = _fid_layer(extractor)
+    features = create_feature_extractor(extractor, [layer], cuda=torch.cuda.is_available(),
+                                        feature_extractor_weights_path=None if weights is None else str(weights),
+                                        verbose=False)
+    stats = metric_fid.fid_input_id_to_statistics(1, features, layer, input1=reference.input,
+                                                  cuda=torch.cuda.is_available(), verbose=False,
+                                                  samples_find_deep=True)
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.tmp.npz")
+    np.savez(tmp, mu=stats["mu"], sigma=stats["sigma"])
+    os.replace(tmp, path)
+    return path
+
+
+def _fid_layer(extractor: str) -> str:
+    from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
+
+    return FEATURE_EXTRACTORS_REGISTRY[extractor].get_default_feature_layer_for_metric("fid")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -440,6 +499,8 @@ def fidelity_metrics(samples: str | torch.Tensor, reference: Reference, metrics:
         num_samples = len(samples)
         samples = UInt8Images(samples)
     assert num_samples is not None
+    if reference.statistics is not None:
+        return _fid_against_statistics(samples, reference, metrics, extractor, weights)
     key = hashlib.sha256(json.dumps([reference.identity, extractor, weights_sha256], sort_keys=True).encode())
     wanted = set(metrics)
     raw = torch_fidelity.calculate_metrics(
@@ -455,6 +516,27 @@ def fidelity_metrics(samples: str | torch.Tensor, reference: Reference, metrics:
              "precision": "precision", "recall": "recall", "kernel_inception_distance_mean": "kid",
              "kernel_inception_distance_std": "kid_std"}
     return {names[k]: float(v) for k, v in raw.items() if k in names}
+
+
+def _fid_against_statistics(samples: Any, reference: Reference, metrics: Sequence[str], extractor: str,
+                            weights: Path | None) -> dict[str, float]:
+    import torch_fidelity.metric_fid as metric_fid
+    from torch_fidelity.utils import create_feature_extractor
+
+    _check(set(metrics) == {"fid"}, f"a statistics reference ({reference.identity['path']}) gives FID only: "
+                                    f"pass --metrics fid, or give reference images")
+    layer = _fid_layer(extractor)
+    features = create_feature_extractor(extractor, [layer], cuda=torch.cuda.is_available(),
+                                        feature_extractor_weights_path=None if weights is None else str(weights),
+                                        verbose=False)
+    stats = metric_fid.fid_input_id_to_statistics(1, features, layer, input1=samples, cuda=torch.cuda.is_available(),
+                                                  verbose=False, samples_find_deep=True)
+    _check(stats["mu"].shape == reference.statistics["mu"].shape,
+           f"the reference statistics have {reference.statistics['mu'].shape[0]} features but {extractor} gives "
+           f"{stats['mu'].shape[0]}: use statistics made with the same feature extractor")
+    # torch-fidelity computes both sides in the features' dtype; so do we.
+    ref = {k: v.astype(stats[k].dtype) for k, v in reference.statistics.items()}
+    return {"fid": metric_fid.fid_statistics_to_metric(stats, ref, False)[metric_fid.KEY_METRIC_FID]}
 
 
 def class_accuracy(images_NHW3: torch.Tensor, labels_N: torch.Tensor) -> float:
@@ -496,7 +578,7 @@ class QuickEval:
 
 
 def _check_sizes(reference: Reference, side: int) -> None:
-    _check(reference.image_size == (side, side),
+    _check(reference.image_size in (None, (side, side)),
            f"the reference images are {reference.image_size[0]}×{reference.image_size[1]} but the samples "
            f"will be {side}×{side}: give a --reference of {side}×{side} images (resize/crop them as the "
            f"training images were)")

@@ -16,7 +16,8 @@ import npp
 from npp.config import ConfigError
 from npp.data import mnist_images
 from npp.evaluate import (INCEPTION_EXTRACTOR, MNIST_EXTRACTOR, EvalConfig, register_mnist_extractor,
-                          evaluate, fidelity_metrics, load_subject, main, resolve_reference, sample_to_folder)
+                          evaluate, fidelity_metrics, load_subject, main, resolve_reference, sample_to_folder,
+                          save_reference_statistics)
 from npp.tokenizer_train import load_embedded_tokenizer
 
 from conftest import random_weights
@@ -88,6 +89,29 @@ def test_fid_of_the_test_split_against_itself_and_a_perturbed_copy(folders, tmp_
         assert fidelity_metrics(str(perturbed), embedded, ["fid"], extractor=MNIST_EXTRACTOR,
                                 num_samples=10_000)["fid"] == pytest.approx(other, rel=1e-6)
     assert any((tmp_path / "cache" / "fidelity").iterdir())
+
+
+def test_npz_references_images_and_statistics_give_the_folder_numbers(folders, test_split, tmp_path, monkeypatch):
+    monkeypatch.setenv("NPP_CACHE", str(tmp_path / "cache"))
+    test, perturbed = folders
+    expected = fidelity_metrics(str(perturbed), mnist_reference_folder(test), ["fid", "prc"],
+                                extractor=MNIST_EXTRACTOR, num_samples=10_000)
+    np.savez(tmp_path / "images.npz", arr_0=test_split.numpy())  # the ADM evaluator's layout
+    images = resolve_reference(str(tmp_path / "images.npz"), True)
+    assert images.identity["kind"] == "npz" and images.count == 10_000
+    assert fidelity_metrics(str(perturbed), images, ["fid", "prc"], extractor=MNIST_EXTRACTOR,
+                            num_samples=10_000) == pytest.approx(expected, rel=1e-6)
+
+    stats_file = save_reference_statistics(mnist_reference_folder(test), tmp_path / "stats.npz",
+                                           extractor=MNIST_EXTRACTOR)
+    stats = resolve_reference(str(stats_file), True)
+    fid = fidelity_metrics(str(perturbed), stats, ["fid"], extractor=MNIST_EXTRACTOR, num_samples=10_000)
+    assert fid["fid"] == pytest.approx(expected["fid"], rel=1e-6)
+    with pytest.raises(ConfigError, match="gives FID only"):
+        fidelity_metrics(str(perturbed), stats, ["fid", "prc"], extractor=MNIST_EXTRACTOR, num_samples=10_000)
+    np.savez(tmp_path / "junk.npz", x=np.zeros(3))
+    with pytest.raises(ConfigError, match="arr_0 .reference images. or with mu and sigma"):
+        resolve_reference(str(tmp_path / "junk.npz"), True)
 
 
 # ---- sampling: shards, restarts ---------------------------------------------------------------
