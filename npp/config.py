@@ -400,7 +400,7 @@ class TrainConfig:
     ckpt_every: int = 500
     """Steps between checkpoints (stage ends and the end of the run always get one)."""
     keep_last: int = 2
-    """Checkpoints to keep; older ones are deleted once a newer one is complete."""
+    """Checkpoints to keep; older ones are deleted once a newer one is complete (stage ends are kept)."""
     tensorboard: bool = True
     """Also write TensorBoard events to runs/<name>/tensorboard."""
     wandb_project: str = ""

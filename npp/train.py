@@ -441,8 +441,11 @@ class Trainer:
             dump_json({"step": step, "world_size": self.world, "zero_stage": zero_stage(self.ds_config),
                        "stage": stage_at(self.stages, max(step - 1, 0)).index}, folder / "meta.json")
             self.run.set_latest(tag)
+            # Stage ends stay: they are the models each stage produced (a few at most).
+            stage_ends = {f"step-{s.end:08d}" for s in self.stages}
             for old in self.run.checkpoint_tags()[:-self.config.keep_last]:
-                shutil.rmtree(self.run.checkpoints / old, ignore_errors=True)
+                if old not in stage_ends:
+                    shutil.rmtree(self.run.checkpoints / old, ignore_errors=True)
         torch.distributed.barrier()
 
     def _prepare_resume(self, tag: str) -> None:
@@ -627,19 +630,23 @@ def tokenizer_reference(data: str, manifest: dict[str, Any]) -> dict[str, Any]:
     return {"data": data, "source": manifest.get("source"), **manifest.get("tokenizer", {})}
 
 
-def export_run(run_dir: str | os.PathLike) -> Path:
-    """runs/<name>/export from the latest checkpoint: fp32 weights (EMA when kept), config, tokenizer.
+def load_checkpoint_model(run_dir: str | os.PathLike, tag: str | None = None) -> GPT:
+    """The model of one checkpoint of a run (default: the latest), in fp32 and eval mode: EMA weights
+    when the run keeps them. Stage-end checkpoints are never pruned, so every stage can be sampled.
 
     ZeRO shards of any stage are consolidated from the files, so this works on a machine without
     the GPUs that trained the run.
     """
     run = RunDir(run_dir)
     config = TrainConfig.from_dict(run.read_config())
-    tag = run.latest_tag()
+    tag = tag or run.latest_tag()
     if tag is None:
         raise TrainingError(f"{run.path} has no complete checkpoint yet: train it first "
                             f"(npp train --config {run.config})")
     folder = run.checkpoints / tag
+    if tag not in run.checkpoint_tags():
+        raise TrainingError(f"{folder} is not a complete checkpoint of {run.path}: choose one of "
+                            f"{', '.join(run.checkpoint_tags()) or '(none yet)'}")
     if (folder / "ema.safetensors").is_file():
         from safetensors.torch import load_file
 
@@ -653,7 +660,17 @@ def export_run(run_dir: str | os.PathLike) -> Path:
         model = GPT(model_config)
     from npp.weights import load_strict
 
-    load_strict(model, {k: v.float() for k, v in state.items()}, str(folder))
+    return load_strict(model, {k: v.float() for k, v in state.items()}, str(folder)).eval()
+
+
+def export_run(run_dir: str | os.PathLike) -> Path:
+    """runs/<name>/export from the latest checkpoint: fp32 weights (EMA when kept), config, tokenizer."""
+    run = RunDir(run_dir)
+    config = TrainConfig.from_dict(run.read_config())
+    model = load_checkpoint_model(run.path)
+    tag = run.latest_tag()
+    folder = run.checkpoints / tag
+    data = open_data(config.data, config.seed)
     tmp = run.path / ".export.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)

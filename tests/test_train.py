@@ -120,9 +120,16 @@ def test_export_loads_and_samples(reference):
     assert json.loads((export / "source.json").read_text())["checkpoint"] == "step-00000030"
 
 
-def test_keep_last_and_atomic_pointer(reference):
+def test_keep_last_keeps_stage_ends_and_the_pointer_is_atomic(reference):
     run = RunDir(reference / "full")
-    assert run.checkpoint_tags() == ["step-00000020", "step-00000030"]  # keep_last = 2
+    # keep_last = 2 pruned step 10; step 15 ends the 2×2 stage and stays, and loads on its own.
+    assert run.checkpoint_tags() == ["step-00000015", "step-00000020", "step-00000030"]
+    from npp.train import load_checkpoint_model
+
+    coarse = load_checkpoint_model(run.path, "step-00000015")
+    final = npp.GPT.from_pretrained(run.export)
+    assert not torch.equal(coarse.output.weight, final.output.weight)
+    assert torch.equal(load_checkpoint_model(run.path).output.weight, final.output.weight)
     assert run.latest_tag() == "step-00000030"
     # A checkpoint folder without its pointer (a crash mid-save) is never taken for the latest.
     shutil.copytree(run.checkpoints / "step-00000030", run.checkpoints / "step-00000040")
