@@ -1,0 +1,128 @@
+"""The notebooks, executed by papermill with tiny parameters against runs trained in this session."""
+
+import json
+from pathlib import Path
+
+import nbformat
+import papermill as pm
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOKS = ROOT / "notebooks"
+PLOTLY = "application/vnd.plotly.v1+json"
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """A private cache, inherited by the papermill kernels, and codes of the first digits by the shipped
+    mnist-8x8 tokenizer (named in the manifest, so samples can be decoded and judged)."""
+    from npp.data import CropConfig, MnistSource
+    from npp.extract import extract_codes
+    from npp.tokenizer_train import ASSETS, load_embedded_tokenizer
+
+    root = tmp_path_factory.mktemp("notebooks")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("NPP_CACHE", str(root / "cache"))
+        mp.setenv("OMP_NUM_THREADS", "1")
+        codes = root / "codes"
+        extract_codes(MnistSource("train", 256), load_embedded_tokenizer("mnist-8x8"), codes,
+                      CropConfig("none", size=32), tokenizer_path=ASSETS / "mnist-8x8", progress=False)
+        yield root, codes
+
+
+def execute(notebook: str, out: Path, /, **parameters) -> nbformat.NotebookNode:
+    pm.execute_notebook(str(NOTEBOOKS / f"{notebook}.ipynb"), str(out), parameters=parameters, kernel_name="python3",
+                        cwd=str(ROOT), progress_bar=False)
+    return nbformat.read(str(out), as_version=4)
+
+
+def figures(notebook: nbformat.NotebookNode) -> int:
+    return sum(PLOTLY in output.get("data", {}) for cell in notebook.cells if cell.cell_type == "code"
+               for output in cell.outputs)
+
+
+def errors(notebook: nbformat.NotebookNode) -> list[str]:
+    return [output.get("ename", "") for cell in notebook.cells if cell.cell_type == "code"
+            for output in cell.outputs if output.output_type == "error"]
+
+
+@pytest.fixture(scope="module")
+def trained(env):
+    """train.ipynb with tiny parameters: an NPP run and its NTP twin, with periodic evaluations."""
+    root, codes = env
+    notebook = execute("train", root / "train.ipynb", name="nb", runs_dir=str(root / "runs"), model="debug",
+                       model_overrides="{}", data=str(codes), steps=12, batch_size=16, warmup_steps=2,
+                       eval_every=5, eval_samples=20, fid_samples=20, ckpt_every=100, progress=False)
+    return root, notebook
+
+
+def test_train_notebook_trains_the_pair_and_draws_its_figures(trained):
+    root, notebook = trained
+    assert errors(notebook) == []
+    for kind in ("npp", "ntp"):
+        run = root / "runs" / f"nb-{kind}"
+        assert (run / "export" / "model.safetensors").is_file()
+        assert list(run.glob("eval/*/results.json"))
+    # Dashboard, loss by FLOPs, FID and class accuracy curves, two sample grids.
+    assert figures(notebook) == 6
+    text = "".join(o.get("text", "") for c in notebook.cells if c.cell_type == "code" for o in c.outputs)
+    assert "NPP: " in text and "fid" in text
+
+
+def test_train_notebook_reuses_finished_runs(trained, tmp_path):
+    root, _ = trained
+    notebook = execute("train", tmp_path / "again.ipynb", name="nb", runs_dir=str(root / "runs"), model="debug",
+                       model_overrides="{}", data=str(root / "codes"), steps=12, batch_size=16, warmup_steps=2,
+                       eval_every=5, eval_samples=20, fid_samples=0, ckpt_every=100, progress=False)
+    text = "".join(o.get("text", "") for c in notebook.cells if c.cell_type == "code" for o in c.outputs)
+    assert text.count("is trained: reusing it") == 2
+
+
+def test_fid_notebook_compares_the_runs(trained, tmp_path):
+    root, _ = trained
+    runs = [str(root / "runs" / "nb-ntp"), str(root / "runs" / "nb-npp")]
+    notebook = execute("fid", tmp_path / "fid.ipynb", runs=runs)
+    assert errors(notebook) == []
+    # 4 metrics × 2 axes, loss by FLOPs, cost vs quality, the paper's table and its cost plot.
+    assert figures(notebook) == 12
+    text = "".join(o.get("text", "") for c in notebook.cells if c.cell_type == "code" for o in c.outputs)
+    assert "training cost" in text and "FID at" in text
+
+
+def test_patches_notebook_shows_levels_costs_switches_and_stage_samples(trained, tmp_path):
+    root, _ = trained
+    notebook = execute("patches", tmp_path / "patches.ipynb", run=str(root / "runs" / "nb-npp"), window=5,
+                       num_samples=4)
+    assert errors(notebook) == []
+    # Token grid, decoded averages, stage costs, one switch, two stage-end sample grids.
+    assert figures(notebook) == 6
+
+
+@pytest.mark.parametrize("name,parameters,message", [
+    ("train", {"model": "huge"}, "is not a preset"),
+    ("fid", {"runs": ["runs/does-not-exist"]}, "not run directories"),
+    ("patches", {"run": "runs/does-not-exist"}, "has no export/model.safetensors"),
+])
+def test_a_bad_parameter_stops_at_the_first_cell(name, parameters, message, tmp_path, env):
+    with pytest.raises(pm.PapermillExecutionError, match=message):
+        execute(name, tmp_path / "bad.ipynb", **parameters)
+    notebook = nbformat.read(str(tmp_path / "bad.ipynb"), as_version=4)
+    code = [c for c in notebook.cells if c.cell_type == "code"]
+    # The parameters, papermill's injected cell, then the check that failed: nothing after it ran.
+    first_check = next(i for i, c in enumerate(code) if "parameters" not in c.metadata.get("tags", [])
+                       and "injected-parameters" not in c.metadata.get("tags", []))
+    assert code[first_check].outputs[-1].output_type == "error"
+    assert all(c.execution_count is None for c in code[first_check + 1:])
+
+
+def test_notebooks_are_committed_without_outputs_and_document_their_parameters():
+    for path in sorted(NOTEBOOKS.glob("*.ipynb")):
+        notebook = json.loads(path.read_text())
+        code = [c for c in notebook["cells"] if c["cell_type"] == "code"]
+        assert all(c["outputs"] == [] and c["execution_count"] is None for c in code), path.name
+        tagged = [c for c in code if "parameters" in c["metadata"].get("tags", [])]
+        assert len(tagged) == 1, path.name
+        lines = [line for line in "".join(tagged[0]["source"]).splitlines() if line.strip()]
+        assert all(": " in line.split("=")[0] and "  # " in line for line in lines), path.name
+        documented = pm.inspect_notebook(str(path))
+        assert len(documented) == len(lines) and all(p["help"] for p in documented.values()), path.name
