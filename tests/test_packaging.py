@@ -32,7 +32,9 @@ def test_ci_runs_the_readme_test_command():
     assert "make test" in readme
     ci = (ROOT / ".ci" / "run").read_text()
     assert re.search(r"^make test$", ci, re.M)
-    assert re.search(r"^test: setup$", (ROOT / "Makefile").read_text(), re.M)
+    # `make test` sets up what it needs on a fresh machine: the venv and the browser tests' chromium.
+    assert re.search(r"^test: setup \$\(CHROMIUM\)$", (ROOT / "Makefile").read_text(), re.M)
+    assert "apt-get install -y -qq chromium" in (ROOT / "Makefile").read_text()
 
 
 def test_setup_installs_the_embedded_data_pin_the_code_names():
