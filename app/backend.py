@@ -1,0 +1,494 @@
+"""What the demo does, without the UI: find models, load them, sample two of them in turns, measure.
+
+The app only reads run directories (npp.runs) and checkpoints; nothing here imports gradio, so the
+tests drive it in-process and the UI in app/demo.py stays a thin layer of widgets.
+
+    backend = Backend(find_sources("runs"), device="auto")
+    left, right = backend.load("quickstart-ntp"), backend.load("quickstart-npp")
+    settings = Settings(class_index=7, num_images=4, seed=0).validated()
+    for frames in stream([left, right], settings):   # one round per token row, the sides in turn
+        ...                                          # frames[i].images_BHW3 fills row by row
+"""
+
+from __future__ import annotations
+
+import math
+import queue
+import resource
+import sys
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+
+from npp.config import ConfigError
+from npp.evaluate import load_subject, sample_generators
+from npp.extract import load_tokenizer
+from npp.model import GPT
+from npp.runs import RunDir
+from npp.sampling import generate
+from npp.tokenizer import VQModel, to_uint8
+from npp.weights import CheckpointError
+
+MAX_IMAGES = 16
+"""Images per side and request: enough to compare, small enough that one request cannot hog the queue."""
+MAX_SEED = 2**31 - 1
+"""Seeds stay below 2³¹ so that the browser's numbers hold them exactly."""
+SAMPLER_THREAD = "npp-app-sampler"
+"""Name of the worker threads that run npp.generate, so a test can see that none is left behind."""
+DIGITS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+
+
+class LoadError(Exception):
+    """A model that cannot be loaded; the message is meant for the person using the app."""
+
+
+# ------------------------------------------------------------------------------------------------
+# What can be sampled
+# ------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Source:
+    """An exported run (runs/<name>, with export/model.safetensors) or a LlamaGen/NPP .pt checkpoint."""
+
+    name: str
+    path: Path
+    kind: str
+    """'run' or 'checkpoint'."""
+
+    @property
+    def run(self) -> RunDir | None:
+        return RunDir(self.path) if self.kind == "run" else None
+
+
+def find_sources(runs_dir: str | Path | None, checkpoints: Sequence[str | Path] = ()) -> list[Source]:
+    """Every exported run under runs_dir (sorted by name), then the checkpoints as given.
+
+    Runs without export/ (still training, or tokenizer runs) are not models the app can sample.
+    """
+    sources = []
+    if runs_dir is not None and Path(runs_dir).is_dir():
+        for folder in sorted(Path(runs_dir).iterdir()):
+            if (folder / "export" / "model.safetensors").is_file():
+                sources.append(Source(folder.name, folder, "run"))
+    for path in map(Path, checkpoints):
+        taken = {s.name for s in sources}
+        name = path.name if path.name not in taken else str(path)
+        sources.append(Source(name, path, "checkpoint"))
+    return sources
+
+
+def patch_trained(run: RunDir) -> bool:
+    """Whether a run trained on patches at some point (an NPP run), read from its metrics."""
+    return any(row.get("patch_size", 1) > 1 for row in run.train_rows())
+
+
+def default_pair(sources: Sequence[Source]) -> tuple[str | None, str | None]:
+    """(left, right): the quickstart pair when present, else an NTP-trained and an NPP-trained run as
+    their metrics tell, else the first two sources (or the one source on both sides)."""
+    names = [s.name for s in sources]
+    if not names:
+        return None, None
+    npp_runs = [s.name for s in sources if s.run is not None and patch_trained(s.run)]
+    ntp_runs = [s.name for s in sources if s.run is not None and s.name not in npp_runs]
+    left = "quickstart-ntp" if "quickstart-ntp" in names else (ntp_runs or names)[0]
+    rest = [n for n in names if n != left] or names
+    right = "quickstart-npp" if "quickstart-npp" in names else ([n for n in npp_runs if n != left] or rest)[0]
+    return left, right
+
+
+# ------------------------------------------------------------------------------------------------
+# Loaded models
+# ------------------------------------------------------------------------------------------------
+
+def imagenet_classes() -> list[str] | None:
+    """ImageNet-1k class names from torchvision's weight metadata (no download), or None."""
+    try:
+        from torchvision.models import ResNet50_Weights
+    except ImportError:
+        return None
+    return list(ResNet50_Weights.IMAGENET1K_V1.meta["categories"])
+
+
+def class_names(num_classes: int, mnist: bool) -> tuple[list[str], bool]:
+    """Names for the class dropdown, and whether they are real names rather than 'class k'."""
+    if mnist and num_classes == len(DIGITS):
+        return [f"{d} – {name}" for d, name in enumerate(DIGITS)], True
+    if num_classes == 1000 and (names := imagenet_classes()) is not None:
+        return [f"{i} – {name}" for i, name in enumerate(names)], True
+    return [f"class {i}" for i in range(num_classes)], False
+
+
+@dataclass
+class Loaded:
+    """A model ready to sample, with what the app shows about it."""
+
+    source: Source
+    model: GPT
+    vq: VQModel
+    class_names: list[str]
+    named: bool
+    """Whether class_names are real names (digits, ImageNet) rather than 'class k'."""
+    train_flops: float | None
+    """Total training FLOPs from the run's last metrics row; None for .pt checkpoints."""
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.tok_embeddings.weight.device
+
+    def describe(self) -> str:
+        c = self.model.config
+        return (f"**{self.source.name}** ({self.source.kind}) · {format_count(self.model.num_params())} parameters · "
+                f"{c.grid}×{c.grid} tokens, {c.vocab_size} codes, {c.num_classes} classes · "
+                f"training {format_flops(self.train_flops)} · {self.device}")
+
+
+def format_count(n: int) -> str:
+    for unit, size in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= size:
+            return f"{n / size:.3g}{unit}"
+    return str(n)
+
+
+def format_flops(flops: float | None) -> str:
+    if flops is None:
+        return "FLOPs unknown (.pt checkpoint, no training log)"
+    for unit, size in (("EFLOPs", 1e18), ("PFLOPs", 1e15), ("TFLOPs", 1e12), ("GFLOPs", 1e9)):
+        if flops >= size:
+            return f"{flops / size:.3g} {unit}"
+    return f"{flops:.3g} FLOPs"
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+class Backend:
+    """The sources the app offers, and the few models loaded from them (most recently used first)."""
+
+    def __init__(self, sources: Sequence[Source], *, tokenizer: str | Path | None = None, device: str = "auto",
+                 keep: int = 2):
+        self.sources = {s.name: s for s in sources}
+        self.tokenizer = tokenizer
+        self.device = pick_device(device)
+        self.keep = keep
+        """Models kept loaded: the two on screen; more would only fill GPU memory with large models."""
+        self._cache: OrderedDict[str, Loaded] = OrderedDict()
+        self._lock = threading.Lock()
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.sources)
+
+    def load(self, name: str) -> Loaded:
+        """The named model, loaded once; any failure becomes a LoadError with a readable message."""
+        with self._lock:
+            if name in self._cache:
+                self._cache.move_to_end(name)
+                return self._cache[name]
+            source = self.sources.get(name)
+            if source is None:
+                raise LoadError(f"no model named {name!r}: choose one of {', '.join(self.sources) or '(none found)'}")
+            while len(self._cache) >= self.keep:  # make room first: three large models may not fit the GPU
+                self._cache.popitem(last=False)
+            try:
+                loaded = self._load(source)
+            except Exception as err:  # noqa: BLE001 (any failure is shown as a message, not a traceback)
+                # Our own errors name their fix; anything else on a run is most likely a damaged file.
+                hint = (f"; if its export is damaged, write it again with `npp export {source.path}`"
+                        if source.kind == "run" and not isinstance(err, (ConfigError, CheckpointError)) else "")
+                raise LoadError(f"could not load {source.name} ({source.path}): {_reason(err)}{hint}") from None
+            self._cache[name] = loaded
+            return loaded
+
+    def _load(self, source: Source) -> Loaded:
+        if source.kind == "run":
+            return self._load_run(source)
+        if self.tokenizer is None:
+            raise LoadError("a .pt checkpoint needs its tokenizer: start the app with --tokenizer PATH")
+        vq = load_tokenizer(self.tokenizer)
+        grid = vq.config.image_size // vq.config.downsample
+        model = GPT.from_llamagen(source.path, grid=grid)
+        if model.config.vocab_size != vq.config.codebook_size:
+            raise LoadError(f"the checkpoint predicts {model.config.vocab_size} codes but the tokenizer "
+                            f"{self.tokenizer} has {vq.config.codebook_size}: pass the tokenizer it was trained with")
+        names, named = class_names(model.config.num_classes, mnist=False)
+        return Loaded(source, model.to(self.device).eval(), vq.to(self.device).eval(), names, named, None)
+
+    def _load_run(self, source: Source) -> Loaded:
+        """A run with the tokenizer its export names; --tokenizer only stands in when that one cannot be
+        found (codes extracted on another machine), and its fingerprint must still match."""
+        try:
+            subject = load_subject(source.path, device=self.device)
+        except Exception:
+            if self.tokenizer is None:
+                raise
+            subject = load_subject(source.path, tokenizer=str(self.tokenizer), device=self.device)
+        rows = RunDir(source.path).train_rows()
+        flops = rows[-1].get("flops_seen") if rows else None
+        names, named = class_names(subject.model.config.num_classes, subject.mnist)
+        return Loaded(source, subject.model.eval(), subject.vq.eval(), names, named, flops)
+
+
+def _reason(err: Exception) -> str:
+    """An exception's message in one paragraph, its type when the message alone says too little."""
+    text = " ".join(str(err).split())[:400] or type(err).__name__
+    ours = isinstance(err, (LoadError, ConfigError, CheckpointError, FileNotFoundError))
+    return text if ours else f"{type(err).__name__}: {text}"
+
+
+def shared_classes(sides: Sequence[Loaded]) -> list[str]:
+    """The classes every side knows (both sample the same labels), named by a side that has names."""
+    n = min(s.model.config.num_classes for s in sides)
+    namer = next((s for s in sides if s.named), sides[0])
+    return namer.class_names[:n]
+
+
+def parse_class(value: Any, names: Sequence[str]) -> int:
+    """A class index from a dropdown value: '7 – seven', 'class 7', '7', 7 or the bare name 'seven'."""
+    text = str(value).strip()
+    head = text.removeprefix("class ").split("–")[0].strip()
+    index = int(head) if head.isdigit() else next(
+        (i for i, name in enumerate(names) if name.split("–")[-1].strip().lower() == text.lower()), None)
+    if index is None or not 0 <= index < len(names):
+        raise ValueError(f"class {text!r} is not one of the {len(names)} classes both models know: "
+                         f"pick one from the list (0 … {len(names) - 1})")
+    return index
+
+
+# ------------------------------------------------------------------------------------------------
+# Sampling settings
+# ------------------------------------------------------------------------------------------------
+
+@dataclass
+class Settings:
+    """One request: the same labels, seeds and sampler for both sides (the paper's defaults)."""
+
+    class_index: int
+    num_images: int = 4
+    seed: int = 0
+    """Image i is drawn with its own generator seeded seed + i, as npp evaluate does."""
+    cfg_scale: float = 2.0
+    cfg_interval: int = -1
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+    def validated(self) -> Settings:
+        """Integers where integers are meant and every value in range; one message lists every fix."""
+        problems = []
+        for name, low, high in (("num_images", 1, MAX_IMAGES), ("seed", 0, MAX_SEED), ("cfg_interval", -1, None),
+                                ("top_k", 0, None), ("class_index", 0, None)):
+            value = getattr(self, name)
+            if not _is_int(value) or value < low or (high is not None and value > high):
+                bounds = f"{low} … {high}" if high is not None else f"≥ {low}"
+                problems.append(f"{name} = {value!r}: use a whole number {bounds}")
+            else:
+                setattr(self, name, int(value))
+        for name, ok, fix in (("cfg_scale", lambda v: v >= 0, "use a value ≥ 0 (≤ 1 turns guidance off)"),
+                              ("temperature", lambda v: v >= 0, "use a value ≥ 0 (1.0 is the paper's)"),
+                              ("top_p", lambda v: 0 < v <= 1, "use a value in (0, 1] (1.0 is off)")):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or not ok(value):
+                problems.append(f"{name} = {value!r}: {fix}")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) \
+        and float(value).is_integer()
+
+
+# ------------------------------------------------------------------------------------------------
+# Two models in turns
+# ------------------------------------------------------------------------------------------------
+
+class SteppedSampler:
+    """npp.generate in a worker thread that pauses after every `every` tokens until told to go on.
+
+    generate() is one loop with a callback; pausing inside the callback lets two models take turns
+    (row by row) without a second sampling loop to keep equal to the real one.
+    """
+
+    _CANCEL = object()
+
+    def __init__(self, model: GPT, labels_B: torch.Tensor, settings: Settings, generators: list[torch.Generator],
+                 every: int):
+        self.every, self.length, self.done = every, model.config.seq_len, False
+        self._go: queue.Queue[object] = queue.Queue()
+        self._out: queue.Queue[tuple[str, Any]] = queue.Queue()
+        kwargs = dict(cfg_scale=settings.cfg_scale, cfg_interval=settings.cfg_interval,
+                      temperature=settings.temperature, top_k=settings.top_k, top_p=settings.top_p,
+                      generator=generators, callback=self._pause)
+        self._thread = threading.Thread(target=self._run, args=(model, labels_B, kwargs), daemon=True,
+                                        name=SAMPLER_THREAD)
+        self._thread.start()
+
+    def _run(self, model: GPT, labels_B: torch.Tensor, kwargs: dict[str, Any]) -> None:
+        try:
+            self._wait()
+            self._out.put(("done", generate(model, labels_B, **kwargs).cpu()))
+        except _Cancelled:
+            pass
+        except BaseException as err:  # noqa: BLE001 (handed to the caller, which raises it)
+            self._out.put(("error", err))
+
+    def _pause(self, step: int, tokens_BT: torch.Tensor) -> None:
+        if (step + 1) % self.every == 0 and step + 1 < self.length:
+            self._out.put(("partial", tokens_BT.cpu()))
+            self._wait()
+
+    def _wait(self) -> None:
+        if self._go.get() is self._CANCEL:
+            raise _Cancelled
+
+    def advance(self) -> torch.Tensor:
+        """Sample the next `every` tokens (the rest, at the end); returns every token so far, (B, T) on the CPU."""
+        if self.done:
+            raise RuntimeError("this sampler has finished")
+        self._go.put(True)
+        kind, payload = self._out.get()
+        if kind == "error":
+            self.done = True
+            raise payload
+        self.done = kind == "done"
+        return payload
+
+    def close(self) -> None:
+        """Stop a sampler that is waiting for its turn (the request was cancelled); finished ones just end."""
+        if not self.done:
+            self.done = True
+            self._go.put(self._CANCEL)
+        self._thread.join(timeout=5)
+
+
+class _Cancelled(Exception):
+    pass
+
+
+def decode_rows(vq: VQModel, tokens_BT: torch.Tensor, grid: int) -> np.ndarray:
+    """Images (B, H, W, 3) uint8 of the complete token rows so far; rows not generated yet stay black.
+
+    Only real tokens are decoded (no placeholder codes below the frontier), so a preview never shows
+    invented content; the decoder's convolutions see a shorter latent, so the last preview row can
+    differ slightly from the final image, which is the full grid decoded as npp evaluate does.
+    """
+    B, T = tokens_BT.shape
+    rows, down = T // grid, vq.config.downsample
+    images_BHW3 = np.zeros((B, grid * down, grid * down, 3), dtype=np.uint8)
+    if rows:
+        codes_Bhw = tokens_BT[:, :rows * grid].reshape(B, rows, grid)
+        images_BHW3[:, :rows * down] = to_uint8(vq.decode(codes_Bhw.to(vq.device))).numpy()
+    return images_BHW3
+
+
+@dataclass
+class Frame:
+    """Where one side stands: its images so far and what its turns have cost."""
+
+    side: Loaded
+    images_BHW3: np.ndarray
+    rows: int = 0
+    done: bool = False
+    sampling_s: float = 0.0
+    """Time in its own sampling turns (the other side's turns excluded)."""
+    decoding_s: float = 0.0
+    """Time decoding its previews and final images."""
+    peak_bytes: int | None = None
+    """CUDA max_memory_allocated over its turns (both models resident); None on the CPU."""
+    tokens: int = 0
+    """Tokens sampled so far, over all its images."""
+
+    @property
+    def wall_s(self) -> float:
+        return self.sampling_s + self.decoding_s
+
+    def stats(self, settings: Settings) -> str:
+        """The line under a gallery: progress while sampling, cost and model facts when done."""
+        grid = self.side.model.config.grid
+        if not self.done:
+            return f"**{self.side.source.name}**: row {self.rows}/{grid} · {self.wall_s:.2f} s so far"
+        rate = self.tokens / self.sampling_s if self.sampling_s > 0 else float("inf")
+        return (f"**{self.side.source.name}** · {settings.num_images} images · wall time {self.wall_s:.2f} s "
+                f"(sampling {self.sampling_s:.2f} s, previews and decoding {self.decoding_s:.2f} s) · "
+                f"{rate:,.0f} tokens/s · {memory_text(self.peak_bytes)} · "
+                f"{format_count(self.side.model.num_params())} parameters · "
+                f"training {format_flops(self.side.train_flops)}")
+
+
+def memory_text(peak_bytes: int | None) -> str:
+    """Peak GPU memory when measured; on the CPU only the process's lifetime RSS peak exists, said as such."""
+    if peak_bytes is not None:
+        return f"peak GPU memory {peak_bytes / 2**30:.2f} GiB (both models resident)"
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+    return f"peak memory n/a on CPU (whole app's peak RSS {rss / 2**20:,.0f} MiB)"
+
+
+def stream(sides: Sequence[Loaded], settings: Settings) -> Iterator[list[Frame]]:
+    """Sample every side with the same labels and seeds, one token row per side and round, in turns.
+
+    Yields the frames after every round, so viewers watch both models draw; the last yield has
+    every side done. Closing the iterator (a cancelled request) stops the worker threads.
+    """
+    frames = [Frame(s, np.zeros((settings.num_images, *_image_shape(s)), dtype=np.uint8)) for s in sides]
+    samplers = []
+    try:
+        for s in sides:
+            labels_B = torch.full((settings.num_images,), settings.class_index, dtype=torch.long)
+            generators = sample_generators(range(settings.num_images), settings.seed, s.device)
+            samplers.append(SteppedSampler(s.model, labels_B, settings, generators, every=s.model.config.grid))
+        while not all(f.done for f in frames):
+            for frame, sampler in zip(frames, samplers):
+                if not frame.done:
+                    _turn(frame, sampler)
+            yield frames
+    finally:
+        for sampler in samplers:
+            sampler.close()
+
+
+def _image_shape(side: Loaded) -> tuple[int, int, int]:
+    pixels = side.model.config.grid * side.vq.config.downsample
+    return pixels, pixels, 3
+
+
+def _turn(frame: Frame, sampler: SteppedSampler) -> None:
+    """One row of one side: sample it, decode the preview, account time and memory to this side."""
+    cuda = frame.side.device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(frame.side.device)
+    started = time.perf_counter()
+    tokens_BT = sampler.advance()  # the copy to the CPU inside waits for the GPU, so the clock is honest
+    sampled = time.perf_counter()
+    frame.images_BHW3 = decode_rows(frame.side.vq, tokens_BT, frame.side.model.config.grid)
+    frame.sampling_s += sampled - started
+    frame.decoding_s += time.perf_counter() - sampled
+    frame.rows = tokens_BT.shape[1] // frame.side.model.config.grid
+    frame.tokens, frame.done = tokens_BT.numel(), sampler.done
+    if cuda:
+        frame.peak_bytes = max(frame.peak_bytes or 0, torch.cuda.max_memory_allocated(frame.side.device))
+
+
+# ------------------------------------------------------------------------------------------------
+# Training curves
+# ------------------------------------------------------------------------------------------------
+
+def training_plots(sides: dict[str, Source | None]) -> tuple[Any, Any, str]:
+    """(loss vs FLOPs, FID vs FLOPs, note) for the selected runs; .pt checkpoints have no curves."""
+    from npp.viz import eval_figure, training_figure
+
+    runs = {f"{s.name} ({panel})": s.run for panel, s in sides.items() if s is not None and s.run is not None}
+    notes = [f"{s.name} is a .pt checkpoint: no training log." for s in sides.values()
+             if s is not None and s.run is None]
+    if runs and not any(run.eval_rows() for run in runs.values()):
+        notes.append("No evaluation rows yet: train with `--eval_every K` to get FID curves.")
+    return training_figure(runs, "loss", x="flops"), eval_figure(runs, "fid", x="flops"), " ".join(notes)

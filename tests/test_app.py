@@ -1,0 +1,320 @@
+"""The Gradio app: its backend in-process, then app/demo.py served for real to a browser and to gradio_client.
+
+The runs are made here the way the trainer exports them (tiny debug GPTs on the shipped mnist-8x8
+tokenizer), named like the quickstart pair so that the app's defaults pick them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import npp
+from app.backend import (SAMPLER_THREAD, Backend, LoadError, Settings, decode_rows, default_pair, find_sources,
+                         parse_class, shared_classes, stream)
+from npp.evaluate import sample_generators
+from npp.tokenizer_train import ASSETS, load_embedded_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run"]
+GRID = 8
+
+
+def tiny_model(seed: int) -> npp.GPT:
+    torch.manual_seed(seed)
+    model = npp.GPT(npp.ModelConfig.preset("debug", vocab_size=256, num_classes=10, grid=GRID))
+    torch.nn.init.normal_(model.output.weight, std=0.02)  # the head starts at zero: give it real logits
+    return model
+
+
+def make_run(runs: Path, name: str, patch_sizes: list[int], fid: float, seed: int) -> Path:
+    """A run directory as the trainer leaves it: export/ with its tokenizer reference, metrics.jsonl."""
+    run = runs / name
+    tiny_model(seed).save_pretrained(run / "export")
+    vq = load_embedded_tokenizer("mnist-8x8")
+    reference = {"data": "mnist-8x8", "fingerprint": vq.fingerprint(), "config": vq.config.to_dict(),
+                 "path": None, "source": None}
+    (run / "export" / "tokenizer.json").write_text(json.dumps(reference))
+    rows = [{"step": step, "stage": int(p == 1 and 2 in patch_sizes), "patch_size": p, "loss": 5.0 - 0.4 * step,
+             "lr": 1e-3, "tokens_seen": 64 * 32 * step, "flops_seen": 2.5e11 * step / p ** 2,
+             "imgs_per_s": 100.0, "time": 1.0 * step} for step, p in enumerate(patch_sizes, start=1)]
+    rows.append({"step": len(patch_sizes), "stage": rows[-1]["stage"], "patch_size": 1, "eval": True, "fid": fid,
+                 "is": 2.0, "tokens_seen": rows[-1]["tokens_seen"], "flops_seen": rows[-1]["flops_seen"]})
+    (run / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return run
+
+
+@pytest.fixture(scope="module")
+def runs_dir(tmp_path_factory) -> Path:
+    """quickstart-ntp, quickstart-npp (patch size 2, then 1) and a broken export (truncated weights)."""
+    runs = tmp_path_factory.mktemp("app") / "runs"
+    make_run(runs, "quickstart-ntp", [1, 1, 1, 1], fid=90.0, seed=1)
+    make_run(runs, "quickstart-npp", [2, 2, 1, 1], fid=60.0, seed=2)
+    broken = runs / "broken"
+    shutil.copytree(runs / "quickstart-ntp", broken)
+    weights = broken / "export" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    return runs
+
+
+# ------------------------------------------------------------------------------------------------
+# The backend, in-process
+# ------------------------------------------------------------------------------------------------
+
+def test_stream_takes_turns_row_by_row_and_draws_what_generate_draws(runs_dir):
+    backend = Backend(find_sources(runs_dir), device="cpu")
+    left, right = backend.load("quickstart-ntp"), backend.load("quickstart-npp")
+    settings = Settings(class_index=7, num_images=3, seed=11).validated()
+    down, rounds = left.vq.config.downsample, []
+    for frames in stream([left, right], settings):
+        rounds.append([(f.rows, f.done) for f in frames])
+        for f in frames:  # the rows drawn so far show; those below the frontier are still black
+            assert f.images_BHW3[:, :f.rows * down].max() > 0 and f.images_BHW3[:, f.rows * down:].max(initial=0) == 0
+    assert rounds == [[(r, r == GRID)] * 2 for r in range(1, GRID + 1)]
+    for side, frame in zip([left, right], frames):
+        tokens_BL = npp.generate(side.model, torch.full((3,), 7), cfg_scale=2.0,
+                                 generator=sample_generators(range(3), 11))
+        np.testing.assert_array_equal(frame.images_BHW3, decode_rows(side.vq, tokens_BL, GRID))
+        stats = frame.stats(settings)
+        assert "wall time" in stats and "tokens/s" in stats and "n/a on CPU" in stats and "FLOPs" in stats
+
+
+def test_a_cancelled_stream_stops_its_workers(runs_dir):
+    backend = Backend(find_sources(runs_dir), device="cpu")
+    frames = stream([backend.load("quickstart-ntp")], Settings(class_index=1, num_images=1).validated())
+    assert next(frames)[0].rows == 1 and SAMPLER_THREAD in {t.name for t in threading.enumerate()}
+    frames.close()
+    assert SAMPLER_THREAD not in {t.name for t in threading.enumerate()}
+
+
+def test_sources_defaults_classes_and_settings(runs_dir, tmp_path):
+    sources = find_sources(runs_dir)
+    assert [s.name for s in sources] == ["broken", "quickstart-npp", "quickstart-ntp"]
+    assert default_pair(sources) == ("quickstart-ntp", "quickstart-npp")
+    renamed = tmp_path / "runs"
+    for name, new in [("quickstart-ntp", "b-plain"), ("quickstart-npp", "a-patches")]:
+        shutil.copytree(runs_dir / name, renamed / new)
+    assert default_pair(find_sources(renamed)) == ("b-plain", "a-patches")  # read from the metrics
+
+    backend = Backend(sources, device="cpu")
+    with pytest.raises(LoadError, match="could not load broken"):
+        backend.load("broken")
+    names = shared_classes([backend.load("quickstart-ntp")])
+    assert names[7] == "7 – seven"
+    assert [parse_class(v, names) for v in ("7 – seven", "7", 7, "class 7", "Seven")] == [7] * 5
+    with pytest.raises(ValueError, match="not one of the 10 classes"):
+        parse_class("12", names)
+    with pytest.raises(ValueError, match="num_images = 17.*temperature = -1"):
+        Settings(class_index=0, num_images=17, temperature=-1).validated()
+    assert Settings(class_index=3.0, num_images=2.0).validated().num_images == 2
+
+
+def test_a_llamagen_checkpoint_loads_with_its_tokenizer(tmp_path):
+    torch.save({"model": tiny_model(3).state_dict()}, tmp_path / "c2i.pt")
+    sources = find_sources(None, [tmp_path / "c2i.pt"])
+    with pytest.raises(LoadError, match="needs its tokenizer: start the app with --tokenizer"):
+        Backend(sources, device="cpu").load("c2i.pt")
+    loaded = Backend(sources, tokenizer=ASSETS / "mnist-8x8", device="cpu").load("c2i.pt")
+    assert loaded.model.config.grid == GRID and loaded.train_flops is None  # grid from the tokenizer: 32 px / 4
+    assert loaded.class_names[3] == "class 3" and "FLOPs unknown" in loaded.describe()
+
+
+# ------------------------------------------------------------------------------------------------
+# The app, served
+# ------------------------------------------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(runs_dir, tmp_path_factory):
+    """`python app/demo.py --runs RUNS --port PORT` as a user starts it (no --host)."""
+    folder = tmp_path_factory.mktemp("server")
+    port = free_port()
+    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "GRADIO_TEMP_DIR": str(folder / "gradio"),
+           "OMP_NUM_THREADS": "1"}
+    log = open(folder / "server.log", "w")
+    process = subprocess.Popen([sys.executable, "app/demo.py", "--runs", str(runs_dir), "--port", str(port)],
+                               cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.monotonic() + 120
+    while True:
+        if process.poll() is not None:
+            pytest.fail(f"the app exited with {process.returncode}:\n{(folder / 'server.log').read_text()}")
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                if response.status == 200:
+                    break
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            process.kill()
+            pytest.fail(f"the app did not answer within 120 s:\n{(folder / 'server.log').read_text()}")
+        time.sleep(0.5)
+    yield url, port, process, folder
+    process.terminate()
+    process.wait(timeout=30)
+    log.close()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    from gradio_client import Client
+
+    url, _, _, folder = server
+    return Client(url, verbose=False, download_files=str(folder / "downloads"))
+
+
+def request(*, left="quickstart-ntp", right="quickstart-npp", cls="3 – three", n=2, seed=5, randomize=False,
+            cfg_scale=2.0, cfg_interval=-1, temperature=1.0, top_k=0, top_p=1.0) -> tuple:
+    return left, right, cls, n, seed, randomize, cfg_scale, cfg_interval, temperature, top_k, top_p
+
+
+def pixels(item: dict) -> np.ndarray:
+    return np.asarray(Image.open(item["image"]).convert("RGB"))
+
+
+def listening_addresses(port: int) -> set[str]:
+    """Local addresses of the sockets listening on port, from /proc/net/tcp{,6} (Linux)."""
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        if not os.path.exists(table):
+            continue
+        for line in open(table).read().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            address, hex_port = local.split(":")
+            if state == "0A" and int(hex_port, 16) == port:  # 0A: LISTEN
+                found.add(socket.inet_ntop(socket.AF_INET, bytes.fromhex(address)[::-1]) if len(address) == 8
+                          else address)
+    return found
+
+
+def test_the_app_binds_loopback_only(server):
+    url, port, process, folder = server
+    assert process.poll() is None
+    if not os.path.exists("/proc/net/tcp"):
+        pytest.skip("no /proc/net/tcp on this system")
+    assert listening_addresses(port) == {"127.0.0.1"}
+    assert f"http://127.0.0.1:{port}" in (folder / "server.log").read_text()
+
+
+def test_browser_generates_both_galleries(server, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    if not os.path.exists(CHROMIUM):
+        pytest.skip(f"{CHROMIUM} is missing (make test installs it)")
+    url, *_ = server
+    shots = [tmp_path / "app.png"]
+    if os.environ.get("NPP_ARTIFACTS"):
+        shots.append(Path(os.environ["NPP_ARTIFACTS"]) / "app.png")
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1100})
+            page.goto(url)
+            page.wait_for_selector("#left-info p", timeout=60_000)
+            assert "quickstart-ntp" in page.inner_text("#left-info")
+            assert "quickstart-npp" in page.inner_text("#right-info")
+            page.click("#class input")
+            page.keyboard.press("Control+A")
+            page.keyboard.type("sev")  # the dropdown is searchable
+            page.get_by_role("option", name="7 – seven").click()
+            page.fill("#num-images input[type=number]", "4")
+            page.press("#num-images input[type=number]", "Enter")
+            page.click("#generate")
+            page.wait_for_function("['#left-stats', '#right-stats'].every("
+                                   "s => document.querySelector(s).innerText.includes('wall time'))", timeout=60_000)
+            for side in ("left", "right"):
+                assert page.locator(f"#{side}-gallery .thumbnail-item img").count() == 4
+                stats = page.inner_text(f"#{side}-stats")
+                for expected in ("wall time", "tokens/s", "parameters", "FLOPs", "peak memory"):
+                    assert expected in stats, stats
+                assert "Traceback" not in stats
+            assert "7 – seven" in page.inner_text("#status") and "seed 0" in page.inner_text("#status")
+            for shot in shots:
+                shot.parent.mkdir(parents=True, exist_ok=True)
+                page.screenshot(path=str(shot), full_page=True)
+
+            page.get_by_role("tab", name="Training").click()  # loss and FID of both runs against FLOPs
+            page.wait_for_function("document.querySelectorAll('.js-plotly-plot .scatterlayer .trace').length >= 4",
+                                   timeout=30_000)
+            assert page.locator(".js-plotly-plot").count() == 2
+            for shot in shots:
+                page.screenshot(path=str(shot.with_name("app-training.png")), full_page=True)
+
+            page.click("#right-model input")  # a broken export: a message in its panel, not a traceback
+            page.get_by_role("option", name="broken").click()
+            page.wait_for_function("document.querySelector('#right-info').innerText.includes('could not load')",
+                                   timeout=30_000)
+            assert "Traceback" not in page.inner_text("#right-info")
+        finally:
+            browser.close()
+    assert shots[0].stat().st_size > 10_000
+
+
+def test_api_streams_both_sides_reproducibly(client):
+    job = client.submit(*request(n=2, seed=5), api_name="/generate")
+    left, right, left_stats, right_stats, seed, status = job.result(timeout=120)
+    assert len(left) == len(right) == 2 and seed == 5 and "seed 5" in status
+    assert {item["caption"] for item in left + right} == {"3 – three"}
+    assert "wall time" in left_stats and "tokens/s" in right_stats and "FLOPs" in right_stats
+    updates = job.outputs()
+    assert len(updates) == GRID  # one update per token row, both sides in each
+    first = pixels(updates[0][0][0])
+    assert first[:4].max() > 0 and first[4:].max() == 0  # one row of tokens drawn, the rest black
+    again = client.predict(*request(n=2, seed=5), api_name="/generate")
+    for before, after in zip(left + right, again[0] + again[1]):
+        np.testing.assert_array_equal(pixels(before), pixels(after))
+    random_seed = client.predict(*request(n=1, randomize=True), api_name="/generate")[4]
+    assert isinstance(random_seed, (int, float)) and 0 <= random_seed < 2**31
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(cls="12"), "not one of the 10 classes"),
+    (dict(n=17), "greater than maximum value 16"),
+    (dict(temperature=-0.5), "less than minimum value 0"),
+    (dict(top_p=0), "top_p = 0"),
+])
+def test_api_rejects_bad_inputs_with_a_message(client, server, bad, message):
+    from gradio_client.exceptions import AppError
+
+    with pytest.raises(AppError, match=message) as raised:
+        client.predict(*request(**bad), api_name="/generate")
+    assert "Traceback" not in str(raised.value)
+    assert server[2].poll() is None
+    assert len(client.predict(*request(n=1), api_name="/generate")[0]) == 1
+
+
+def test_concurrent_requests_are_all_answered(client):
+    jobs = [client.submit(*request(n=1 + i % 2, seed=100 + i), api_name="/generate") for i in range(4)]
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda job: job.result(timeout=180), jobs))
+    assert [len(r[0]) for r in results] == [1, 2, 1, 2] and [r[4] for r in results] == [100, 101, 102, 103]
+
+
+def test_a_broken_export_is_a_message_and_the_other_side_still_draws(client):
+    left, right, left_stats, right_stats, *_ = client.predict(*request(right="broken", n=2), api_name="/generate")
+    assert len(left) == 2 and right == []
+    assert "could not load broken" in right_stats and "Traceback" not in right_stats
+    assert "wall time" in left_stats
+    described = client.predict("broken", "quickstart-npp", "3", api_name="/describe")
+    assert "could not load broken" in described[0] and "quickstart-npp" in described[1]
