@@ -20,6 +20,7 @@ from typing import Any, Iterator
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
 
 import gradio as gr  # noqa: E402
+import torch  # noqa: E402
 
 if __package__:  # imported as app.demo (python -m app.demo)
     from app.backend import (MAX_IMAGES, MAX_SEED, Backend, Frame, LoadError, Loaded, Settings,  # noqa: E402
@@ -205,6 +206,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.checkpoint and not args.tokenizer:
         print("app/demo.py: error: --checkpoint needs --tokenizer (the folder or LlamaGen VQ .pt that decodes "
               "its codes)", file=sys.stderr)
+        return 2
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("app/demo.py: error: --device cuda but torch sees no GPU: use --device cpu (or auto)", file=sys.stderr)
         return 2
     sources = find_sources(args.runs, args.checkpoint)
     if not sources:

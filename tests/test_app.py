@@ -139,6 +139,14 @@ def test_a_llamagen_checkpoint_loads_with_its_tokenizer(tmp_path):
 # The app, served
 # ------------------------------------------------------------------------------------------------
 
+def test_the_command_line_says_what_is_missing(tmp_path):
+    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"}
+    run = subprocess.run([sys.executable, "app/demo.py", "--runs", str(tmp_path)], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and "no exported runs under" in run.stderr and "make quickstart" in run.stderr
+    assert "Traceback" not in run.stderr
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
