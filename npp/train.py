@@ -513,9 +513,13 @@ _RESUMABLE_CHANGES = {"name", "runs_dir", "deepspeed", "num_workers", "log_every
                       "eval_inception_weights"}
 
 
+def experiment_changes(saved: dict[str, Any], config: TrainConfig) -> list[str]:
+    """Fields in which config would train something else than the run saved as `saved` (its config.json)."""
+    return sorted(k for k, v in config.to_dict().items() if k not in _RESUMABLE_CHANGES and saved.get(k) != v)
+
+
 def _check_same_experiment(run: RunDir, config: TrainConfig) -> None:
-    saved = run.read_config()
-    changed = sorted(k for k, v in config.to_dict().items() if k not in _RESUMABLE_CHANGES and saved.get(k) != v)
+    changed = experiment_changes(run.read_config(), config)
     if changed:
         raise ConfigError(f"{run.path} was started with other values of {', '.join(changed)}: resume it "
                           f"unchanged, give a new --name, or pass --no-resume to start it again")

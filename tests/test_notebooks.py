@@ -130,3 +130,22 @@ def test_notebooks_are_committed_without_outputs_and_document_their_parameters()
         assert all(": " in line.split("=")[0] and "  # " in line for line in lines), path.name
         documented = pm.inspect_notebook(str(path))
         assert len(documented) == len(lines) and all(p["help"] for p in documented.values()), path.name
+
+
+def test_train_notebook_defaults_are_the_quickstart_pair():
+    """The parameters and the checking cell, run as they are: defaults give configs/quickstart-*.json."""
+    from npp.config import TrainConfig
+    from npp.quickstart import CONFIGS
+    from npp.train import experiment_changes
+
+    notebook = nbformat.read(str(NOTEBOOKS / "train.ipynb"), as_version=4)
+    code = [c.source for c in notebook.cells if c.cell_type == "code"]
+    namespace: dict = {}
+    exec(code[0], namespace)
+    exec(code[1], namespace)
+    for kind in ("ntp", "npp"):
+        config = namespace["configs"][kind]
+        assert config.name == f"quickstart-{kind}"
+        saved = TrainConfig.from_dict(json.loads((CONFIGS / f"quickstart-{kind}.json").read_text())).to_dict()
+        assert experiment_changes(saved, config) == []
+    assert namespace["configs"]["npp"].schedule.levels == 2
