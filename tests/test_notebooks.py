@@ -102,6 +102,16 @@ def test_patches_notebook_shows_levels_costs_switches_and_stage_samples(trained,
     assert figures(notebook) == 6
 
 
+def test_attention_notebook_reads_the_patch_stage_checkpoint_of_a_trained_run(trained, tmp_path):
+    root, _ = trained
+    notebook = execute("attention", tmp_path / "attention.ipynb", ntp_run=str(root / "runs" / "nb-ntp"),
+                       npp_run=str(root / "runs" / "nb-npp"), class_label=1, layer=0, query=20)
+    assert errors(notebook) == []
+    text = "".join(o.get("text", "") for c in notebook.cells if c.cell_type == "code" for o in c.outputs)
+    assert "coarse grid: the checkpoint that ends its 2×2 stage (step-00000006)" in text
+    assert figures(notebook) == 4
+
+
 @pytest.mark.parametrize("name,parameters,message", [
     ("train", {"model": "huge"}, "is not a preset"),
     ("fid", {"runs": ["runs/does-not-exist"]}, "not run directories"),
