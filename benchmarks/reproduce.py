@@ -1,0 +1,218 @@
+"""Does next-patch prediction beat next-token prediction at lower cost? NTP and NPP on the embedded data.
+
+    make reproduce                                   # the default grid below (8×8 and 16×16, 2 seeds)
+    python benchmarks/reproduce.py --data mnist-8x8 --seeds 0 1 2 --schedules ntp l2 l3 l2-2/3
+    python benchmarks/reproduce.py --model B --steps 20000 --batch 256 --eval-samples 5000   # on a GPU
+
+For every data set, seed and schedule it trains one run with the same steps, batch and learning rate
+(`python -m npp.train`, the schedule being the only difference), evaluating every `--eval-every` steps
+(FID, IS, precision/recall, class accuracy on `--eval-samples` samples against the test digits, with
+the MNIST classifier's features: domain metrics, not comparable to ImageNet FID). It then compares
+each NPP schedule with NTP at matched points:
+
+- same step: the final evaluation of both runs (same steps, same images seen);
+- same FLOPs: NTP's curve interpolated at the NPP run's total training FLOPs.
+
+Outputs in `--out` (default docs/results): results.json (every run, every number), results.md (the
+tables), fid_vs_step.png / fid_vs_flops.png (and .html); with `--readme` the README's results block is
+replaced by results.md. Finished runs are reused, so an interrupted reproduction resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from npp import viz
+from npp.config import TrainConfig
+from npp.quickstart import CONFIGS
+from npp.runs import RunDir
+
+ROOT = Path(__file__).resolve().parents[1]
+SCHEDULES = {  # name: (levels, segment factor) — REFERENCE §3
+    "ntp": (1, 0.5), "l2": (2, 0.5), "l3": (3, 0.5), "l2-2/3": (2, 2 / 3),
+}
+LABELS = {"ntp": "NTP", "l2": "NPP #L2 λ½", "l3": "NPP #L3 λ½", "l2-2/3": "NPP #L2 λ⅔"}
+METRICS = ("fid", "is", "precision", "recall", "class_accuracy")
+README_BEGIN, README_END = "<!-- results:begin -->", "<!-- results:end -->"
+
+
+def run_config(args: argparse.Namespace, data: str, schedule: str, seed: int) -> TrainConfig:
+    """The quickstart recipe (configs/quickstart-ntp.json) with this data, schedule, seed and size."""
+    base = json.loads((CONFIGS / "quickstart-ntp.json").read_text())
+    levels, factor = SCHEDULES[schedule]
+    name = f"{data}-{schedule.replace('/', '_')}-s{seed}"
+    base.update(name=name, runs_dir=str(args.runs_dir), data=data, seed=seed, batch_size=args.batch,
+                eval_every=args.eval_every, eval_samples=args.eval_samples, progress=False,
+                ckpt_every=max(args.steps // 4, 1), log_every=10)
+    if args.model != "tiny":
+        base.update(model=args.model, model_overrides={})
+    base["schedule"].update(total_steps=args.steps, lr=args.lr, warmup_steps=max(args.steps // 20, 1),
+                            levels=levels, segment_factor=factor)
+    return TrainConfig.from_dict(base)
+
+
+def train(config: TrainConfig) -> float | None:
+    """Train a run in its own process (reused when already finished); its wall time in seconds."""
+    run = RunDir(config.run_dir)
+    if (run.export / "model.safetensors").is_file():
+        return None
+    spec = Path(config.runs_dir) / f".{config.name}.json"
+    spec.parent.mkdir(parents=True, exist_ok=True)
+    spec.write_text(json.dumps(config.to_dict()))
+    started = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "npp.train", "--config", str(spec)], check=True, cwd=ROOT)
+    return time.perf_counter() - started
+
+
+def summarise(run: RunDir, seconds: float | None) -> dict:
+    """Final metrics, the FID curve, FLOPs and wall time of one run."""
+    rows, evals = run.train_rows(), run.eval_rows()
+    # The training loop's own time: first to last metrics row (start-up and export excluded), less the
+    # periodic evaluations, whose number differs between schedules (one at every stage end).
+    loop_s = None
+    if len(rows) > 1:
+        inside = [r["eval_seconds"] for r in evals if rows[0]["time"] < r["time"] < rows[-1]["time"]]
+        loop_s = rows[-1]["time"] - rows[0]["time"] - sum(inside)
+    return {"name": run.path.name, "flops": rows[-1]["flops_seen"], "steps": rows[-1]["step"],
+            "final_loss": rows[-1]["loss"], "wall_s": seconds, "loop_s": loop_s,
+            "final": {k: evals[-1][k] for k in METRICS if k in evals[-1]},
+            "curve": [{"step": r["step"], "flops": r["flops_seen"], **{k: r[k] for k in METRICS if k in r}}
+                      for r in evals]}
+
+
+def at_flops(curve: list[dict], flops: float, metric: str) -> float:
+    """A run's metric interpolated at a FLOP count (its curve is monotone in FLOPs)."""
+    xs = [p["flops"] for p in curve]
+    return float(np.interp(flops, xs, [p[metric] for p in curve]))
+
+
+def spread(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.3g}"
+    return f"{statistics.mean(values):.3g} ± {statistics.stdev(values):.2g}"
+
+
+def compare(runs: dict[tuple[str, str, int], dict], data_sets: list[str], schedules: list[str],
+            seeds: list[int]) -> list[dict]:
+    """One row per (data, NPP schedule): quality at the same step and at the same FLOPs, and cost."""
+    rows = []
+    for data in data_sets:
+        for schedule in ["ntp", *schedules]:
+            per_seed = [(runs[(data, "ntp", s)], runs[(data, schedule, s)]) for s in seeds]
+            row = {"data": data, "schedule": LABELS[schedule], "seeds": len(seeds)}
+            for metric in METRICS:
+                row[f"{metric}"] = [b["final"][metric] for _, b in per_seed]
+                if schedule != "ntp":
+                    row[f"ntp_{metric}_same_flops"] = [at_flops(a["curve"], b["flops"], metric) for a, b in per_seed]
+            row["flops_ratio"] = [b["flops"] / a["flops"] for a, b in per_seed]
+            row["wall_ratio"] = [b["loop_s"] / a["loop_s"] for a, b in per_seed if a["loop_s"] and b["loop_s"]]
+            row["loop_s"] = [b["loop_s"] for _, b in per_seed]
+            rows.append(row)
+    return rows
+
+
+def markdown(rows: list[dict], header: str) -> str:
+    lines = [header, "",
+             "| data | schedule | seeds | FID ↓ (same step) | NTP FID at the same FLOPs | IS ↑ | precision | recall "
+             "| class acc. | FLOPs vs NTP | wall time vs NTP | loop time (s) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        same_flops = spread(r["ntp_fid_same_flops"]) if "ntp_fid_same_flops" in r else "—"
+        lines.append(f"| {r['data']} | {r['schedule']} | {r['seeds']} | {spread(r['fid'])} | {same_flops} | "
+                     f"{spread(r['is'])} | {spread(r['precision'])} | {spread(r['recall'])} | "
+                     f"{spread(r['class_accuracy'])} | {spread(r['flops_ratio'])} | "
+                     f"{spread(r['wall_ratio']) if r['wall_ratio'] else '—'} | {spread(r['loop_s'])} |")
+    lines += ["", "Mean ± standard deviation over seeds. Domain metrics (MNIST classifier features against "
+              "the 10,000 test digits), not comparable to ImageNet FID. \"Same step\": final evaluation, every "
+              "run trained the same steps on the same images. \"NTP FID at the same FLOPs\": the NTP run's FID "
+              "curve interpolated at the NPP run's total training FLOPs; compare it with the FID column of "
+              "the NPP row."]
+    return "\n".join(lines)
+
+
+def plots(runs: dict[tuple[str, str, int], dict], out: Path) -> list[Path]:
+    """FID against step and against FLOPs for every run, written as PNG (kaleido) and HTML."""
+    curves = {f"{d} {LABELS[s]} seed {seed}": [{"step": p["step"], "flops_seen": p["flops"], "eval": True,
+                                                "fid": p["fid"]} for p in r["curve"]]
+              for (d, s, seed), r in runs.items()}
+    written = []
+    for x in ("step", "flops"):
+        fig = viz.eval_figure(curves, "fid", x=x)
+        fig.update_layout(title=f"domain FID against training {x}", height=520)
+        fig.write_html(out / f"fid_vs_{x}.html", include_plotlyjs="cdn")
+        png = viz.save_png(fig, out / f"fid_vs_{x}.png", width=1000, height=520)
+        written += [p for p in (png, out / f"fid_vs_{x}.html") if p]
+    return written
+
+
+def update_readme(table: str) -> None:
+    readme = ROOT / "README.md"
+    text = readme.read_text()
+    if README_BEGIN not in text:
+        raise SystemExit(f"README.md has no {README_BEGIN} … {README_END} block to replace")
+    head, rest = text.split(README_BEGIN, 1)
+    tail = rest.split(README_END, 1)[1]
+    readme.write_text(f"{head}{README_BEGIN}\n{table}\n{README_END}{tail}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", nargs="+", default=["mnist-8x8", "mnist-16x16"])
+    parser.add_argument("--schedules", nargs="+", default=["l2", "l3"], choices=[s for s in SCHEDULES if s != "ntp"],
+                        help="NPP schedules compared with NTP (which always runs)")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    parser.add_argument("--model", default="tiny", help="preset; tiny uses the quickstart's overrides")
+    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--eval-every", type=int, default=150)
+    parser.add_argument("--eval-samples", type=int, default=500)
+    parser.add_argument("--runs-dir", type=Path, default=ROOT / "runs" / "reproduce")
+    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "results")
+    parser.add_argument("--readme", action="store_true", help="replace the README's results block")
+    args = parser.parse_args()
+    if args.eval_every <= 0 or args.steps % args.eval_every:
+        parser.error(f"--eval-every {args.eval_every} must divide --steps {args.steps}, so that the final step "
+                     f"is evaluated")
+    configs = {(d, s, seed): run_config(args, d, s, seed)
+               for d in args.data for s in ["ntp", *args.schedules] for seed in args.seeds}
+    started = time.perf_counter()
+    runs = {}
+    for key, config in configs.items():
+        print(f"== {config.name} ({len(runs) + 1}/{len(configs)})", flush=True)
+        seconds = train(config)
+        runs[key] = summarise(RunDir(config.run_dir), seconds)
+    rows = compare(runs, args.data, args.schedules, args.seeds)
+    command = "python benchmarks/reproduce.py " + " ".join(sys.argv[1:])
+    machine = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+               f"{'CUDA ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU'}")
+    header = (f"`{command.strip()}` — {date.today().isoformat()}, {machine}; {args.steps} steps of {args.batch} "
+              f"images, model {args.model}, {args.eval_samples} samples per evaluation, "
+              f"{(time.perf_counter() - started) / 60:.0f} min in all.")
+    table = markdown(rows, header)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.json").write_text(json.dumps({"command": command, "machine": machine, "rows": rows,
+                                                       "runs": {"/".join(map(str, k)): v for k, v in runs.items()}},
+                                                      indent=1))
+    (args.out / "results.md").write_text(table + "\n")
+    written = plots(runs, args.out)
+    if args.readme:
+        update_readme(table)
+    print(table)
+    print("\n".join(str(p) for p in written))
+
+
+if __name__ == "__main__":
+    main()

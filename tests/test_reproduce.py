@@ -1,0 +1,50 @@
+"""benchmarks/reproduce.py: the comparison at matched points, and a small end-to-end reproduction."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+spec = importlib.util.spec_from_file_location("reproduce", ROOT / "benchmarks" / "reproduce.py")
+reproduce = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(reproduce)
+
+
+def fake_run(flops_per_step: float, fids: list[float], loop_s: float) -> dict:
+    curve = [{"step": 10 * (i + 1), "flops": flops_per_step * 10 * (i + 1), "fid": f, "is": 2.0, "precision": 0.5,
+              "recall": 0.5, "class_accuracy": 0.9} for i, f in enumerate(fids)]
+    return {"flops": curve[-1]["flops"], "final": {k: v for k, v in curve[-1].items() if k not in ("step", "flops")},
+            "curve": curve, "loop_s": loop_s}
+
+
+def test_npp_is_compared_with_ntp_at_the_same_step_and_at_the_same_flops():
+    runs = {("d", "ntp", 0): fake_run(4.0, [90.0, 70.0, 50.0, 40.0], 100.0),
+            ("d", "l2", 0): fake_run(2.5, [80.0, 60.0, 45.0, 30.0], 64.0)}
+    ntp, l2 = reproduce.compare(runs, ["d"], ["l2"], [0])
+    assert ntp["schedule"] == "NTP" and ntp["flops_ratio"] == [1.0]
+    assert l2["fid"] == [30.0] and l2["flops_ratio"] == [pytest.approx(0.625)]
+    # NPP ends at 100 FLOPs; NTP's curve passes 80 at step 20 and 120 at step 30: FID 70 → 50.
+    assert l2["ntp_fid_same_flops"] == [pytest.approx(60.0)]
+    assert l2["wall_ratio"] == [pytest.approx(0.64)]
+    table = reproduce.markdown([ntp, l2], "header")
+    assert "| d | NPP #L2 λ½ | 1 | 30 | 60 | " in table
+
+
+@pytest.mark.heavy
+def test_a_small_reproduction_writes_tables_and_plots(tmp_path):
+    out = tmp_path / "out"
+    result = subprocess.run([sys.executable, "benchmarks/reproduce.py", "--data", "mnist-8x8", "--seeds", "0",
+                             "--schedules", "l2", "--model", "debug", "--steps", "20", "--eval-every", "10",
+                             "--eval-samples", "20", "--runs-dir", str(tmp_path / "runs"), "--out", str(out)],
+                            cwd=ROOT, env={**os.environ, "NPP_CACHE": str(tmp_path / "cache")},
+                            capture_output=True, text=True, timeout=1800)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert [r["schedule"] for r in rows] == ["NTP", "NPP #L2 λ½"]
+    assert rows[1]["flops_ratio"][0] < 0.7
+    assert {p.name for p in out.iterdir()} >= {"results.md", "fid_vs_step.png", "fid_vs_flops.png"}
