@@ -150,7 +150,7 @@ def plots(runs: dict[tuple[str, str, int], dict], out: Path) -> list[Path]:
     written = []
     for x in ("step", "flops"):
         fig = viz.eval_figure(curves, "fid", x=x)
-        fig.update_layout(title=f"domain FID against training {x}", height=520)
+        fig.update_layout(title=f"domain FID against {viz.X_AXES[x][1]}", height=520)
         fig.write_html(out / f"fid_vs_{x}.html", include_plotlyjs="cdn")
         png = viz.save_png(fig, out / f"fid_vs_{x}.png", width=1000, height=520)
         written += [p for p in (png, out / f"fid_vs_{x}.html") if p]
