@@ -1,7 +1,8 @@
 """Does next-patch prediction beat next-token prediction at lower cost? NTP and NPP on the embedded data.
 
-    make reproduce                                   # the default grid below (8×8 and 16×16, 2 seeds)
-    python benchmarks/reproduce.py --data mnist-8x8 --seeds 0 1 2 --schedules ntp l2 l3 l2-2/3
+    make reproduce                                   # the default: 8×8 grid, #L2 and #L3 λ½, 3 seeds (~50 min, 2 cores)
+    python benchmarks/reproduce.py --data mnist-16x16 --steps 600 --eval-every 150 --eval-samples 250 --seeds 0 1
+    python benchmarks/reproduce.py --schedules l2 l3 l2-2/3 --seeds 0 1 2 3 4
     python benchmarks/reproduce.py --model B --steps 20000 --batch 256 --eval-samples 5000   # on a GPU
 
 For every data set, seed and schedule it trains one run with the same steps, batch and learning rate
@@ -13,9 +14,11 @@ each NPP schedule with NTP at matched points:
 - same step: the final evaluation of both runs (same steps, same images seen);
 - same FLOPs: NTP's curve interpolated at the NPP run's total training FLOPs.
 
-Outputs in `--out` (default docs/results): results.json (every run, every number), results.md (the
-tables), fid_vs_step.png / fid_vs_flops.png (and .html); with `--readme` the README's results block is
-replaced by results.md. Finished runs are reused, so an interrupted reproduction resumes.
+Outputs in `--out` (default docs/results/<data>): results.json (every run, every number), results.md
+(the quality and cost tables), fid_vs_step.png / fid_vs_flops.png (and .html); with `--readme` the
+README's block for that folder (<!-- results:<folder>:begin --> … end) is replaced by results.md.
+Finished runs are reused (their wall time is kept in the run folder), so an interrupted reproduction
+resumes and a rerun with new tables costs nothing.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from npp import viz
 from npp.config import TrainConfig
 from npp.quickstart import CONFIGS
 from npp.runs import RunDir
+from npp.train import experiment_changes
 
 ROOT = Path(__file__).resolve().parents[1]
 SCHEDULES = {  # name: (levels, segment factor) — REFERENCE §3
@@ -45,14 +49,14 @@ SCHEDULES = {  # name: (levels, segment factor) — REFERENCE §3
 }
 LABELS = {"ntp": "NTP", "l2": "NPP #L2 λ½", "l3": "NPP #L3 λ½", "l2-2/3": "NPP #L2 λ⅔"}
 METRICS = ("fid", "is", "precision", "recall", "class_accuracy")
-README_BEGIN, README_END = "<!-- results:begin -->", "<!-- results:end -->"
+WALL_FILE = "reproduce_wall.json"  # written into each run folder once its training process ends
 
 
 def run_config(args: argparse.Namespace, data: str, schedule: str, seed: int) -> TrainConfig:
     """The quickstart recipe (configs/quickstart-ntp.json) with this data, schedule, seed and size."""
     base = json.loads((CONFIGS / "quickstart-ntp.json").read_text())
     levels, factor = SCHEDULES[schedule]
-    name = f"{data}-{schedule.replace('/', '_')}-s{seed}"
+    name = f"{data}-{args.model}-{args.steps}steps-{schedule.replace('/', '_')}-s{seed}"
     base.update(name=name, runs_dir=str(args.runs_dir), data=data, seed=seed, batch_size=args.batch,
                 eval_every=args.eval_every, eval_samples=args.eval_samples, progress=False,
                 ckpt_every=max(args.steps // 4, 1), log_every=10)
@@ -64,16 +68,23 @@ def run_config(args: argparse.Namespace, data: str, schedule: str, seed: int) ->
 
 
 def train(config: TrainConfig) -> float | None:
-    """Train a run in its own process (reused when already finished); its wall time in seconds."""
+    """Train a run in its own process unless it already finished; its wall time in seconds (None if unknown)."""
     run = RunDir(config.run_dir)
+    wall = run.path / WALL_FILE
     if (run.export / "model.safetensors").is_file():
-        return None
+        changed = experiment_changes(run.read_config(), config)
+        if changed:
+            raise SystemExit(f"{run.path} is a finished run with other values of {', '.join(changed)}: "
+                             f"move it away or pass another --runs-dir")
+        return json.loads(wall.read_text())["wall_s"] if wall.is_file() else None
     spec = Path(config.runs_dir) / f".{config.name}.json"
     spec.parent.mkdir(parents=True, exist_ok=True)
     spec.write_text(json.dumps(config.to_dict()))
     started = time.perf_counter()
     subprocess.run([sys.executable, "-m", "npp.train", "--config", str(spec)], check=True, cwd=ROOT)
-    return time.perf_counter() - started
+    seconds = time.perf_counter() - started
+    wall.write_text(json.dumps({"wall_s": seconds}))
+    return seconds
 
 
 def summarise(run: RunDir, seconds: float | None) -> dict:
@@ -106,7 +117,7 @@ def spread(values: list[float]) -> str:
 
 def compare(runs: dict[tuple[str, str, int], dict], data_sets: list[str], schedules: list[str],
             seeds: list[int]) -> list[dict]:
-    """One row per (data, NPP schedule): quality at the same step and at the same FLOPs, and cost."""
+    """One row per (data, schedule): quality at the same step and at the same FLOPs, and cost."""
     rows = []
     for data in data_sets:
         for schedule in ["ntp", *schedules]:
@@ -116,29 +127,45 @@ def compare(runs: dict[tuple[str, str, int], dict], data_sets: list[str], schedu
                 row[f"{metric}"] = [b["final"][metric] for _, b in per_seed]
                 if schedule != "ntp":
                     row[f"ntp_{metric}_same_flops"] = [at_flops(a["curve"], b["flops"], metric) for a, b in per_seed]
+            row["flops"] = [b["flops"] for _, b in per_seed]
             row["flops_ratio"] = [b["flops"] / a["flops"] for a, b in per_seed]
-            row["wall_ratio"] = [b["loop_s"] / a["loop_s"] for a, b in per_seed if a["loop_s"] and b["loop_s"]]
             row["loop_s"] = [b["loop_s"] for _, b in per_seed]
+            row["wall_ratio"] = [b["loop_s"] / a["loop_s"] for a, b in per_seed if a["loop_s"] and b["loop_s"]]
+            row["wall_s"] = [b["wall_s"] for _, b in per_seed if b["wall_s"]]
             rows.append(row)
     return rows
 
 
 def markdown(rows: list[dict], header: str) -> str:
+    """The quality table (with the cost ratios beside it) and the training-cost table."""
     lines = [header, "",
              "| data | schedule | seeds | FID ↓ (same step) | NTP FID at the same FLOPs | IS ↑ | precision | recall "
-             "| class acc. | FLOPs vs NTP | wall time vs NTP | loop time (s) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| class acc. | FLOPs vs NTP | wall time vs NTP |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         same_flops = spread(r["ntp_fid_same_flops"]) if "ntp_fid_same_flops" in r else "—"
         lines.append(f"| {r['data']} | {r['schedule']} | {r['seeds']} | {spread(r['fid'])} | {same_flops} | "
                      f"{spread(r['is'])} | {spread(r['precision'])} | {spread(r['recall'])} | "
                      f"{spread(r['class_accuracy'])} | {spread(r['flops_ratio'])} | "
-                     f"{spread(r['wall_ratio']) if r['wall_ratio'] else '—'} | {spread(r['loop_s'])} |")
+                     f"{spread(r['wall_ratio']) if r['wall_ratio'] else '—'} |")
     lines += ["", "Mean ± standard deviation over seeds. Domain metrics (MNIST classifier features against "
               "the 10,000 test digits), not comparable to ImageNet FID. \"Same step\": final evaluation, every "
               "run trained the same steps on the same images. \"NTP FID at the same FLOPs\": the NTP run's FID "
               "curve interpolated at the NPP run's total training FLOPs; compare it with the FID column of "
-              "the NPP row."]
+              "the NPP row.", "",
+              "Training cost per run:", "",
+              "| data | schedule | training FLOPs (TFLOP) | training loop (min) | whole run (min) | FLOPs vs NTP "
+              "| loop time vs NTP |",
+              "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        minutes = lambda seconds: [s / 60 for s in seconds]  # noqa: E731
+        lines.append(f"| {r['data']} | {r['schedule']} | {spread([f / 1e12 for f in r['flops']])} | "
+                     f"{spread(minutes(r['loop_s'])) if all(r['loop_s']) else '—'} | "
+                     f"{spread(minutes(r['wall_s'])) if r['wall_s'] else '—'} | {spread(r['flops_ratio'])} | "
+                     f"{spread(r['wall_ratio']) if r['wall_ratio'] else '—'} |")
+    lines += ["", "FLOPs: forward and backward of every optimizer step (model FLOPs, attention included). Training "
+              "loop: first to last logged step, periodic evaluations excluded (NPP runs evaluate once more, at "
+              "every stage end). Whole run: the training process, start-up, evaluations and export included."]
     return "\n".join(lines)
 
 
@@ -157,38 +184,47 @@ def plots(runs: dict[tuple[str, str, int], dict], out: Path) -> list[Path]:
     return written
 
 
-def update_readme(table: str) -> None:
-    readme = ROOT / "README.md"
-    text = readme.read_text()
-    if README_BEGIN not in text:
-        raise SystemExit(f"README.md has no {README_BEGIN} … {README_END} block to replace")
-    head, rest = text.split(README_BEGIN, 1)
-    tail = rest.split(README_END, 1)[1]
-    readme.write_text(f"{head}{README_BEGIN}\n{table}\n{README_END}{tail}")
+def readme_block(block: str) -> tuple[str, str]:
+    """The README's text before and after its block named `block` (the results folder's name)."""
+    begin, end = f"<!-- results:{block}:begin -->", f"<!-- results:{block}:end -->"
+    text = (ROOT / "README.md").read_text()
+    if begin not in text or end not in text:
+        raise SystemExit(f"README.md has no {begin} … {end} block: add one where the table belongs, "
+                         f"or drop --readme")
+    head, rest = text.split(begin, 1)
+    return head + begin, end + rest.split(end, 1)[1]
+
+
+def update_readme(table: str, block: str) -> None:
+    head, tail = readme_block(block)
+    (ROOT / "README.md").write_text(f"{head}\n{table}\n{tail}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", nargs="+", default=["mnist-8x8", "mnist-16x16"])
+    parser.add_argument("--data", nargs="+", default=["mnist-8x8"], help="mnist-8x8 and/or mnist-16x16")
     parser.add_argument("--schedules", nargs="+", default=["l2", "l3"], choices=[s for s in SCHEDULES if s != "ntp"],
                         help="NPP schedules compared with NTP (which always runs)")
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--model", default="tiny", help="preset; tiny uses the quickstart's overrides")
-    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--steps", type=int, default=1200)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--eval-every", type=int, default=150)
+    parser.add_argument("--eval-every", type=int, default=300)
     parser.add_argument("--eval-samples", type=int, default=500)
     parser.add_argument("--runs-dir", type=Path, default=ROOT / "runs" / "reproduce")
-    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "results")
-    parser.add_argument("--readme", action="store_true", help="replace the README's results block")
+    parser.add_argument("--out", type=Path, help="results folder (default: docs/results/<data>)")
+    parser.add_argument("--readme", action="store_true",
+                        help="replace the README's block for the results folder with the new tables")
     args = parser.parse_args()
     if args.eval_every <= 0 or args.steps % args.eval_every:
         parser.error(f"--eval-every {args.eval_every} must divide --steps {args.steps}, so that the final step "
                      f"is evaluated")
+    args.out = args.out or ROOT / "docs" / "results" / "+".join(args.data)
+    if args.readme:
+        readme_block(args.out.name)  # before hours of training, not after
     configs = {(d, s, seed): run_config(args, d, s, seed)
                for d in args.data for s in ["ntp", *args.schedules] for seed in args.seeds}
-    started = time.perf_counter()
     runs = {}
     for key, config in configs.items():
         print(f"== {config.name} ({len(runs) + 1}/{len(configs)})", flush=True)
@@ -198,9 +234,10 @@ def main() -> None:
     command = "python benchmarks/reproduce.py " + " ".join(sys.argv[1:])
     machine = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
                f"{'CUDA ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU'}")
+    walls = [r["wall_s"] for r in runs.values()]
+    total = f", {sum(walls) / 60:.0f} min of training processes in all" if all(walls) else ""
     header = (f"`{command.strip()}` — {date.today().isoformat()}, {machine}; {args.steps} steps of {args.batch} "
-              f"images, model {args.model}, {args.eval_samples} samples per evaluation, "
-              f"{(time.perf_counter() - started) / 60:.0f} min in all.")
+              f"images, model {args.model}, {args.eval_samples} samples per evaluation{total}.")
     table = markdown(rows, header)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps({"command": command, "machine": machine, "rows": rows,
@@ -209,7 +246,7 @@ def main() -> None:
     (args.out / "results.md").write_text(table + "\n")
     written = plots(runs, args.out)
     if args.readme:
-        update_readme(table)
+        update_readme(table, args.out.name)
     print(table)
     print("\n".join(str(p) for p in written))
 

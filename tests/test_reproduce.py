@@ -15,24 +15,27 @@ reproduce = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(reproduce)
 
 
-def fake_run(flops_per_step: float, fids: list[float], loop_s: float) -> dict:
+def fake_run(flops_per_step: float, fids: list[float], loop_s: float, wall_s: float) -> dict:
     curve = [{"step": 10 * (i + 1), "flops": flops_per_step * 10 * (i + 1), "fid": f, "is": 2.0, "precision": 0.5,
               "recall": 0.5, "class_accuracy": 0.9} for i, f in enumerate(fids)]
     return {"flops": curve[-1]["flops"], "final": {k: v for k, v in curve[-1].items() if k not in ("step", "flops")},
-            "curve": curve, "loop_s": loop_s}
+            "curve": curve, "loop_s": loop_s, "wall_s": wall_s}
 
 
 def test_npp_is_compared_with_ntp_at_the_same_step_and_at_the_same_flops():
-    runs = {("d", "ntp", 0): fake_run(4.0, [90.0, 70.0, 50.0, 40.0], 100.0),
-            ("d", "l2", 0): fake_run(2.5, [80.0, 60.0, 45.0, 30.0], 64.0)}
+    runs = {("d", "ntp", 0): fake_run(4.0e12, [90.0, 70.0, 50.0, 40.0], 120.0, 180.0),
+            ("d", "l2", 0): fake_run(2.5e12, [80.0, 60.0, 45.0, 30.0], 76.8, 150.0)}
     ntp, l2 = reproduce.compare(runs, ["d"], ["l2"], [0])
     assert ntp["schedule"] == "NTP" and ntp["flops_ratio"] == [1.0]
     assert l2["fid"] == [30.0] and l2["flops_ratio"] == [pytest.approx(0.625)]
-    # NPP ends at 100 FLOPs; NTP's curve passes 80 at step 20 and 120 at step 30: FID 70 → 50.
+    # NPP ends at 100 TFLOP; NTP's curve passes 80 at step 20 and 120 at step 30: FID 70 → 50.
     assert l2["ntp_fid_same_flops"] == [pytest.approx(60.0)]
     assert l2["wall_ratio"] == [pytest.approx(0.64)]
     table = reproduce.markdown([ntp, l2], "header")
     assert "| d | NPP #L2 λ½ | 1 | 30 | 60 | " in table
+    # cost table: TFLOP, loop minutes, whole-run minutes, ratios
+    assert "| d | NTP | 160 | 2 | 3 | 1 | 1 |" in table
+    assert "| d | NPP #L2 λ½ | 100 | 1.28 | 2.5 | 0.625 | 0.64 |" in table
 
 
 @pytest.mark.heavy
