@@ -31,6 +31,7 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
 
@@ -44,10 +45,33 @@ from npp.runs import RunDir
 from npp.train import experiment_changes
 
 ROOT = Path(__file__).resolve().parents[1]
-SCHEDULES = {  # name: (levels, segment factor) — REFERENCE §3
-    "ntp": (1, 0.5), "l2": (2, 0.5), "l3": (3, 0.5), "l2-2/3": (2, 2 / 3),
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One way of training that is compared with NTP: a schedule and any change to the recipe."""
+
+    label: str
+    levels: int
+    segment_factor: float = 0.5
+    schedule: dict = field(default_factory=dict)
+    """ScheduleConfig fields changed from the paper's recipe."""
+    model: dict = field(default_factory=dict)
+    """ModelConfig fields changed from the preset."""
+
+
+ARMS = {
+    # the paper's schedules (REFERENCE §3)
+    "ntp": Arm("NTP", 1),
+    "l2": Arm("NPP #L2 λ½", 2),
+    "l3": Arm("NPP #L3 λ½", 3),
+    "l2-2/3": Arm("NPP #L2 λ⅔", 2, 2 / 3),
+    # #L2 λ½ with one choice of the recipe changed: hypotheses for a gap to the paper
+    "l2-no-rewarm": Arm("#L2 λ½, no warm-up at the switch", 2, schedule={"warmup_every_stage": False}),
+    "l2-peak-switch": Arm("#L2 λ½, peak LR through the switch", 2,
+                          schedule={"warmup_every_stage": False, "decay_every_stage": False}),
+    "l2-centre-rope": Arm("#L2 λ½, patch RoPE at patch centres", 2, model={"patch_positions": "centre"}),
 }
-LABELS = {"ntp": "NTP", "l2": "NPP #L2 λ½", "l3": "NPP #L3 λ½", "l2-2/3": "NPP #L2 λ⅔"}
 METRICS = ("fid", "is", "precision", "recall", "class_accuracy")
 WALL_FILE = "reproduce_wall.json"  # written into each run folder once its training process ends
 
@@ -55,15 +79,16 @@ WALL_FILE = "reproduce_wall.json"  # written into each run folder once its train
 def run_config(args: argparse.Namespace, data: str, schedule: str, seed: int) -> TrainConfig:
     """The quickstart recipe (configs/quickstart-ntp.json) with this data, schedule, seed and size."""
     base = json.loads((CONFIGS / "quickstart-ntp.json").read_text())
-    levels, factor = SCHEDULES[schedule]
+    arm = ARMS[schedule]
     name = f"{data}-{args.model}-{args.steps}steps-{schedule.replace('/', '_')}-s{seed}"
     base.update(name=name, runs_dir=str(args.runs_dir), data=data, seed=seed, batch_size=args.batch,
                 eval_every=args.eval_every, eval_samples=args.eval_samples, progress=False,
                 ckpt_every=max(args.steps // 4, 1), log_every=10)
     if args.model != "tiny":
         base.update(model=args.model, model_overrides={})
+    base["model_overrides"].update(arm.model)
     base["schedule"].update(total_steps=args.steps, lr=args.lr, warmup_steps=max(args.steps // 20, 1),
-                            levels=levels, segment_factor=factor)
+                            levels=arm.levels, segment_factor=arm.segment_factor, **arm.schedule)
     return TrainConfig.from_dict(base)
 
 
@@ -122,7 +147,7 @@ def compare(runs: dict[tuple[str, str, int], dict], data_sets: list[str], schedu
     for data in data_sets:
         for schedule in ["ntp", *schedules]:
             per_seed = [(runs[(data, "ntp", s)], runs[(data, schedule, s)]) for s in seeds]
-            row = {"data": data, "schedule": LABELS[schedule], "seeds": len(seeds)}
+            row = {"data": data, "schedule": ARMS[schedule].label, "seeds": len(seeds)}
             for metric in METRICS:
                 row[f"{metric}"] = [b["final"][metric] for _, b in per_seed]
                 if schedule != "ntp":
@@ -171,7 +196,7 @@ def markdown(rows: list[dict], header: str) -> str:
 
 def plots(runs: dict[tuple[str, str, int], dict], out: Path) -> list[Path]:
     """FID against step and against FLOPs for every run, written as PNG (kaleido) and HTML."""
-    curves = {f"{d} {LABELS[s]} seed {seed}": [{"step": p["step"], "flops_seen": p["flops"], "eval": True,
+    curves = {f"{d} {ARMS[s].label} seed {seed}": [{"step": p["step"], "flops_seen": p["flops"], "eval": True,
                                                 "fid": p["fid"]} for p in r["curve"]]
               for (d, s, seed), r in runs.items()}
     written = []
@@ -203,8 +228,8 @@ def update_readme(table: str, block: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", nargs="+", default=["mnist-8x8"], help="mnist-8x8 and/or mnist-16x16")
-    parser.add_argument("--schedules", nargs="+", default=["l2", "l3"], choices=[s for s in SCHEDULES if s != "ntp"],
-                        help="NPP schedules compared with NTP (which always runs)")
+    parser.add_argument("--schedules", nargs="+", default=["l2", "l3"], choices=[a for a in ARMS if a != "ntp"],
+                        help="NPP schedules (and #L2 variants) compared with NTP, which always runs")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--model", default="tiny", help="preset; tiny uses the quickstart's overrides")
     parser.add_argument("--steps", type=int, default=1200)

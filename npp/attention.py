@@ -69,7 +69,7 @@ def attention_maps(model: GPT, tokens_BL: torch.Tensor, labels_B: torch.Tensor, 
     model.eval()
     try:
         h_BND = _input_sequence(model, tokens_BL, labels_B, patch_size)
-        rope_NK2 = _rope(model.config.grid // patch_size, model.config, h_BND.device)[:-1]
+        rope_NK2 = _rope(model.config, patch_size, h_BND.device)[:-1]
         maps = []
         for layer in model.layers:
             maps.append(attention_probs(layer.attention, layer.attention_norm(h_BND), rope_NK2))

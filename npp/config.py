@@ -68,6 +68,10 @@ class ModelConfig:
     """Rounding of the default SwiGLU hidden width."""
     rope_base: float = 10000.0
     """Base of the rotary frequencies."""
+    patch_positions: str = "coarse"
+    """RoPE positions of patches in a patch stage: "coarse", integer coordinates on the (grid/p)² patch
+    grid (NPP's code); "centre", each patch at its centre on the token grid, p·i + (p-1)/2, so that a
+    coordinate names the same place in every stage. Next-token prediction (p = 1) is the same in both."""
     norm_eps: float = 1e-5
     """RMSNorm epsilon."""
     init_std: float = 0.02
@@ -104,6 +108,9 @@ class ModelConfig:
             value = getattr(self, name)
             _check(0.0 <= value < 1.0, f"ModelConfig.{name}={value}: must lie in [0, 1)")
         _check(self.rope_base > 0, f"ModelConfig.rope_base={self.rope_base}: must be positive")
+        _check(self.patch_positions in ("coarse", "centre"),
+               f"ModelConfig.patch_positions={self.patch_positions!r}: must be \"coarse\" (the paper's) or "
+               f"\"centre\"")
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> "ModelConfig":
@@ -188,6 +195,12 @@ class ScheduleConfig:
     """Linear warm-up from 0 at the start of every stage (the paper warms up each stage)."""
     decay_fraction: float = 0.2
     """Fraction of each stage, at its end, over which the LR decays linearly to end_lr."""
+    warmup_every_stage: bool = True
+    """Warm up again at the start of every stage (the paper); False: only the first stage warms up, and
+    later stages start at the peak LR."""
+    decay_every_stage: bool = True
+    """Decay at the end of every stage (the paper); False: only the final stage decays, so the LR is at
+    its peak when the patches shrink."""
     stage_patch_sizes: list[int] = field(default_factory=list)
     """Explicit patch sides per stage (e.g. [4, 2, 1]); empty means the powers of two from levels."""
 

@@ -49,17 +49,19 @@ class RMSNorm(nn.Module):
 # --------------------------------------------------------------------------------------------
 
 @functools.lru_cache(maxsize=64)
-def rope_2d(grid: int, head_dim: int, base: float, device: torch.device | str = "cpu") -> torch.Tensor:
+def rope_2d(grid: int, head_dim: int, base: float, device: torch.device | str = "cpu",
+            spacing: int = 1) -> torch.Tensor:
     """cos/sin table of shape (1 + grid², head_dim // 2, 2) in fp32, row 0 for the class token.
 
     The rotary pairs are adjacent dims (x[2i], x[2i+1]); the first half of the pairs rotates with the
     grid row, the second half with the column. Row 0 is all zeros, so the class token's query and key
     are multiplied by zero and only its value carries the class: LlamaGen's checkpoints were trained
-    that way and need it. Pure and cached; callers must not modify the returned tensor.
+    that way and need it. Coordinates are spacing·i + (spacing - 1)/2: integers for spacing 1, patch
+    centres in token units for spacing p. Pure and cached; callers must not modify the returned tensor.
     """
     half = head_dim // 2
     freqs_F = 1.0 / (base ** (torch.arange(0, half, 2, dtype=torch.float32, device=device) / half))
-    coord = torch.arange(grid, dtype=torch.float32, device=device)
+    coord = spacing * torch.arange(grid, dtype=torch.float32, device=device) + (spacing - 1) / 2
     angle_GF = torch.outer(coord, freqs_F)
     angle_GGK = torch.cat(
         [angle_GF[:, None, :].expand(grid, grid, -1),   # row angle, constant along a row
@@ -71,10 +73,12 @@ def rope_2d(grid: int, head_dim: int, base: float, device: torch.device | str = 
     return torch.cat([class_row, table_LK2])
 
 
-def _rope(grid: int, config: ModelConfig, device: torch.device) -> torch.Tensor:
+def _rope(config: ModelConfig, patch_size: int, device: torch.device) -> torch.Tensor:
+    """The table for a sequence of (grid / patch_size)² patches (config.patch_positions places them)."""
     # Under torch.compile the table is traced as ordinary ops (Dynamo cannot use the cache).
     make = rope_2d.__wrapped__ if torch.compiler.is_compiling() else rope_2d
-    return make(grid, config.head_dim, config.rope_base, device)
+    spacing = patch_size if config.patch_positions == "centre" else 1
+    return make(config.grid // patch_size, config.head_dim, config.rope_base, device, spacing)
 
 
 def apply_rope(x_BSHd: torch.Tensor, rope_SK2: torch.Tensor) -> torch.Tensor:
@@ -241,7 +245,7 @@ class GPT(nn.Module):
         cls_B1D = self.cls_embedding(labels_B)
         # The last patch is never an input: nothing follows it.
         h_BND = self.tok_dropout(torch.cat([cls_B1D, emb_BND[:, :-1]], dim=1))
-        rope_NK2 = _rope(grid // patch_size, self.config, h_BND.device)
+        rope_NK2 = _rope(self.config, patch_size, h_BND.device)
         for layer in self.layers:
             if self.activation_checkpointing and self.training:
                 h_BND = checkpoint(layer, h_BND, rope_NK2[:-1], use_reentrant=False)
@@ -278,7 +282,7 @@ class GPT(nn.Module):
         S = h_BSD.shape[1]
         if start + S > cache.k.shape[3]:
             raise ValueError(f"positions up to {start + S} exceed the cache length {cache.k.shape[3]}")
-        rope = _rope(self.config.grid, self.config, h_BSD.device)
+        rope = _rope(self.config, 1, h_BSD.device)
         for i, layer in enumerate(self.layers):
             h_BSD = layer(h_BSD, rope[start:start + S], (cache.k[i], cache.v[i]), start)
         return self.output(self.norm(h_BSD)).float()

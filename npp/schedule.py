@@ -3,7 +3,8 @@
 With #L levels and segment factor λ, stage sides are 2^(L-1), …, 2, 1 and cumulative stage ends are
 T·λ^i for i = L-1 … 0, so the final stage is plain next-token prediction ending at T (REFERENCE §3).
 Every stage warms up from 0, holds the peak LR, then decays linearly to end_lr over its last
-decay_fraction. The LR is a pure function of the global step, so resuming needs only the step.
+decay_fraction (the paper; warmup_every_stage / decay_every_stage turn the restart off for ablations).
+The LR is a pure function of the global step, so resuming needs only the step.
 """
 
 from __future__ import annotations
@@ -61,10 +62,11 @@ def lr_at(schedule: ScheduleConfig, stages: list[Stage], step: int) -> float:
     """Learning rate for the optimizer step with this global index (0-based)."""
     stage = stage_at(stages, step)
     t = step - stage.start
-    warmup = min(schedule.warmup_steps, stage.steps)
+    first, last = stage.index == 0, stage.index == len(stages) - 1
+    warmup = min(schedule.warmup_steps, stage.steps) if first or schedule.warmup_every_stage else 0
     if t < warmup:
         return schedule.lr * (t + 1) / warmup
-    decay = round(schedule.decay_fraction * stage.steps)
+    decay = round(schedule.decay_fraction * stage.steps) if last or schedule.decay_every_stage else 0
     decay_start = stage.steps - decay
     if t < decay_start or decay == 0:
         return schedule.lr

@@ -83,6 +83,20 @@ def test_rope_table_layout():
     torch.testing.assert_close(table[1 + 6, :, 1], torch.cat([torch.sin(1 * freqs), torch.sin(2 * freqs)]))
 
 
+def test_centre_patch_positions_put_each_patch_at_its_centre_on_the_token_grid(tiny_config):
+    coarse, centre = rope_2d(2, 16, 10000.0), rope_2d(2, 16, 10000.0, spacing=4)
+    freqs = 10000.0 ** (-torch.arange(0, 8, 2) / 8)
+    # patch 1 of a 2×2 grid of 4×4 patches: row 0, column 1 → token-grid centre (1.5, 5.5)
+    torch.testing.assert_close(coarse[1 + 1, :, 0], torch.cat([torch.cos(0 * freqs), torch.cos(1 * freqs)]))
+    torch.testing.assert_close(centre[1 + 1, :, 0], torch.cat([torch.cos(1.5 * freqs), torch.cos(5.5 * freqs)]))
+    model = random_weights(npp.GPT(tiny_config)).eval()
+    tokens, labels = torch.randint(0, 64, (2, 64)), torch.tensor([3, 10])
+    moved = npp.GPT(npp.ModelConfig(**{**tiny_config.__dict__, "patch_positions": "centre"})).eval()
+    moved.load_state_dict(model.state_dict())
+    torch.testing.assert_close(moved(tokens, labels, 1), model(tokens, labels, 1))  # NTP: the same positions
+    assert not torch.allclose(moved(tokens, labels, 2), model(tokens, labels, 2))
+
+
 @pytest.mark.parametrize("patch_size", [1, 2, 4])
 def test_causality(tiny_config, patch_size):
     model = random_weights(npp.GPT(tiny_config)).eval()
@@ -213,6 +227,7 @@ def test_wrong_token_count_is_named(tiny_config):
 
 
 @pytest.mark.parametrize("kwargs,message", [
+    ({"patch_positions": "middle"}, "patch_positions='middle'"),
     ({"dim": 100, "n_head": 3}, "not divisible by n_head"),
     ({"dim": 96, "n_head": 16}, "multiple of 4"),
     ({"n_kv_head": 5}, "must divide n_head"),

@@ -46,6 +46,19 @@ def test_lr_warms_up_holds_and_decays_in_every_stage():
     assert lrs[79] == 1e-3 and lrs[80] == pytest.approx(1e-3 - (1e-3 - 1e-5) / 20)
 
 
+@pytest.mark.parametrize("warmup_every_stage,decay_every_stage", [(False, True), (True, False), (False, False)])
+def test_the_lr_restart_at_a_stage_switch_can_be_turned_off(warmup_every_stage, decay_every_stage):
+    cfg = npp.ScheduleConfig(total_steps=200, levels=2, lr=1e-3, end_lr=1e-5, warmup_steps=10,
+                             decay_fraction=0.2, warmup_every_stage=warmup_every_stage,
+                             decay_every_stage=decay_every_stage)
+    lrs = [lr_at(cfg, plan_stages(cfg), s) for s in range(200)]
+    assert lrs[0] == pytest.approx(1e-4) and lrs[199] == pytest.approx(1e-5)  # the run's ends never change
+    assert (lrs[99] == pytest.approx(1e-5)) == decay_every_stage
+    assert (lrs[99] == 1e-3) == (not decay_every_stage)
+    assert (lrs[100] == pytest.approx(1e-4)) == warmup_every_stage
+    assert (lrs[100] == 1e-3) == (not warmup_every_stage)
+
+
 @pytest.mark.parametrize("kwargs,message", [
     ({"segment_factor": 1.5}, "λ must lie in"),
     ({"segment_factor": 0.0}, "λ must lie in"),
