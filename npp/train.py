@@ -515,6 +515,8 @@ _RESUMABLE_CHANGES = {"name", "runs_dir", "deepspeed", "num_workers", "log_every
 
 def experiment_changes(saved: dict[str, Any], config: TrainConfig) -> list[str]:
     """Fields in which config would train something else than the run saved as `saved` (its config.json)."""
+    # Read back through TrainConfig, so that fields added since the run was saved take their defaults.
+    saved = TrainConfig.from_dict(saved).to_dict()
     return sorted(k for k, v in config.to_dict().items() if k not in _RESUMABLE_CHANGES and saved.get(k) != v)
 
 

@@ -17,9 +17,11 @@ import pytest
 import torch
 
 import npp
+from npp.config import TrainConfig
 from npp.extract import mnist_codes
 from npp.runs import RunDir
 from npp.schedule import lr_at, plan_stages, stage_at
+from npp.train import experiment_changes
 
 ROOT = Path(__file__).resolve().parents[1]
 DEEPSPEED = Path(sys.executable).parent / "deepspeed"
@@ -267,6 +269,15 @@ def test_resuming_with_another_experiment_is_refused(codes, reference):
     result = train(codes, reference, "full", **{"schedule.levels": 3})
     assert result.returncode == 2
     assert "was started with other values of schedule" in result.stderr and "--no-resume" in result.stderr
+
+
+def test_a_run_saved_before_a_field_existed_is_the_same_experiment(codes, reference):
+    saved = RunDir(reference / "full").read_config()
+    config = TrainConfig.from_dict(saved)
+    del saved["schedule"]["warmup_every_stage"]  # as written by an npp that did not know the field
+    assert experiment_changes(saved, config) == []
+    saved["schedule"]["warmup_every_stage"] = False
+    assert experiment_changes(saved, config) == ["schedule"]
 
 
 def test_npp_command_trains_and_exports(reference, tmp_path):
