@@ -4,7 +4,8 @@
 # make test-heavy  the slow end-to-end tests as well
 # make app         the browser demo: NTP vs NPP side by side (http://127.0.0.1:7860)
 # make bench       CPU throughput benchmarks (figures go in docs/benchmarks.md)
-# make reproduce   NTP vs NPP on the embedded data, schedules × seeds (tables and plots in docs/results)
+# make reproduce   NTP vs NPP on the embedded data, schedules × seeds (~50 min; tables and plots in
+#                  docs/results/mnist-8x8); other grids, schedules, seeds: REPRODUCE_ARGS="--help"
 
 PYTHON ?= python3
 VENV   ?= .venv
@@ -50,5 +51,6 @@ bench: setup
 	$(PY) benchmarks/step_throughput.py --preset tiny --grid 16
 
 # NTP vs NPP on the embedded data, several schedules and seeds; tables and plots in docs/results.
+REPRODUCE_ARGS ?=
 reproduce: setup
-	$(PY) benchmarks/reproduce.py
+	$(PY) benchmarks/reproduce.py $(REPRODUCE_ARGS)

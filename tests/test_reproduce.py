@@ -39,15 +39,25 @@ def test_npp_is_compared_with_ntp_at_the_same_step_and_at_the_same_flops():
 
 
 @pytest.mark.heavy
-def test_a_small_reproduction_writes_tables_and_plots(tmp_path):
+def test_a_small_reproduction_writes_tables_and_plots_and_reuses_its_runs(tmp_path):
     out = tmp_path / "out"
-    result = subprocess.run([sys.executable, "benchmarks/reproduce.py", "--data", "mnist-8x8", "--seeds", "0",
-                             "--schedules", "l2", "--model", "debug", "--steps", "20", "--eval-every", "10",
-                             "--eval-samples", "20", "--runs-dir", str(tmp_path / "runs"), "--out", str(out)],
-                            cwd=ROOT, env={**os.environ, "NPP_CACHE": str(tmp_path / "cache")},
-                            capture_output=True, text=True, timeout=1800)
+    command = [sys.executable, "benchmarks/reproduce.py", "--data", "mnist-8x8", "--seeds", "0", "--schedules", "l2",
+               "--model", "debug", "--steps", "20", "--eval-every", "10", "--eval-samples", "20",
+               "--runs-dir", str(tmp_path / "runs"), "--out", str(out)]
+    environment = {**os.environ, "NPP_CACHE": str(tmp_path / "cache")}
+    result = subprocess.run(command, cwd=ROOT, env=environment, capture_output=True, text=True, timeout=1800)
     assert result.returncode == 0, result.stderr[-3000:]
-    rows = json.loads((out / "results.json").read_text())["rows"]
+    first = json.loads((out / "results.json").read_text())
+    rows = first["rows"]
     assert [r["schedule"] for r in rows] == ["NTP", "NPP #L2 λ½"]
-    assert rows[1]["flops_ratio"][0] < 0.7
+    assert rows[1]["flops_ratio"][0] < 0.7 and len(rows[1]["wall_s"]) == 1
     assert {p.name for p in out.iterdir()} >= {"results.md", "fid_vs_step.png", "fid_vs_flops.png"}
+    assert "Training cost per run" in (out / "results.md").read_text()
+
+    exports = sorted((tmp_path / "runs").glob("*/export/model.safetensors"))
+    stamps = [p.stat().st_mtime_ns for p in exports]
+    again = subprocess.run(command, cwd=ROOT, env=environment, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "npp train:" not in again.stdout + again.stderr  # nothing retrained
+    assert [p.stat().st_mtime_ns for p in exports] == stamps
+    assert json.loads((out / "results.json").read_text())["rows"] == rows  # wall times kept with the runs
