@@ -11,8 +11,10 @@ For every data set, seed and schedule it trains one run with the same steps, bat
 the MNIST classifier's features: domain metrics, not comparable to ImageNet FID). It then compares
 each NPP schedule with NTP at matched points:
 
-- same step: the final evaluation of both runs (same steps, same images seen);
-- same FLOPs: NTP's curve interpolated at the NPP run's total training FLOPs.
+- same step: the evaluation of both finished runs on `--final-samples` samples (same steps, same images
+  seen, same sampling seeds);
+- same FLOPs: the NPP run's last periodic evaluation against NTP's periodic curve interpolated at the
+  NPP run's total training FLOPs (both on `--eval-samples` samples: FID depends on the sample count).
 
 Outputs in `--out` (default docs/results/<data>): results.json (every run, every number), results.md
 (the quality and cost tables), fid_vs_step.png / fid_vs_flops.png (and .html); with `--readme` the
@@ -40,6 +42,7 @@ import torch
 
 from npp import viz
 from npp.config import TrainConfig
+from npp.evaluate import EvalConfig, evaluate
 from npp.quickstart import CONFIGS
 from npp.runs import RunDir
 from npp.train import experiment_changes
@@ -112,8 +115,19 @@ def train(config: TrainConfig) -> float | None:
     return seconds
 
 
-def summarise(run: RunDir, seconds: float | None) -> dict:
-    """Final metrics, the FID curve, FLOPs and wall time of one run."""
+def final_evaluation(config: TrainConfig, samples: int) -> dict[str, float]:
+    """Metrics of the finished run on `samples` samples (sample i drawn with seed i in every run, so runs
+    are compared on the same random numbers); kept in the run folder and reused."""
+    settings = EvalConfig(num_samples=samples, batch_size=100, cfg_scale=config.eval_cfg_scale,
+                          metrics=("fid", "isc", "prc"), save_png=False, progress=False)
+    results = Path(config.run_dir) / "eval" / settings.folder_name() / "results.json"
+    if not results.is_file():
+        evaluate(config.run_dir, settings)
+    return json.loads(results.read_text())["metrics"]
+
+
+def summarise(run: RunDir, seconds: float | None, final: dict[str, float] | None) -> dict:
+    """Final metrics (`final`, else the last periodic evaluation), the FID curve, FLOPs and wall time."""
     rows, evals = run.train_rows(), run.eval_rows()
     # The training loop's own time: first to last metrics row (start-up and export excluded), less the
     # periodic evaluations, whose number differs between schedules (one at every stage end).
@@ -123,7 +137,7 @@ def summarise(run: RunDir, seconds: float | None) -> dict:
         loop_s = rows[-1]["time"] - rows[0]["time"] - sum(inside)
     return {"name": run.path.name, "flops": rows[-1]["flops_seen"], "steps": rows[-1]["step"],
             "final_loss": rows[-1]["loss"], "wall_s": seconds, "loop_s": loop_s,
-            "final": {k: evals[-1][k] for k in METRICS if k in evals[-1]},
+            "final": {k: (final or evals[-1])[k] for k in METRICS if k in (final or evals[-1])},
             "curve": [{"step": r["step"], "flops": r["flops_seen"], **{k: r[k] for k in METRICS if k in r}}
                       for r in evals]}
 
@@ -151,6 +165,7 @@ def compare(runs: dict[tuple[str, str, int], dict], data_sets: list[str], schedu
             for metric in METRICS:
                 row[f"{metric}"] = [b["final"][metric] for _, b in per_seed]
                 if schedule != "ntp":
+                    row[f"{metric}_periodic"] = [b["curve"][-1][metric] for _, b in per_seed]
                     row[f"ntp_{metric}_same_flops"] = [at_flops(a["curve"], b["flops"], metric) for a, b in per_seed]
             row["flops"] = [b["flops"] for _, b in per_seed]
             row["flops_ratio"] = [b["flops"] / a["flops"] for a, b in per_seed]
@@ -164,20 +179,22 @@ def compare(runs: dict[tuple[str, str, int], dict], data_sets: list[str], schedu
 def markdown(rows: list[dict], header: str) -> str:
     """The quality table (with the cost ratios beside it) and the training-cost table."""
     lines = [header, "",
-             "| data | schedule | seeds | FID ↓ (same step) | NTP FID at the same FLOPs | IS ↑ | precision | recall "
+             "| data | schedule | seeds | FID ↓ (same step) | FID at the same FLOPs: run vs NTP | IS ↑ | precision "
+             "| recall "
              "| class acc. | FLOPs vs NTP | wall time vs NTP |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        same_flops = spread(r["ntp_fid_same_flops"]) if "ntp_fid_same_flops" in r else "—"
+        same_flops = (f"{spread(r['fid_periodic'])} vs {spread(r['ntp_fid_same_flops'])}"
+                      if "ntp_fid_same_flops" in r else "—")
         lines.append(f"| {r['data']} | {r['schedule']} | {r['seeds']} | {spread(r['fid'])} | {same_flops} | "
                      f"{spread(r['is'])} | {spread(r['precision'])} | {spread(r['recall'])} | "
                      f"{spread(r['class_accuracy'])} | {spread(r['flops_ratio'])} | "
                      f"{spread(r['wall_ratio']) if r['wall_ratio'] else '—'} |")
     lines += ["", "Mean ± standard deviation over seeds. Domain metrics (MNIST classifier features against "
-              "the 10,000 test digits), not comparable to ImageNet FID. \"Same step\": final evaluation, every "
-              "run trained the same steps on the same images. \"NTP FID at the same FLOPs\": the NTP run's FID "
-              "curve interpolated at the NPP run's total training FLOPs; compare it with the FID column of "
-              "the NPP row.", "",
+              "the 10,000 test digits), not comparable to ImageNet FID. \"Same step\": every run trained the same "
+              "steps on the same images, evaluated when finished; all columns but the next are from that "
+              "evaluation. \"Same FLOPs\": the run's last periodic evaluation against the NTP run's periodic FID "
+              "curve interpolated at this run's total training FLOPs (both on fewer samples, hence higher FIDs).", "",
               "Training cost per run:", "",
               "| data | schedule | training FLOPs (TFLOP) | training loop (min) | whole run (min) | FLOPs vs NTP "
               "| loop time vs NTP |",
@@ -236,7 +253,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--eval-every", type=int, default=300)
-    parser.add_argument("--eval-samples", type=int, default=500)
+    parser.add_argument("--eval-samples", type=int, default=500, help="samples of each periodic evaluation")
+    parser.add_argument("--final-samples", type=int, default=2000,
+                        help="samples of the evaluation of each finished run (0: use the last periodic one)")
     parser.add_argument("--runs-dir", type=Path, default=ROOT / "runs" / "reproduce")
     parser.add_argument("--out", type=Path, help="results folder (default: docs/results/<data>)")
     parser.add_argument("--readme", action="store_true",
@@ -254,7 +273,8 @@ def main() -> None:
     for key, config in configs.items():
         print(f"== {config.name} ({len(runs) + 1}/{len(configs)})", flush=True)
         seconds = train(config)
-        runs[key] = summarise(RunDir(config.run_dir), seconds)
+        final = final_evaluation(config, args.final_samples) if args.final_samples else None
+        runs[key] = summarise(RunDir(config.run_dir), seconds, final)
     rows = compare(runs, args.data, args.schedules, args.seeds)
     command = "python benchmarks/reproduce.py " + " ".join(sys.argv[1:])
     machine = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
@@ -262,7 +282,8 @@ def main() -> None:
     walls = [r["wall_s"] for r in runs.values()]
     total = f", {sum(walls) / 60:.0f} min of training processes in all" if all(walls) else ""
     header = (f"`{command.strip()}` — {date.today().isoformat()}, {machine}; {args.steps} steps of {args.batch} "
-              f"images, model {args.model}, {args.eval_samples} samples per evaluation{total}.")
+              f"images, model {args.model}, {args.eval_samples} samples per periodic evaluation, "
+              f"{args.final_samples or args.eval_samples} for the final one{total}.")
     table = markdown(rows, header)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps({"command": command, "machine": machine, "rows": rows,

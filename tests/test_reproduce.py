@@ -32,7 +32,7 @@ def test_npp_is_compared_with_ntp_at_the_same_step_and_at_the_same_flops():
     assert l2["ntp_fid_same_flops"] == [pytest.approx(60.0)]
     assert l2["wall_ratio"] == [pytest.approx(0.64)]
     table = reproduce.markdown([ntp, l2], "header")
-    assert "| d | NPP #L2 λ½ | 1 | 30 | 60 | " in table
+    assert "| d | NPP #L2 λ½ | 1 | 30 | 30 vs 60 | " in table
     # cost table: TFLOP, loop minutes, whole-run minutes, ratios
     assert "| d | NTP | 160 | 2 | 3 | 1 | 1 |" in table
     assert "| d | NPP #L2 λ½ | 100 | 1.28 | 2.5 | 0.625 | 0.64 |" in table
@@ -43,7 +43,7 @@ def test_a_small_reproduction_writes_tables_and_plots_and_reuses_its_runs(tmp_pa
     out = tmp_path / "out"
     command = [sys.executable, "benchmarks/reproduce.py", "--data", "mnist-8x8", "--seeds", "0", "--schedules", "l2",
                "--model", "debug", "--steps", "20", "--eval-every", "10", "--eval-samples", "20",
-               "--runs-dir", str(tmp_path / "runs"), "--out", str(out)]
+               "--final-samples", "30", "--runs-dir", str(tmp_path / "runs"), "--out", str(out)]
     environment = {**os.environ, "NPP_CACHE": str(tmp_path / "cache")}
     result = subprocess.run(command, cwd=ROOT, env=environment, capture_output=True, text=True, timeout=1800)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -51,6 +51,10 @@ def test_a_small_reproduction_writes_tables_and_plots_and_reuses_its_runs(tmp_pa
     rows = first["rows"]
     assert [r["schedule"] for r in rows] == ["NTP", "NPP #L2 λ½"]
     assert rows[1]["flops_ratio"][0] < 0.7 and len(rows[1]["wall_s"]) == 1
+    finals = sorted((tmp_path / "runs").glob("*/eval/n30-*/results.json"))
+    assert len(finals) == 2  # each finished run evaluated on --final-samples
+    assert rows[1]["fid"] == [json.loads(finals[0 if "l2" in finals[0].parent.parent.parent.name else 1]
+                                         .read_text())["metrics"]["fid"]]
     assert {p.name for p in out.iterdir()} >= {"results.md", "fid_vs_step.png", "fid_vs_flops.png"}
     assert "Training cost per run" in (out / "results.md").read_text()
 
