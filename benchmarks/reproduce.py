@@ -38,6 +38,7 @@ from datetime import date
 from pathlib import Path
 
 import numpy as np
+import plotly.graph_objects as go
 import torch
 
 from npp import viz
@@ -76,6 +77,7 @@ ARMS = {
     "l2-centre-rope": Arm("#L2 λ½, patch RoPE at patch centres", 2, model={"patch_positions": "centre"}),
 }
 METRICS = ("fid", "is", "precision", "recall", "class_accuracy")
+PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#17becf")
 WALL_FILE = "reproduce_wall.json"  # written into each run folder once its training process ends
 
 
@@ -212,14 +214,22 @@ def markdown(rows: list[dict], header: str) -> str:
 
 
 def plots(runs: dict[tuple[str, str, int], dict], out: Path) -> list[Path]:
-    """FID against step and against FLOPs for every run, written as PNG (kaleido) and HTML."""
-    curves = {f"{d} {ARMS[s].label} seed {seed}": [{"step": p["step"], "flops_seen": p["flops"], "eval": True,
-                                                "fid": p["fid"]} for p in r["curve"]]
-              for (d, s, seed), r in runs.items()}
+    """FID against step and against FLOPs, one colour per schedule and one line per seed, log scale (a
+    patch-stage model sampled token by token scores FID in the thousands), as PNG (kaleido) and HTML."""
+    arms = list(dict.fromkeys(s for _, s, _ in runs))
     written = []
-    for x in ("step", "flops"):
-        fig = viz.eval_figure(curves, "fid", x=x)
-        fig.update_layout(title=f"domain FID against {viz.X_AXES[x][1]}", height=520)
+    for x, key in (("step", "step"), ("flops", "flops")):
+        fig = go.Figure()
+        for (data, schedule, seed), run in runs.items():
+            color = PALETTE[arms.index(schedule) % len(PALETTE)]
+            fig.add_trace(go.Scatter(
+                x=[p[key] for p in run["curve"]], y=[p["fid"] for p in run["curve"]], mode="lines+markers",
+                name=f"{ARMS[schedule].label} ({data})", legendgroup=f"{data}/{schedule}",
+                showlegend=seed == min(s for d, a, s in runs if (d, a) == (data, schedule)),
+                line={"color": color, "width": 1.5}, hovertext=f"seed {seed}"))
+        fig.update_layout(title=f"domain FID (periodic evaluations) against {viz.X_AXES[x][1]}, every seed",
+                          xaxis_title=viz.X_AXES[x][1], yaxis_title="FID ↓ (log scale)", yaxis_type="log",
+                          template="plotly_white", legend={"orientation": "h", "y": -0.2}, height=520)
         fig.write_html(out / f"fid_vs_{x}.html", include_plotlyjs="cdn")
         png = viz.save_png(fig, out / f"fid_vs_{x}.png", width=1000, height=520)
         written += [p for p in (png, out / f"fid_vs_{x}.html") if p]
