@@ -32,7 +32,7 @@ def test_npp_is_compared_with_ntp_at_the_same_step_and_at_the_same_flops():
     assert l2["ntp_fid_same_flops"] == [pytest.approx(60.0)]
     assert l2["wall_ratio"] == [pytest.approx(0.64)]
     table = reproduce.markdown([ntp, l2], "header")
-    assert "| d | NPP #L2 λ½ | 1 | 30 | 30 vs 60 | " in table
+    assert "| d | NPP #L2 λ½ | 1 | 30 | -10 | 30 vs 60 | " in table
     # cost table: TFLOP, loop minutes, whole-run minutes, ratios
     assert "| d | NTP | 160 | 2 | 3 | 1 | 1 |" in table
     assert "| d | NPP #L2 λ½ | 100 | 1.28 | 2.5 | 0.625 | 0.64 |" in table
