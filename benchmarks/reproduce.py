@@ -300,7 +300,7 @@ def main() -> None:
         final = final_evaluation(config, args.final_samples) if args.final_samples else None
         runs[key] = summarise(RunDir(config.run_dir), seconds, final)
     rows = compare(runs, args.data, args.schedules, args.seeds)
-    command = "python benchmarks/reproduce.py " + " ".join(sys.argv[1:])
+    command = "python benchmarks/reproduce.py " + " ".join(a for a in sys.argv[1:] if a != "--readme")
     machine = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
                f"{'CUDA ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU'}")
     walls = [r["wall_s"] for r in runs.values()]
