@@ -84,7 +84,6 @@ ARMS = {
     "ntp-l2-budget": Arm("NTP for #L2 λ½'s budget (0.625× steps)", 1, budget_of="l2"),
 }
 METRICS = ("fid", "is", "precision", "recall", "class_accuracy")
-PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#17becf")
 WALL_FILE = "reproduce_wall.json"  # written into each run folder once its training process ends
 
 
@@ -235,7 +234,7 @@ def plots(runs: dict[tuple[str, str, int], dict], out: Path) -> list[Path]:
     for x, key in (("step", "step"), ("flops", "flops")):
         fig = go.Figure()
         for (data, schedule, seed), run in runs.items():
-            color = PALETTE[arms.index(schedule) % len(PALETTE)]
+            color = viz.PALETTE[arms.index(schedule) % len(viz.PALETTE)]
             fig.add_trace(go.Scatter(
                 x=[p[key] for p in run["curve"]], y=[p["fid"] for p in run["curve"]], mode="lines+markers",
                 name=f"{ARMS[schedule].label} ({data})", legendgroup=f"{data}/{schedule}",

@@ -72,9 +72,12 @@ def _mark_switches(fig: go.Figure, rows: Rows, x_key: str, color: str) -> None:
                            text=f"{s['from']}×{s['from']}→{s['to']}×{s['to']}", font={"size": 10, "color": color})
 
 
+PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#17becf")
+"""Colours of runs, in order: every figure of npp shows the i-th run in the same colour."""
+
+
 def _color(i: int) -> str:
-    palette = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#17becf")
-    return palette[i % len(palette)]
+    return PALETTE[i % len(PALETTE)]
 
 
 def _check_x(x: str) -> str:
