@@ -27,18 +27,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from npp.config import ConfigError, dump_json
 from npp.data import MNIST_CLASSES, MNIST_SIZE, mnist_images, to_unit_range
+from npp.errors import check, known_fields
+from npp.files import ASSETS, dump_json
 from npp.weights import load_strict, read_safetensors, save_safetensors
 
-ASSETS = Path(__file__).resolve().parent / "assets"
 EMBEDDED_CLASSIFIER = ASSETS / "mnist-classifier"
 """The shipped classifier, written by the command recorded in its metrics.json."""
-
-
-def _check(ok: bool, message: str) -> None:
-    if not ok:
-        raise ConfigError(message)
 
 
 @dataclass
@@ -60,25 +55,23 @@ class ClassifierConfig:
 
     def __post_init__(self) -> None:
         self.widths = tuple(self.widths)
-        _check(len(self.widths) >= 1 and all(isinstance(w, int) and w > 0 for w in self.widths),
+        check(len(self.widths) >= 1 and all(isinstance(w, int) and w > 0 for w in self.widths),
                f"ClassifierConfig.widths={self.widths}: give one positive channel count per block, e.g. (32, 64)")
         for name in ("feature_dim", "num_classes", "image_size", "in_channels"):
             value = getattr(self, name)
-            _check(isinstance(value, int) and value > 0,
+            check(isinstance(value, int) and value > 0,
                    f"ClassifierConfig.{name}={value!r}: must be a positive integer")
-        _check(self.image_size % 2 ** len(self.widths) == 0,
+        check(self.image_size % 2 ** len(self.widths) == 0,
                f"ClassifierConfig.image_size={self.image_size} must be divisible by 2^{len(self.widths)} "
                f"(one pooling per block): use fewer widths or another size")
-        _check(0.0 <= self.dropout < 1.0, f"ClassifierConfig.dropout={self.dropout}: must lie in [0, 1)")
+        check(0.0 <= self.dropout < 1.0, f"ClassifierConfig.dropout={self.dropout}: must lie in [0, 1)")
 
     def to_dict(self) -> dict[str, Any]:
         return {**dataclasses.asdict(self), "widths": list(self.widths)}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ClassifierConfig":
-        unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
-        _check(not unknown, f"ClassifierConfig: unknown field(s) {unknown}; remove them or upgrade npp")
-        return cls(**data)
+        return cls(**known_fields(cls, data))
 
 
 def _conv_block(in_channels: int, out_channels: int) -> nn.Sequential:
@@ -205,16 +198,16 @@ class ClassifierTrainConfig:
             self.model = ClassifierConfig.from_dict(self.model)
         for name in ("epochs", "batch_size"):
             value = getattr(self, name)
-            _check(isinstance(value, int) and value > 0,
+            check(isinstance(value, int) and value > 0,
                    f"ClassifierTrainConfig.{name}={value!r}: must be a positive integer")
-        _check(self.lr > 0, f"ClassifierTrainConfig.lr={self.lr}: must be positive, e.g. 3e-3")
-        _check(self.weight_decay >= 0, f"ClassifierTrainConfig.weight_decay={self.weight_decay}: must be ≥ 0")
+        check(self.lr > 0, f"ClassifierTrainConfig.lr={self.lr}: must be positive, e.g. 3e-3")
+        check(self.weight_decay >= 0, f"ClassifierTrainConfig.weight_decay={self.weight_decay}: must be ≥ 0")
         for name in ("max_shift", "max_rotation"):
-            _check(getattr(self, name) >= 0, f"ClassifierTrainConfig.{name}={getattr(self, name)}: must be ≥ 0 "
+            check(getattr(self, name) >= 0, f"ClassifierTrainConfig.{name}={getattr(self, name)}: must be ≥ 0 "
                                              f"(0 turns that augmentation off)")
-        _check(0 <= self.max_scale < 1,
+        check(0 <= self.max_scale < 1,
                f"ClassifierTrainConfig.max_scale={self.max_scale}: must lie in [0, 1), e.g. 0.1")
-        _check(isinstance(self.train_images, int) and self.train_images >= 0,
+        check(isinstance(self.train_images, int) and self.train_images >= 0,
                f"ClassifierTrainConfig.train_images={self.train_images!r}: must be ≥ 0 (0 = all)")
 
     def to_dict(self) -> dict[str, Any]:

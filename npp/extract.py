@@ -38,11 +38,12 @@ import torch
 from numpy.lib.format import open_memmap
 from PIL import Image
 
-from npp.config import VQConfig, _check, dump_json
-from npp.data import (CODES_FORMAT, MNIST_SIZE, CodeDataset, CropConfig, DataError, ImageFolderSource,
-                      ImageSource, MnistSource, crop_variants, to_unit_range)
+from npp.data import (CODES_FORMAT, MNIST_SIZE, CodeDataset, CropConfig, ImageFolderSource, ImageSource, MnistSource,
+                      crop_variants, to_unit_range)
+from npp.distributed import Ranks
+from npp.errors import DataError, check
+from npp.files import dump_json, write_text
 from npp.tokenizer import VQModel
-from npp.weights import CheckpointError
 
 PENDING, ENCODED, SKIPPED = 0, 1, 2
 SETTINGS_FILE = "extract.json"
@@ -74,92 +75,6 @@ def open_source(spec: str) -> ImageSource:
     if split not in ("", "train", "test"):
         raise DataError(f"{spec!r}: the embedded MNIST splits are mnist:train and mnist:test")
     return MnistSource(split or "train")
-
-
-def load_tokenizer(path: str | os.PathLike, *, preset: str | None = None, **overrides: Any) -> VQModel:
-    """A tokenizer folder written by VQModel.save_pretrained, or a LlamaGen VQ .pt checkpoint.
-
-    `preset` (default llamagen-vq16) and `overrides` (VQConfig fields) describe a .pt's architecture;
-    a folder carries its own config, so giving them with one is an error rather than ignored.
-    """
-    path = Path(path)
-    if path.is_dir():
-        given = ([] if preset is None else ["preset"]) + sorted(overrides)
-        _check(not given, f"{path} is a save_pretrained folder with its own config.json: drop the "
-                          f"architecture flags ({', '.join(given)}), they are for .pt files")
-        return VQModel.from_pretrained(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such file or folder; give a folder written by "
-                              f"VQModel.save_pretrained or a LlamaGen VQ .pt checkpoint")
-    return VQModel.from_llamagen(path, **VQConfig.preset(preset or "llamagen-vq16", **overrides).to_dict())
-
-
-# ------------------------------------------------------------------------------------------------
-# Ranks: torchrun / deepspeed launchers, or a single process
-# ------------------------------------------------------------------------------------------------
-
-@dataclass
-class _Ranks:
-    """This process's place among the extraction processes; a single process needs no set-up."""
-
-    rank: int = 0
-    world: int = 1
-    group: Any = None
-    owns_process_group: bool = False
-
-    @classmethod
-    def join(cls) -> _Ranks:
-        """Read the launcher's RANK/WORLD_SIZE; with several ranks, talk over a gloo group (CPU)."""
-        if int(os.environ.get("WORLD_SIZE", "1")) == 1:
-            return cls()
-        import torch.distributed as dist
-
-        owns = not dist.is_initialized()
-        if owns:
-            dist.init_process_group("gloo")
-        # Barriers and small broadcasts only: gloo works whatever the caller's default backend is.
-        group = dist.group.WORLD if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
-        return cls(dist.get_rank(), dist.get_world_size(), group, owns)
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            torch.distributed.barrier(group=self.group)
-
-    def total(self, value: int) -> int:
-        """Sum of an integer over all ranks."""
-        if self.world == 1:
-            return value
-        tensor = torch.tensor([value], dtype=torch.int64)
-        torch.distributed.all_reduce(tensor, group=self.group)
-        return int(tensor.item())
-
-    def on_rank0(self, fn: Callable[[], Any]) -> Any:
-        """Run fn on rank 0 only; every rank returns its result, or raises its error (no rank hangs)."""
-        if self.world == 1:
-            return fn()
-        outcome: list[Any] = [None]
-        if self.rank == 0:
-            try:
-                outcome = [(True, fn())]
-            except Exception as err:  # noqa: BLE001 (any failure must reach the other ranks)
-                outcome = [(False, err)]
-        torch.distributed.broadcast_object_list(outcome, src=0, group=self.group)
-        ok, value = outcome[0]
-        if not ok:
-            raise value
-        return value
-
-    def leave(self) -> None:
-        if self.owns_process_group:
-            torch.distributed.destroy_process_group()
-
-
-def _device_for(device: str | torch.device, ranks: _Ranks) -> torch.device:
-    """'cuda' without an index means this rank's GPU (LOCAL_RANK) under a launcher."""
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None and ranks.world > 1:
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return device
 
 
 # ------------------------------------------------------------------------------------------------
@@ -212,7 +127,7 @@ def _prepare_folder(output: Path, layout: _Layout) -> None:
         _check_resumable(output, settings, layout)
         return
     own = {*ARRAY_FILES, *_LISTING_FILES}
-    foreign = sorted(n for n in os.listdir(output) if n not in own and not n.startswith(("skipped-rank", ".tmp-")))
+    foreign = sorted(n for n in os.listdir(output) if n not in own and not n.startswith(("skipped-rank", ".")))
     if foreign:
         raise DataError(f"{output} is not empty and holds no extraction (it has {foreign[0]}): "
                         f"choose a new or empty output folder")
@@ -221,15 +136,9 @@ def _prepare_folder(output: Path, layout: _Layout) -> None:
     for name, (dtype, shape) in layout.arrays().items():
         open_memmap(output / name, mode="w+", dtype=dtype, shape=shape).flush()  # zero-filled, sparse
     if layout.source.files is not None:
-        _write_text_atomically(output / "files.txt", "".join(f"{f}\n" for f in layout.source.files))
+        write_text(output / "files.txt", "".join(f"{f}\n" for f in layout.source.files))
     dump_json(layout.source.classes, output / "classes.json")
     dump_json(settings, output / SETTINGS_FILE)  # last: from here on the folder is resumable
-
-
-def _write_text_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(f".tmp-{path.name}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _check_resumable(output: Path, settings: dict[str, Any], layout: _Layout) -> None:
@@ -295,7 +204,7 @@ def _collate(items: list[tuple[int, torch.Tensor | None, str | None]]):
     return rows, views_nV3SS, failed
 
 
-def _my_batches(done_N: np.ndarray, batch_size: int, ranks: _Ranks) -> list[list[int]]:
+def _my_batches(done_N: np.ndarray, batch_size: int, ranks: Ranks) -> list[list[int]]:
     """The pending items of this rank's batches: batch b = items [b·B, (b+1)·B), owned by rank b % world."""
     batches = []
     for start in range(ranks.rank * batch_size, len(done_N), ranks.world * batch_size):
@@ -395,20 +304,20 @@ def extract_codes(source: ImageSource, vq: VQModel, output: str | os.PathLike, c
     is called after each batch is stored, with this process's counts. Images that cannot be read
     are skipped (label -1, codes 0) and listed in the manifest with the reason.
     """
-    _check(isinstance(batch_size, int) and batch_size > 0,
+    check(isinstance(batch_size, int) and batch_size > 0,
            f"batch_size={batch_size!r}: must be a positive integer (images per batch)")
-    _check(isinstance(num_workers, int) and num_workers >= 0,
+    check(isinstance(num_workers, int) and num_workers >= 0,
            f"num_workers={num_workers!r}: must be ≥ 0 (0 decodes in the main process)")
     downsample = vq.config.downsample
-    _check(crops.size % downsample == 0,
+    check(crops.size % downsample == 0,
            f"CropConfig.size={crops.size} is not a multiple of the tokenizer's downsampling factor "
            f"{downsample}: use an image size such as {max(downsample, crops.size // downsample * downsample)}")
     output = Path(output)
     layout = _Layout(source, vq, crops)
     started = time.perf_counter()
-    ranks = _Ranks.join()
+    ranks = Ranks.join()
     try:
-        vq.to(_device_for(device, ranks)).eval()
+        vq.to(ranks.device(device)).eval()
         ranks.on_rank0(lambda: _prepare_folder(output, layout))
         if ranks.rank != 0:
             _check_same_source(output, layout, ranks.rank)
@@ -420,7 +329,7 @@ def extract_codes(source: ImageSource, vq: VQModel, output: str | os.PathLike, c
     return ExtractReport(output, manifest, encoded, skipped, time.perf_counter() - started)
 
 
-def _encode_my_share(layout: _Layout, output: Path, ranks: _Ranks, batch_size: int, num_workers: int,
+def _encode_my_share(layout: _Layout, output: Path, ranks: Ranks, batch_size: int, num_workers: int,
                      progress: bool, on_batch: Callable[[int, int], None] | None) -> tuple[int, int]:
     from tqdm.auto import tqdm
 

@@ -9,6 +9,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from npp.files import atomic_path
+
 
 def image_grid(images_BHW3: torch.Tensor | np.ndarray, nrow: int, pad: int = 2) -> Image.Image:
     """uint8 images (B, H, W, 3) tiled row by row, nrow per row, on a black background."""
@@ -26,7 +28,6 @@ def save_png(image: Image.Image, path: str | os.PathLike) -> Path:
     """Write a PNG atomically (a reader such as the app never sees half a file)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    image.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG")
     return path

@@ -4,22 +4,32 @@
       config.json       the TrainConfig that made the run (enough to resume or rebuild it)
       metrics.jsonl     one JSON object per logged step (step, stage, patch_size, loss, lr, ...), and
                         evaluation rows ("eval": true, fid, is, precision, recall, ...)
-      checkpoints/      DeepSpeed checkpoints, one folder per tag, and `latest` naming the newest
+      checkpoints/      one folder per tag (step-00001200), each with meta.json: the step, the world
+                        size and ZeRO stage, the ModelConfig and the tokenizer reference, so a checkpoint
+                        loads and exports without its data; `latest` names the newest complete one
       export/           model.safetensors + config.json + tokenizer.json for inference
       samples/          sample grids
       tensorboard/      TensorBoard events
 
-Readers only need this module; they never import DeepSpeed.
+Readers only need this module; they never import DeepSpeed. `launch` starts a training process for a
+config, with or without the `deepspeed` launcher, and streams its output: every place that trains a
+run (the quickstart, the notebooks, the reproduction, the benchmarks) starts it this way.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable, Sequence
 
-from npp.config import dump_json
+from npp.config import TrainConfig
+from npp.files import dump_json, write_text
+
+TRAIN_SCRIPT = Path(__file__).resolve().parent / "train.py"
+"""What the deepspeed launcher runs (`deepspeed npp/train.py ...`); one process runs `python -m npp.train`."""
 
 
 class RunDir:
@@ -50,7 +60,27 @@ class RunDir:
     def tensorboard(self) -> Path:
         return self.path / "tensorboard"
 
+    # ---- state -----------------------------------------------------------------------------
+
+    @property
+    def exported(self) -> bool:
+        """Whether the run has an export (it finished, or `npp export` was run on it)."""
+        return (self.export / "model.safetensors").is_file()
+
+    def is_finished(self, config: TrainConfig) -> bool:
+        """Exported, and trained as `config` says (how it is logged or evaluated may differ)."""
+        return self.exported and self.config.is_file() and not config.changes_from(self.read_config())
+
     # ---- checkpoints -----------------------------------------------------------------------
+
+    @staticmethod
+    def tag(step: int) -> str:
+        """The checkpoint tag of a step: tags sort by step."""
+        return f"step-{step:08d}"
+
+    @staticmethod
+    def step_of(tag: str) -> int:
+        return int(tag.split("-")[1])
 
     def latest_tag(self) -> str | None:
         """The newest complete checkpoint, or None. The pointer is replaced atomically only after
@@ -59,19 +89,21 @@ class RunDir:
         if not pointer.is_file():
             return None
         tag = pointer.read_text().strip()
-        return tag if tag and (self.checkpoints / tag).is_dir() else None
+        return tag if tag and (self.checkpoints / tag / "meta.json").is_file() else None
 
     def set_latest(self, tag: str) -> None:
-        tmp = self.checkpoints / ".latest.tmp"
-        tmp.write_text(tag + "\n")
-        os.replace(tmp, self.checkpoints / "latest")
+        write_text(self.checkpoints / "latest", tag + "\n")
 
     def checkpoint_tags(self) -> list[str]:
         """Complete checkpoints, oldest first (tags sort by step)."""
         if not self.checkpoints.is_dir():
             return []
         return sorted(p.name for p in self.checkpoints.iterdir()
-                      if p.is_dir() and (p / "meta.json").is_file())
+                      if p.is_dir() and p.name.startswith("step-") and (p / "meta.json").is_file())
+
+    def checkpoint_meta(self, tag: str) -> dict[str, Any]:
+        """meta.json of a checkpoint: step, world_size, zero_stage, stage, model (ModelConfig), tokenizer."""
+        return json.loads((self.checkpoints / tag / "meta.json").read_text())
 
     # ---- metrics ---------------------------------------------------------------------------
 
@@ -98,9 +130,7 @@ class RunDir:
     def truncate_metrics(self, after_step: int) -> None:
         """Drop rows logged after a checkpoint, so a resumed run does not log those steps twice."""
         keep = [row for row in self.read_metrics() if row.get("step", -1) <= after_step]
-        tmp = self.metrics.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps(row) + "\n" for row in keep))
-        os.replace(tmp, self.metrics)
+        write_text(self.metrics, "".join(json.dumps(row) + "\n" for row in keep))
 
     def append_metrics(self, rows: Iterable[dict[str, Any]]) -> None:
         with open(self.metrics, "a") as f:
@@ -118,3 +148,41 @@ class RunDir:
     def write_config(self, config: dict[str, Any]) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
         dump_json(config, self.config)
+
+
+# ------------------------------------------------------------------------------------------------
+# Starting a training process
+# ------------------------------------------------------------------------------------------------
+
+def train_command(spec: str | os.PathLike, *, num_gpus: int = 0, hostfile: str = "",
+                  extra: Sequence[str] = ()) -> list[str]:
+    """The command that trains the run described by the JSON file `spec`: `python -m npp.train` for one
+    process, the `deepspeed` launcher for several GPUs (`num_gpus` > 1) or several nodes (`hostfile`)."""
+    if num_gpus > 1 or hostfile:
+        beside = Path(sys.executable).with_name("deepspeed")  # the launcher of this environment first
+        launcher = [str(beside) if beside.is_file() else "deepspeed", *(["--hostfile", hostfile] if hostfile else ["--num_gpus", str(num_gpus)])]
+        return [*launcher, str(TRAIN_SCRIPT), "--config", str(spec), *extra]
+    return [sys.executable, "-m", "npp.train", "--config", str(spec), *extra]
+
+
+def launch(config: TrainConfig, *, num_gpus: int = 0, hostfile: str = "", extra: Sequence[str] = (),
+           echo: Callable[[str], None] | None = None, env: dict[str, str] | None = None) -> int:
+    """Train (or resume) `config` in a process of its own and return its exit code.
+
+    A process of its own: DeepSpeed keeps process-wide state (the process group, its communication
+    groups) that a second run in the same interpreter cannot reuse, and a process hands all its memory
+    back when it ends. The config is written beside the run (runs_dir/.<name>.json) for the command line.
+    Output streams to `echo` as it comes (raw chunks, so a progress bar redraws one line), by default
+    this process's stdout.
+    """
+    spec = Path(config.runs_dir) / f".{config.name}.json"
+    spec.parent.mkdir(parents=True, exist_ok=True)
+    dump_json(config.to_dict(), spec)
+    command = train_command(spec, num_gpus=num_gpus, hostfile=hostfile, extra=extra)
+    write = echo or (lambda text: print(text, end="", flush=True))
+    write("$ " + " ".join(command) + "\n")
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env) as process:
+        assert process.stdout is not None
+        for chunk in iter(lambda: process.stdout.read1(4096), b""):
+            write(chunk.decode(errors="replace"))
+    return process.returncode

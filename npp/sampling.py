@@ -1,16 +1,22 @@
 """Ordinary next-token sampling with classifier-free guidance and a KV cache (REFERENCE §5).
 
 NPP changes only training: every model, whatever its schedule, samples one token at a time here.
+Every sampling knob lives in one typed, validated `SamplerConfig`; evaluation, the trainer's periodic
+evaluation, the app's "Advanced" widgets and `npp evaluate`'s flags are all built from its fields.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+import dataclasses
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 
+from npp.config import SamplerConfig
+from npp.errors import check, require
 from npp.model import GPT
+
 
 StepCallback = Callable[[int, torch.Tensor], None]
 """Called after each sampled token as callback(step, tokens_BT) with the T = step + 1 tokens so far."""
@@ -68,53 +74,39 @@ def sample_token(logits_BV: torch.Tensor, uniform_B: torch.Tensor, *, temperatur
 def generate(
     model: GPT,
     labels_B: torch.Tensor,
+    sampler: SamplerConfig | None = None,
     *,
-    cfg_scale: float = 1.0,
-    cfg_interval: int = -1,
-    temperature: float = 1.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
     generator: torch.Generator | Sequence[torch.Generator] | None = None,
     progress: bool = False,
     callback: StepCallback | None = None,
+    **knobs: Any,
 ) -> torch.Tensor:
     """Sample grid² tokens per label; returns tokens_BL (int64, row-major grid order).
 
-    cfg_scale > 1 doubles the batch with the null class and mixes uncond + s·(cond − uncond).
-    cfg_interval ≥ 0 stops guidance after the first cfg_interval + 2 tokens, as in LlamaGen
-    (-1 guides every token). A torch.Generator makes the draw reproducible; a list of them, one
-    per label, makes every sample reproducible on its own, whatever batch it is drawn in.
-    progress shows a tqdm bar; callback(step, tokens_BT) streams partial results.
+    `sampler` holds the knobs (default: SamplerConfig(), plain sampling); each can also be given as a
+    keyword (`cfg_scale=2.0, cfg_interval=-1, temperature=1.0, top_k=0, top_p=1.0`), which replaces the
+    sampler's value. cfg_scale > 1 doubles the batch with the null class and mixes
+    uncond + s·(cond − uncond). A torch.Generator makes the draw reproducible; a list of them, one per
+    label, makes every sample reproducible on its own, whatever batch it is drawn in. progress shows a
+    tqdm bar; callback(step, tokens_BT) streams partial results.
     """
+    sampler = sampler or SamplerConfig()
+    if knobs:
+        known = {f.name for f in dataclasses.fields(sampler)}
+        check(set(knobs) <= known, f"generate() got unknown sampling argument(s) {sorted(set(knobs) - known)}: "
+                                   f"choose from {sorted(known)}")
+        sampler = dataclasses.replace(sampler, **knobs)
     config = model.config
-    labels_B = labels_B.to(model.tok_embeddings.weight.device).long()
-    if labels_B.dim() != 1:
-        raise ValueError(f"labels_B must be 1-D (one class per image), got shape {tuple(labels_B.shape)}")
-    if labels_B.numel() and (labels_B.min() < 0 or labels_B.max() > config.num_classes):
-        raise ValueError(f"class labels must lie in [0, {config.num_classes}] "
-                         f"({config.num_classes} is the null class), got {labels_B.tolist()}")
-    for name, value, ok, fix in [
-        ("temperature", temperature, temperature >= 0, "use a value ≥ 0 (1.0 is the paper's)"),
-        ("top_k", top_k, isinstance(top_k, int) and top_k >= 0, "use 0 (off) or a positive int"),
-        ("top_p", top_p, 0.0 < top_p <= 1.0, "use a value in (0, 1] (1.0 is off)"),
-        ("cfg_scale", cfg_scale, cfg_scale >= 0, "use a value ≥ 0 (≤ 1 turns guidance off)"),
-        ("cfg_interval", cfg_interval, isinstance(cfg_interval, int) and cfg_interval >= -1,
-         "use -1 (guide every token) or a token count ≥ 0"),
-    ]:
-        if not ok:
-            raise ValueError(f"{name}={value!r}: {fix}")
+    labels_B = _checked_labels(labels_B, config.num_classes).to(model.tok_embeddings.weight.device)
 
     B, L = labels_B.shape[0], config.seq_len
-    guided = cfg_scale > 1.0
-    if guided:
+    if sampler.guided:
         labels_B = torch.cat([labels_B, torch.full_like(labels_B, config.num_classes)])
     uniforms_BL = draw_uniforms(B, L, generator, labels_B.device)
     tokens_BL = torch.empty(B, L, dtype=torch.long, device=labels_B.device)
     steps = range(L)
     if progress:
-        from tqdm.auto import tqdm
-
-        steps = tqdm(steps, desc="sampling", unit="tok", leave=False)
+        steps = require("tqdm.auto", "a progress bar").tqdm(steps, desc="sampling", unit="tok", leave=False)
 
     was_training = model.training
     model.eval()
@@ -125,18 +117,31 @@ def generate(
                 logits = model.decode(cache, 0, labels_B=labels_B)[:, -1]
             else:
                 previous = tokens_BL[:, step - 1:step]
-                inputs = torch.cat([previous, previous]) if guided else previous
+                inputs = torch.cat([previous, previous]) if sampler.guided else previous
                 logits = model.decode(cache, step, tokens_BS=inputs)[:, -1]
-            if guided:
+            if sampler.guided:
                 cond_BV, uncond_BV = logits.chunk(2)
-                if cfg_interval == -1 or step <= cfg_interval + 1:
-                    logits = uncond_BV + cfg_scale * (cond_BV - uncond_BV)
+                if sampler.cfg_interval == -1 or step <= sampler.cfg_interval + 1:
+                    logits = uncond_BV + sampler.cfg_scale * (cond_BV - uncond_BV)
                 else:
                     logits = cond_BV
-            tokens_BL[:, step] = sample_token(logits, uniforms_BL[:, step], temperature=temperature,
-                                              top_k=top_k, top_p=top_p)
+            tokens_BL[:, step] = sample_token(logits, uniforms_BL[:, step], temperature=sampler.temperature,
+                                              top_k=sampler.top_k, top_p=sampler.top_p)
             if callback is not None:
                 callback(step, tokens_BL[:, :step + 1])
     finally:
         model.train(was_training)
     return tokens_BL
+
+
+def _checked_labels(labels_B: Any, num_classes: int) -> torch.Tensor:
+    """Class ids as a 1-D int64 tensor, or a one-line error: 2.7 is not a class, nor is an empty batch."""
+    labels = torch.as_tensor(labels_B)
+    check(labels.dim() == 1, f"labels_B must be 1-D (one class per image), got shape {tuple(labels.shape)}")
+    check(labels.numel() > 0, "labels_B is empty: give at least one class label")
+    check(not labels.is_floating_point() and not labels.is_complex() and labels.dtype != torch.bool,
+          f"class labels must be integers, got {labels.dtype} values {labels.tolist()[:8]}")
+    labels = labels.long()
+    check(int(labels.min()) >= 0 and int(labels.max()) <= num_classes,
+          f"class labels must lie in [0, {num_classes}] ({num_classes} is the null class), got {labels.tolist()[:8]}")
+    return labels

@@ -21,8 +21,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from npp.config import VQConfig
-from npp.weights import (CheckpointError, fingerprint, load_foreign_state_dict, load_strict,
-                         read_safetensors, save_safetensors)
+from npp.errors import CheckpointError, check
+from npp.files import ASSETS
+from npp.weights import fingerprint, load_foreign_state_dict, load_strict, read_safetensors, save_safetensors
 
 
 def _norm(channels: int) -> nn.GroupNorm:
@@ -322,3 +323,35 @@ class VQModel(nn.Module):
 def to_uint8(images_B3HW: torch.Tensor) -> torch.Tensor:
     """[-1, 1] floats to uint8 pixels, B × H × W × 3, as LlamaGen saves samples: clamp(127.5·x + 128)."""
     return (images_B3HW.float() * 127.5 + 128).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu()
+
+
+# --------------------------------------------------------------------------------------------
+# Finding a tokenizer: the shipped ones by name, a save_pretrained folder, or a LlamaGen .pt
+# --------------------------------------------------------------------------------------------
+
+EMBEDDED_TOKENIZERS = ("mnist-8x8", "mnist-16x16")
+"""The shipped MNIST tokenizers (npp/assets/<name>), one per embedded data set of the same name."""
+
+
+def load_embedded_tokenizer(name: str = "mnist-8x8", device: str | torch.device = "cpu") -> VQModel:
+    """A shipped MNIST tokenizer, in eval mode; its metrics.json says how it was made."""
+    check(name in EMBEDDED_TOKENIZERS, f"no embedded tokenizer {name!r}: choose one of {', '.join(EMBEDDED_TOKENIZERS)}")
+    return VQModel.from_pretrained(ASSETS / name, device=device)
+
+
+def load_tokenizer(path: str | os.PathLike, *, preset: str | None = None, **overrides: Any) -> VQModel:
+    """A tokenizer folder written by VQModel.save_pretrained, or a LlamaGen VQ .pt checkpoint.
+
+    `preset` (default llamagen-vq16) and `overrides` (VQConfig fields) describe a .pt's architecture;
+    a folder carries its own config, so giving them with one is an error rather than ignored.
+    """
+    path = Path(path)
+    if path.is_dir():
+        given = ([] if preset is None else ["preset"]) + sorted(overrides)
+        check(not given, f"{path} is a save_pretrained folder with its own config.json: drop the "
+                         f"architecture flags ({', '.join(given)}), they are for .pt files")
+        return VQModel.from_pretrained(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file or folder; give a folder written by "
+                              f"VQModel.save_pretrained or a LlamaGen VQ .pt checkpoint")
+    return VQModel.from_llamagen(path, **VQConfig.preset(preset or "llamagen-vq16", **overrides).to_dict())

@@ -2,7 +2,7 @@
 
     config = TokenizerTrainConfig(preset="mnist-8x8", steps=2000)
     model, metrics = train_tokenizer(config, "runs/vq-8x8")            # `npp tokenizer train ...`
-    vq = load_embedded_tokenizer("mnist-8x8")                          # the weights in npp/assets
+    vq = npp.tokenizer.load_embedded_tokenizer("mnist-8x8")            # the weights in npp/assets
 
 Loss: L2 reconstruction (optionally + L1) + the quantizer's codebook and commitment terms. A code
 that the encoder stops choosing gets no gradient and stays dead for good, so the trainer keeps an
@@ -27,15 +27,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from npp.classifier import ASSETS, MnistClassifier, load_mnist_classifier, predict, run_record
-from npp.config import VQ_PRESETS, ConfigError, VQConfig, dump_json
+from npp.classifier import MnistClassifier, load_mnist_classifier, predict, run_record
+from npp.config import VQ_PRESETS, VQConfig
 from npp.data import mnist_images, to_unit_range
+from npp.errors import check
+from npp.files import dump_json
 from npp.tokenizer import Quantized, VQModel
-
-
-def _check(ok: bool, message: str) -> None:
-    if not ok:
-        raise ConfigError(message)
 
 
 @dataclass
@@ -92,32 +89,32 @@ class TokenizerTrainConfig:
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)
-        _check(self.preset in VQ_PRESETS, f"TokenizerTrainConfig.preset={self.preset!r}: choose one of "
+        check(self.preset in VQ_PRESETS, f"TokenizerTrainConfig.preset={self.preset!r}: choose one of "
                                           f"{', '.join(VQ_PRESETS)}")
         for name in ("steps", "batch_size"):
             value = getattr(self, name)
-            _check(isinstance(value, int) and value > 0,
+            check(isinstance(value, int) and value > 0,
                    f"TokenizerTrainConfig.{name}={value!r}: must be a positive integer")
         for name in ("warmup_steps", "reseed_every", "log_every", "eval_every", "ckpt_every", "train_images",
                      "test_images"):
             value = getattr(self, name)
-            _check(isinstance(value, int) and value >= 0,
+            check(isinstance(value, int) and value >= 0,
                    f"TokenizerTrainConfig.{name}={value!r}: must be a non-negative integer")
-        _check(self.warmup_steps < self.steps, f"TokenizerTrainConfig.warmup_steps={self.warmup_steps}: must be "
+        check(self.warmup_steps < self.steps, f"TokenizerTrainConfig.warmup_steps={self.warmup_steps}: must be "
                                                f"less than steps={self.steps}")
-        _check(self.lr > 0, f"TokenizerTrainConfig.lr={self.lr}: must be positive, e.g. 2e-3")
-        _check(0 <= self.end_lr <= self.lr, f"TokenizerTrainConfig.end_lr={self.end_lr}: must lie in [0, lr={self.lr}]")
-        _check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+        check(self.lr > 0, f"TokenizerTrainConfig.lr={self.lr}: must be positive, e.g. 2e-3")
+        check(0 <= self.end_lr <= self.lr, f"TokenizerTrainConfig.end_lr={self.end_lr}: must lie in [0, lr={self.lr}]")
+        check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
                f"TokenizerTrainConfig.betas={self.betas}: give two values in [0, 1), e.g. (0.9, 0.99)")
         for name in ("weight_decay", "grad_clip", "l1_weight"):
-            _check(getattr(self, name) >= 0, f"TokenizerTrainConfig.{name}={getattr(self, name)}: must be ≥ 0 "
+            check(getattr(self, name) >= 0, f"TokenizerTrainConfig.{name}={getattr(self, name)}: must be ≥ 0 "
                                              f"(0 turns it off)")
-        _check(0 < self.usage_decay < 1, f"TokenizerTrainConfig.usage_decay={self.usage_decay}: must lie in (0, 1), "
+        check(0 < self.usage_decay < 1, f"TokenizerTrainConfig.usage_decay={self.usage_decay}: must lie in (0, 1), "
                                          f"e.g. 0.99")
-        _check(0 < self.dead_threshold < 1,
+        check(0 < self.dead_threshold < 1,
                f"TokenizerTrainConfig.dead_threshold={self.dead_threshold}: must lie in (0, 1) (a fraction of "
                f"the uniform share), e.g. 0.03")
-        _check(isinstance(self.eval_images, int) and self.eval_images > 0,
+        check(isinstance(self.eval_images, int) and self.eval_images > 0,
                f"TokenizerTrainConfig.eval_images={self.eval_images!r}: must be a positive integer")
 
     @property
@@ -423,7 +420,7 @@ class TokenizerTrainer:
         changed = sorted(k for k, v in self.config.to_dict().items()
                          if k not in _NOT_IN_WEIGHTS and saved.get(k) != v)
         now = self.config.to_dict()
-        _check(not changed, f"cannot resume {self.checkpoint_path}: it was trained with "
+        check(not changed, f"cannot resume {self.checkpoint_path}: it was trained with "
                             f"{', '.join(f'{k}={saved.get(k)!r} (not {now[k]!r})' for k in changed)}; "
                             f"pass the same settings or choose another --out")
 
@@ -467,21 +464,7 @@ def train_tokenizer(config: TokenizerTrainConfig, out: str | os.PathLike, *, res
     if resume:
         trainer.resume()
     else:
-        _check(not (trainer.out / "metrics.jsonl").exists(),
+        check(not (trainer.out / "metrics.jsonl").exists(),
                f"{trainer.out} already holds a run: pass --resume to continue it, or choose another --out")
     trainer.train()
     return trainer.model.eval(), trainer.finish(command)
-
-
-# --------------------------------------------------------------------------------------------
-# The shipped tokenizers
-# --------------------------------------------------------------------------------------------
-
-EMBEDDED_TOKENIZERS = ("mnist-8x8", "mnist-16x16")
-
-
-def load_embedded_tokenizer(name: str = "mnist-8x8", device: str | torch.device = "cpu") -> VQModel:
-    """A shipped MNIST tokenizer (npp/assets/<name>), in eval mode; its metrics.json says how it was made."""
-    if name not in EMBEDDED_TOKENIZERS:
-        raise ValueError(f"no embedded tokenizer {name!r}: choose one of {', '.join(EMBEDDED_TOKENIZERS)}")
-    return VQModel.from_pretrained(ASSETS / name, device=device)

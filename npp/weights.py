@@ -16,11 +16,8 @@ from typing import Any, Mapping
 import torch
 import torch.nn as nn
 
-from npp.config import dump_json
-
-
-class CheckpointError(ValueError):
-    """A checkpoint cannot be used; the one-line message says what is wrong with it."""
+from npp.errors import CheckpointError
+from npp.files import atomic_path, dump_json
 
 
 _WRAPPER_KEYS = ("model", "module", "state_dict")
@@ -97,13 +94,8 @@ def save_safetensors(model: nn.Module, directory: str | os.PathLike, config: dic
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    tmp = directory / ".model.safetensors.tmp"
-    save_file(tensors, str(tmp), metadata={"format": "pt"})
-    # safetensors creates its file private (0600); exports are meant to be shared.
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
-    os.replace(tmp, directory / "model.safetensors")
+    with atomic_path(directory / "model.safetensors") as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
     dump_json(config, directory / "config.json")
     return directory
 
