@@ -1,11 +1,12 @@
 """What the demo does, without the UI: find models, load them, sample two of them in turns, measure.
 
-The app only reads run directories (npp.runs) and checkpoints; nothing here imports gradio, so the
-tests drive it in-process and the UI in app/demo.py stays a thin layer of widgets.
+The app only reads run directories (npp.runs) and checkpoints, each loaded as an npp.Pipeline;
+nothing here imports gradio, so the tests drive it in-process and the UI in app/demo.py stays a thin
+layer of widgets.
 
     backend = Backend(find_sources("runs"), device="auto")
     left, right = backend.load("quickstart-ntp"), backend.load("quickstart-npp")
-    settings = Settings(class_index=7, num_images=4, seed=0).validated()
+    settings = Settings(class_index=7, num_images=4, seed=0, sampler=PAPER_SAMPLER).validated()
     for frames in stream([left, right], settings):   # one round per token row, the sides in turn
         ...                                          # frames[i].images_BHW3 fills row by row
 """
@@ -26,14 +27,13 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 
-from npp.config import ConfigError
-from npp.evaluate import load_subject, sample_generators
-from npp.extract import load_tokenizer
+from npp.config import PAPER_SAMPLER, SamplerConfig
+from npp.errors import CheckpointError, ConfigError
+from npp.evaluate import sample_generators
 from npp.model import GPT
+from npp.pipeline import Pipeline
 from npp.runs import RunDir
 from npp.sampling import generate
-from npp.tokenizer import VQModel, to_uint8
-from npp.weights import CheckpointError
 
 MAX_IMAGES = 16
 """Images per side and request: enough to compare, small enough that one request cannot hog the queue."""
@@ -73,9 +73,8 @@ def find_sources(runs_dir: str | Path | None, checkpoints: Sequence[str | Path] 
     """
     sources = []
     if runs_dir is not None and Path(runs_dir).is_dir():
-        for folder in sorted(Path(runs_dir).iterdir()):
-            if (folder / "export" / "model.safetensors").is_file():
-                sources.append(Source(folder.name, folder, "run"))
+        sources += [Source(folder.name, folder, "run") for folder in sorted(Path(runs_dir).iterdir())
+                    if RunDir(folder).exported]
     for path in map(Path, checkpoints):
         taken = {s.name for s in sources}
         name = path.name if path.name not in taken else str(path)
@@ -129,23 +128,23 @@ class Loaded:
     """A model ready to sample, with what the app shows about it."""
 
     source: Source
-    model: GPT
-    vq: VQModel
+    pipe: Pipeline
     class_names: list[str]
     named: bool
     """Whether class_names are real names (digits, ImageNet) rather than 'class k'."""
     train_flops: float | None
     """Total training FLOPs from the run's last metrics row; None for .pt checkpoints."""
 
-    @property
-    def device(self) -> torch.device:
-        return self.model.tok_embeddings.weight.device
+    @classmethod
+    def from_pipeline(cls, source: Source, pipe: Pipeline, train_flops: float | None) -> Loaded:
+        names, named = class_names(pipe.model.config.num_classes, pipe.on_embedded_data)
+        return cls(source, pipe, names, named, train_flops)
 
     def describe(self) -> str:
-        c = self.model.config
-        return (f"**{self.source.name}** ({self.source.kind}) · {format_count(self.model.num_params())} parameters · "
-                f"{c.grid}×{c.grid} tokens, {c.vocab_size} codes, {c.num_classes} classes · "
-                f"training {format_flops(self.train_flops)} · {self.device}")
+        c = self.pipe.model.config
+        return (f"**{self.source.name}** ({self.source.kind}) · {format_count(self.pipe.model.num_params())} "
+                f"parameters · {c.grid}×{c.grid} tokens, {c.vocab_size} codes, {c.num_classes} classes · "
+                f"training {format_flops(self.train_flops)} · {self.pipe.device}")
 
 
 def format_count(n: int) -> str:
@@ -213,28 +212,20 @@ class Backend:
             return self._load_run(source)
         if self.tokenizer is None:
             raise LoadError("a .pt checkpoint needs its tokenizer: start the app with --tokenizer PATH")
-        vq = load_tokenizer(self.tokenizer)
-        grid = vq.config.image_size // vq.config.downsample
-        model = GPT.from_llamagen(source.path, grid=grid)
-        if model.config.vocab_size != vq.config.codebook_size:
-            raise LoadError(f"the checkpoint predicts {model.config.vocab_size} codes but the tokenizer "
-                            f"{self.tokenizer} has {vq.config.codebook_size}: pass the tokenizer it was trained with")
-        names, named = class_names(model.config.num_classes, mnist=False)
-        return Loaded(source, model.to(self.device).eval(), vq.to(self.device).eval(), names, named, None)
+        pipe = Pipeline.from_llamagen(source.path, self.tokenizer, device=self.device)
+        return Loaded.from_pipeline(source, pipe, None)
 
     def _load_run(self, source: Source) -> Loaded:
         """A run with the tokenizer its export names; --tokenizer only stands in when that one cannot be
         found (codes extracted on another machine), and its fingerprint must still match."""
         try:
-            subject = load_subject(source.path, device=self.device)
-        except Exception:
+            pipe = Pipeline.from_run(source.path, device=self.device)
+        except (ConfigError, CheckpointError):
             if self.tokenizer is None:
                 raise
-            subject = load_subject(source.path, tokenizer=str(self.tokenizer), device=self.device)
-        rows = RunDir(source.path).train_rows()
-        flops = rows[-1].get("flops_seen") if rows else None
-        names, named = class_names(subject.model.config.num_classes, subject.mnist)
-        return Loaded(source, subject.model.eval(), subject.vq.eval(), names, named, flops)
+            pipe = Pipeline.from_run(source.path, tokenizer=self.tokenizer, device=self.device)
+        rows = source.run.train_rows()
+        return Loaded.from_pipeline(source, pipe, rows[-1].get("flops_seen") if rows else None)
 
 
 def _reason(err: Exception) -> str:
@@ -246,7 +237,7 @@ def _reason(err: Exception) -> str:
 
 def shared_classes(sides: Sequence[Loaded]) -> list[str]:
     """The classes every side knows (both sample the same labels), named by a side that has names."""
-    n = min(s.model.config.num_classes for s in sides)
+    n = min(s.pipe.model.config.num_classes for s in sides)
     namer = next((s for s in sides if s.named), sides[0])
     return namer.class_names[:n]
 
@@ -267,37 +258,36 @@ def parse_class(value: Any, names: Sequence[str]) -> int:
 # Sampling settings
 # ------------------------------------------------------------------------------------------------
 
+def paper_sampler(cls: type[SamplerConfig] = SamplerConfig) -> SamplerConfig:
+    """The app's default sampler of class `cls`: the paper's values, and the class's own defaults for the
+    fields it adds."""
+    return cls(**PAPER_SAMPLER.to_dict())
+
+
 @dataclass
 class Settings:
-    """One request: the same labels, seeds and sampler for both sides (the paper's defaults)."""
+    """One request: the same labels, seeds and sampler for both sides.
+
+    The sampler checks its own values when it is built (SamplerConfig raises a ConfigError, a
+    ValueError); this class checks the rest.
+    """
 
     class_index: int
     num_images: int = 4
     seed: int = 0
     """Image i is drawn with its own generator seeded seed + i, as npp evaluate does."""
-    cfg_scale: float = 2.0
-    cfg_interval: int = -1
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
+    sampler: SamplerConfig = PAPER_SAMPLER
 
     def validated(self) -> Settings:
-        """Integers where integers are meant and every value in range; one message lists every fix."""
+        """Whole numbers in range (browsers send 2.0 for 2); one message lists every fix."""
         problems = []
-        for name, low, high in (("num_images", 1, MAX_IMAGES), ("seed", 0, MAX_SEED), ("cfg_interval", -1, None),
-                                ("top_k", 0, None), ("class_index", 0, None)):
+        for name, low, high in (("num_images", 1, MAX_IMAGES), ("seed", 0, MAX_SEED), ("class_index", 0, None)):
             value = getattr(self, name)
             if not _is_int(value) or value < low or (high is not None and value > high):
                 bounds = f"{low} … {high}" if high is not None else f"≥ {low}"
-                problems.append(f"{name} = {value!r}: use a whole number {bounds}")
+                problems.append(f"{name}={value!r}: use a whole number {bounds}")
             else:
                 setattr(self, name, int(value))
-        for name, ok, fix in (("cfg_scale", lambda v: v >= 0, "use a value ≥ 0 (≤ 1 turns guidance off)"),
-                              ("temperature", lambda v: v >= 0, "use a value ≥ 0 (1.0 is the paper's)"),
-                              ("top_p", lambda v: 0 < v <= 1, "use a value in (0, 1] (1.0 is off)")):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not math.isfinite(value) or not ok(value):
-                problems.append(f"{name} = {value!r}: {fix}")
         if problems:
             raise ValueError("; ".join(problems))
         return self
@@ -321,22 +311,21 @@ class SteppedSampler:
 
     _CANCEL = object()
 
-    def __init__(self, model: GPT, labels_B: torch.Tensor, settings: Settings, generators: list[torch.Generator],
-                 every: int):
+    def __init__(self, model: GPT, labels_B: torch.Tensor, sampler: SamplerConfig,
+                 generators: list[torch.Generator], every: int):
         self.every, self.length, self.done = every, model.config.seq_len, False
         self._go: queue.Queue[object] = queue.Queue()
         self._out: queue.Queue[tuple[str, Any]] = queue.Queue()
-        kwargs = dict(cfg_scale=settings.cfg_scale, cfg_interval=settings.cfg_interval,
-                      temperature=settings.temperature, top_k=settings.top_k, top_p=settings.top_p,
-                      generator=generators, callback=self._pause)
-        self._thread = threading.Thread(target=self._run, args=(model, labels_B, kwargs), daemon=True,
+        self._thread = threading.Thread(target=self._run, args=(model, labels_B, sampler, generators), daemon=True,
                                         name=SAMPLER_THREAD)
         self._thread.start()
 
-    def _run(self, model: GPT, labels_B: torch.Tensor, kwargs: dict[str, Any]) -> None:
+    def _run(self, model: GPT, labels_B: torch.Tensor, sampler: SamplerConfig,
+             generators: list[torch.Generator]) -> None:
         try:
             self._wait()
-            self._out.put(("done", generate(model, labels_B, **kwargs).cpu()))
+            tokens_BL = generate(model, labels_B, sampler, generator=generators, callback=self._pause)
+            self._out.put(("done", tokens_BL.cpu()))
         except _Cancelled:
             pass
         except BaseException as err:  # noqa: BLE001 (handed to the caller, which raises it)
@@ -375,22 +364,6 @@ class _Cancelled(Exception):
     pass
 
 
-def decode_rows(vq: VQModel, tokens_BT: torch.Tensor, grid: int) -> np.ndarray:
-    """Images (B, H, W, 3) uint8 of the complete token rows so far; rows not generated yet stay black.
-
-    Only real tokens are decoded (no placeholder codes below the frontier), so a preview never shows
-    invented content; the decoder's convolutions see a shorter latent, so the last preview row can
-    differ slightly from the final image, which is the full grid decoded as npp evaluate does.
-    """
-    B, T = tokens_BT.shape
-    rows, down = T // grid, vq.config.downsample
-    images_BHW3 = np.zeros((B, grid * down, grid * down, 3), dtype=np.uint8)
-    if rows:
-        codes_Bhw = tokens_BT[:, :rows * grid].reshape(B, rows, grid)
-        images_BHW3[:, :rows * down] = to_uint8(vq.decode(codes_Bhw.to(vq.device))).numpy()
-    return images_BHW3
-
-
 @dataclass
 class Frame:
     """Where one side stands: its images so far and what its turns have cost."""
@@ -414,14 +387,14 @@ class Frame:
 
     def stats(self, settings: Settings) -> str:
         """The line under a gallery: progress while sampling, cost and model facts when done."""
-        grid = self.side.model.config.grid
+        grid = self.side.pipe.grid
         if not self.done:
             return f"**{self.side.source.name}**: row {self.rows}/{grid} · {self.wall_s:.2f} s so far"
         rate = self.tokens / self.sampling_s if self.sampling_s > 0 else float("inf")
         return (f"**{self.side.source.name}** · {settings.num_images} images · wall time {self.wall_s:.2f} s "
                 f"(sampling {self.sampling_s:.2f} s, previews and decoding {self.decoding_s:.2f} s) · "
                 f"{rate:,.0f} tokens/s · {memory_text(self.peak_bytes)} · "
-                f"{format_count(self.side.model.num_params())} parameters · "
+                f"{format_count(self.side.pipe.model.num_params())} parameters · "
                 f"training {format_flops(self.side.train_flops)}")
 
 
@@ -439,13 +412,14 @@ def stream(sides: Sequence[Loaded], settings: Settings) -> Iterator[list[Frame]]
     Yields the frames after every round, so viewers watch both models draw; the last yield has
     every side done. Closing the iterator (a cancelled request) stops the worker threads.
     """
-    frames = [Frame(s, np.zeros((settings.num_images, *_image_shape(s)), dtype=np.uint8)) for s in sides]
+    frames = [Frame(s, np.zeros((settings.num_images, s.pipe.image_size, s.pipe.image_size, 3), dtype=np.uint8))
+              for s in sides]
+    labels_B = torch.full((settings.num_images,), settings.class_index, dtype=torch.long)
     samplers = []
     try:
         for s in sides:
-            labels_B = torch.full((settings.num_images,), settings.class_index, dtype=torch.long)
-            generators = sample_generators(range(settings.num_images), settings.seed, s.device)
-            samplers.append(SteppedSampler(s.model, labels_B, settings, generators, every=s.model.config.grid))
+            generators = sample_generators(range(settings.num_images), settings.seed, s.pipe.device)
+            samplers.append(SteppedSampler(s.pipe.model, labels_B, settings.sampler, generators, every=s.pipe.grid))
         while not all(f.done for f in frames):
             for frame, sampler in zip(frames, samplers):
                 if not frame.done:
@@ -456,26 +430,22 @@ def stream(sides: Sequence[Loaded], settings: Settings) -> Iterator[list[Frame]]
             sampler.close()
 
 
-def _image_shape(side: Loaded) -> tuple[int, int, int]:
-    pixels = side.model.config.grid * side.vq.config.downsample
-    return pixels, pixels, 3
-
-
 def _turn(frame: Frame, sampler: SteppedSampler) -> None:
     """One row of one side: sample it, decode the preview, account time and memory to this side."""
-    cuda = frame.side.device.type == "cuda"
+    device = frame.side.pipe.device
+    cuda = device.type == "cuda"
     if cuda:
-        torch.cuda.reset_peak_memory_stats(frame.side.device)
+        torch.cuda.reset_peak_memory_stats(device)
     started = time.perf_counter()
     tokens_BT = sampler.advance()  # the copy to the CPU inside waits for the GPU, so the clock is honest
     sampled = time.perf_counter()
-    frame.images_BHW3 = decode_rows(frame.side.vq, tokens_BT, frame.side.model.config.grid)
+    frame.images_BHW3 = frame.side.pipe.decode_rows(tokens_BT)
     frame.sampling_s += sampled - started
     frame.decoding_s += time.perf_counter() - sampled
-    frame.rows = tokens_BT.shape[1] // frame.side.model.config.grid
+    frame.rows = tokens_BT.shape[1] // frame.side.pipe.grid
     frame.tokens, frame.done = tokens_BT.numel(), sampler.done
     if cuda:
-        frame.peak_bytes = max(frame.peak_bytes or 0, torch.cuda.max_memory_allocated(frame.side.device))
+        frame.peak_bytes = max(frame.peak_bytes or 0, torch.cuda.max_memory_allocated(device))
 
 
 # ------------------------------------------------------------------------------------------------

@@ -10,9 +10,11 @@ Binds 127.0.0.1 unless --host says otherwise. The logic lives in app/backend.py;
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import random
 import sys
+import typing
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -22,12 +24,17 @@ os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
 import gradio as gr  # noqa: E402
 import torch  # noqa: E402
 
+from npp.config import SamplerConfig  # noqa: E402
+from npp.flags import field_docs  # noqa: E402
+
 if __package__:  # imported as app.demo (python -m app.demo)
     from app.backend import (MAX_IMAGES, MAX_SEED, Backend, Frame, LoadError, Loaded, Settings,  # noqa: E402
-                             default_pair, find_sources, parse_class, shared_classes, stream, training_plots)
+                             default_pair, find_sources, paper_sampler, parse_class, shared_classes, stream,
+                             training_plots)
 else:  # run as a script: python app/demo.py puts app/ first on the import path
     from backend import (MAX_IMAGES, MAX_SEED, Backend, Frame, LoadError, Loaded, Settings,  # noqa: E402
-                         default_pair, find_sources, parse_class, shared_classes, stream, training_plots)
+                         default_pair, find_sources, paper_sampler, parse_class, shared_classes, stream,
+                         training_plots)
 
 QUEUE_SIZE = 32
 """Requests waiting beyond this are turned away with a message rather than piling up."""
@@ -85,12 +92,29 @@ def gallery(frame: Frame | None, caption: str) -> list[tuple[Any, str]]:
     return [] if frame is None else [(image, caption) for image in frame.images_BHW3]
 
 
-def make_generate(backend: Backend):
-    """The sampling handler (api_name 'generate'): validates, then streams both galleries row by row."""
+def sampler_widgets(sampler: type[SamplerConfig]) -> list[gr.Number]:
+    """One number box per field of the sampler class, in field order: labelled by the field's docstring,
+    set to the paper's value. A field added to the class gets its box here with no other change."""
+    docs, defaults, hints = field_docs(sampler), paper_sampler(sampler), typing.get_type_hints(sampler)
+    widgets = []
+    for field in dataclasses.fields(sampler):
+        if hints[field.name] not in (int, float):
+            raise TypeError(f"{sampler.__name__}.{field.name} is {hints[field.name]}: the app draws number "
+                            f"boxes, for int and float fields only")
+        widgets.append(gr.Number(getattr(defaults, field.name), label=docs.get(field.name, field.name),
+                                 precision=0 if hints[field.name] is int else None, elem_id=f"sampler-{field.name}"))
+    return widgets
+
+
+def make_generate(backend: Backend, sampler: type[SamplerConfig]):
+    """The sampling handler (api_name 'generate'): validates, then streams both galleries row by row.
+
+    Its last inputs are the sampler_widgets of `sampler`, one value per field in field order.
+    """
+    knobs = [field.name for field in dataclasses.fields(sampler)]
 
     def generate(left: str | None, right: str | None, class_value: Any, num_images: float, seed: float,
-                 randomize: bool, cfg_scale: float, cfg_interval: float, temperature: float, top_k: float,
-                 top_p: float) -> Iterator[tuple[Any, ...]]:
+                 randomize: bool, *knob_values: float) -> Iterator[tuple[Any, ...]]:
         if randomize:
             seed = random.randint(0, MAX_SEED)
         sides, messages = load_sides(backend, [left, right])
@@ -102,9 +126,9 @@ def make_generate(backend: Backend):
                 gr.Warning(message.removeprefix("⚠️ "))
         try:
             names = shared_classes(present)
-            settings = Settings(parse_class(class_value, names), num_images, seed, cfg_scale, cfg_interval,
-                                temperature, top_k, top_p).validated()
-        except ValueError as err:
+            settings = Settings(parse_class(class_value, names), num_images, seed,
+                                sampler(**dict(zip(knobs, knob_values, strict=True)))).validated()
+        except ValueError as err:  # the sampler's own ConfigError included
             raise gr.Error(str(err)) from None
         caption = names[settings.class_index]
         status = (f"Class **{caption}**, {settings.num_images} images per side, seed {settings.seed} "
@@ -121,8 +145,10 @@ def make_generate(backend: Backend):
     return generate
 
 
-def build_demo(backend: Backend) -> gr.Blocks:
-    """The page: two model panels over shared controls, streaming galleries, and a Training tab."""
+def build_demo(backend: Backend, sampler: type[SamplerConfig] = SamplerConfig) -> gr.Blocks:
+    """The page: two model panels over shared controls, streaming galleries, and a Training tab.
+
+    The "Advanced" boxes are the fields of `sampler` (a SamplerConfig subclass adds its own)."""
     left_default, right_default = default_pair(list(backend.sources.values()))
     # Loading the default pair now makes the first page ready at once (and its classes known).
     default_sides, _ = load_sides(backend, [left_default, right_default])
@@ -140,18 +166,15 @@ def build_demo(backend: Backend) -> gr.Blocks:
         with gr.Tab("Generate"):
             with gr.Row():
                 # Custom values are allowed so that one can type "17" or a name; generate() checks the range.
-                class_box = gr.Dropdown(first_classes["choices"], value=first_classes["value"], label="Class (type to search)", filterable=True, allow_custom_value=True,
+                class_box = gr.Dropdown(first_classes["choices"], value=first_classes["value"],
+                                        label="Class (type to search)", filterable=True, allow_custom_value=True,
                                         elem_id="class")
                 num_images = gr.Slider(1, MAX_IMAGES, value=4, step=1, label="Images per side", elem_id="num-images")
                 seed = gr.Number(0, precision=0, minimum=0, maximum=MAX_SEED, label="Seed", elem_id="seed")
                 randomize = gr.Checkbox(False, label="New random seed each time", elem_id="randomize")
             with gr.Accordion("Advanced (the paper's defaults)", open=False):
                 with gr.Row():
-                    cfg_scale = gr.Number(2.0, minimum=0, label="CFG scale (≤ 1: no guidance)")
-                    cfg_interval = gr.Number(-1, precision=0, minimum=-1, label="CFG interval (-1: every token)")
-                    temperature = gr.Number(1.0, minimum=0, label="Temperature")
-                    top_k = gr.Number(0, precision=0, minimum=0, label="Top-k (0: off)")
-                    top_p = gr.Number(1.0, minimum=0, maximum=1, label="Top-p (1: off)")
+                    knobs = sampler_widgets(sampler)
             button = gr.Button("Generate", variant="primary", elem_id="generate")
             status = gr.Markdown(elem_id="status")
             with gr.Row():
@@ -176,9 +199,8 @@ def build_demo(backend: Backend) -> gr.Blocks:
         demo.load(**describe, api_name="describe")
         left.change(**describe, api_visibility="private")
         right.change(**describe, api_visibility="private")
-        button.click(make_generate(backend),
-                     inputs=[left, right, class_box, num_images, seed, randomize, cfg_scale, cfg_interval,
-                             temperature, top_k, top_p],
+        button.click(make_generate(backend, sampler),
+                     inputs=[left, right, class_box, num_images, seed, randomize, *knobs],
                      outputs=[left_gallery, right_gallery, left_stats, right_stats, seed, status],
                      api_name="generate", concurrency_id="models")
     return demo

@@ -6,6 +6,7 @@ tokenizer), named like the quickstart pair so that the app's defaults pick them.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -24,10 +25,14 @@ import torch
 from PIL import Image
 
 import npp
-from app.backend import (SAMPLER_THREAD, Backend, LoadError, Settings, decode_rows, default_pair, find_sources,
-                         parse_class, shared_classes, stream)
+from app.backend import (SAMPLER_THREAD, Backend, LoadError, Settings, default_pair, find_sources, parse_class,
+                         shared_classes, stream)
+from npp.config import PAPER_SAMPLER, SamplerConfig
+from npp.errors import check
 from npp.evaluate import sample_generators
-from npp.tokenizer_train import ASSETS, load_embedded_tokenizer
+from npp.files import ASSETS
+from npp.flags import field_docs
+from npp.tokenizer import load_embedded_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = "/usr/bin/chromium"
@@ -81,16 +86,17 @@ def test_stream_takes_turns_row_by_row_and_draws_what_generate_draws(runs_dir):
     backend = Backend(find_sources(runs_dir), device="cpu")
     left, right = backend.load("quickstart-ntp"), backend.load("quickstart-npp")
     settings = Settings(class_index=7, num_images=3, seed=11).validated()
-    down, rounds = left.vq.config.downsample, []
+    assert settings.sampler == PAPER_SAMPLER
+    down, rounds = left.pipe.vq.config.downsample, []
     for frames in stream([left, right], settings):
         rounds.append([(f.rows, f.done) for f in frames])
         for f in frames:  # the rows drawn so far show; those below the frontier are still black
             assert f.images_BHW3[:, :f.rows * down].max() > 0 and f.images_BHW3[:, f.rows * down:].max(initial=0) == 0
     assert rounds == [[(r, r == GRID)] * 2 for r in range(1, GRID + 1)]
     for side, frame in zip([left, right], frames):
-        tokens_BL = npp.generate(side.model, torch.full((3,), 7), cfg_scale=2.0,
+        tokens_BL = npp.generate(side.pipe.model, torch.full((3,), 7), cfg_scale=2.0,
                                  generator=sample_generators(range(3), 11))
-        np.testing.assert_array_equal(frame.images_BHW3, decode_rows(side.vq, tokens_BL, GRID))
+        np.testing.assert_array_equal(frame.images_BHW3, side.pipe.decode_rows(tokens_BL))
         stats = frame.stats(settings)
         assert "wall time" in stats and "tokens/s" in stats and "n/a on CPU" in stats and "FLOPs" in stats
 
@@ -120,8 +126,8 @@ def test_sources_defaults_classes_and_settings(runs_dir, tmp_path):
     assert [parse_class(v, names) for v in ("7 – seven", "7", 7, "class 7", "Seven")] == [7] * 5
     with pytest.raises(ValueError, match="not one of the 10 classes"):
         parse_class("12", names)
-    with pytest.raises(ValueError, match="num_images = 17.*temperature = -1"):
-        Settings(class_index=0, num_images=17, temperature=-1).validated()
+    with pytest.raises(ValueError, match="num_images=17: .*; seed=-1: "):
+        Settings(class_index=0, num_images=17, seed=-1).validated()
     assert Settings(class_index=3.0, num_images=2.0).validated().num_images == 2
 
 
@@ -131,8 +137,51 @@ def test_a_llamagen_checkpoint_loads_with_its_tokenizer(tmp_path):
     with pytest.raises(LoadError, match="needs its tokenizer: start the app with --tokenizer"):
         Backend(sources, device="cpu").load("c2i.pt")
     loaded = Backend(sources, tokenizer=ASSETS / "mnist-8x8", device="cpu").load("c2i.pt")
-    assert loaded.model.config.grid == GRID and loaded.train_flops is None  # grid from the tokenizer: 32 px / 4
+    assert loaded.pipe.grid == GRID and loaded.train_flops is None  # grid from the tokenizer: 32 px / 4
     assert loaded.class_names[3] == "class 3" and "FLOPs unknown" in loaded.describe()
+
+    other_codes = npp.GPT(npp.ModelConfig.preset("debug", vocab_size=64, num_classes=10, grid=GRID))
+    torch.save({"model": other_codes.state_dict()}, tmp_path / "c2i-64.pt")
+    backend = Backend(find_sources(None, [tmp_path / "c2i-64.pt"]), tokenizer=ASSETS / "mnist-8x8", device="cpu")
+    with pytest.raises(LoadError, match="has 256 codes but the model predicts 64: pass the tokenizer"):
+        backend.load("c2i-64.pt")
+
+
+@dataclasses.dataclass(frozen=True)
+class MinPSampler(SamplerConfig):
+    """A sampler with one knob more, as a researcher would add one."""
+
+    min_p: float = 0.0
+    """Min-p: drop tokens less likely than this fraction of the most likely one (0: off)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check(0.0 <= self.min_p <= 1.0, f"MinPSampler.min_p={self.min_p!r}: use a value in [0, 1]")
+
+
+def test_the_advanced_widgets_are_the_sampler_fields_and_a_new_field_gets_one(runs_dir):
+    import gradio as gr
+
+    from app.demo import build_demo
+
+    demo = build_demo(Backend(find_sources(runs_dir), device="cpu"), sampler=MinPSampler)
+    boxes = {c["props"]["elem_id"].removeprefix("sampler-"): c["props"] for c in demo.config["components"]
+             if c["type"] == "number" and (c["props"].get("elem_id") or "").startswith("sampler-")}
+    assert list(boxes) == [f.name for f in dataclasses.fields(MinPSampler)]
+    docs = field_docs(MinPSampler)
+    assert {name: box["label"] for name, box in boxes.items()} == docs
+    assert {name: box["value"] for name, box in boxes.items()} == {**PAPER_SAMPLER.to_dict(), "min_p": 0.0}
+    assert [name for name, box in boxes.items() if box.get("precision") == 0] == ["cfg_interval", "top_k"]
+
+    # The handler builds the sampler from the boxes by field name: the new knob reaches MinPSampler's check.
+    handler = next(f for f in demo.fns.values() if f.api_name == "generate")
+    values = {block.elem_id: block.value for block in handler.inputs}
+    with pytest.raises(gr.Error, match=r"MinPSampler.min_p=2\b"):
+        next(handler.fn(*{**values, "sampler-min_p": 2}.values()))
+    with pytest.raises(gr.Error, match=r"SamplerConfig.top_p=0\b"):
+        next(handler.fn(*{**values, "sampler-top_p": 0}.values()))
+    left, right, *_ = list(handler.fn(*{**values, "num-images": 1}.values()))[-1]
+    assert len(left) == len(right) == 1
 
 
 # ------------------------------------------------------------------------------------------------
@@ -193,8 +242,9 @@ def client(server):
 
 
 def request(*, left="quickstart-ntp", right="quickstart-npp", cls="3 – three", n=2, seed=5, randomize=False,
-            cfg_scale=2.0, cfg_interval=-1, temperature=1.0, top_k=0, top_p=1.0) -> tuple:
-    return left, right, cls, n, seed, randomize, cfg_scale, cfg_interval, temperature, top_k, top_p
+            **sampler) -> tuple:
+    """The /generate arguments: the sampler's fields follow the other inputs, in field order."""
+    return left, right, cls, n, seed, randomize, *{**PAPER_SAMPLER.to_dict(), **sampler}.values()
 
 
 def pixels(item: dict) -> np.ndarray:
@@ -296,8 +346,8 @@ def test_api_streams_both_sides_reproducibly(client):
 @pytest.mark.parametrize("bad, message", [
     (dict(cls="12"), "not one of the 10 classes"),
     (dict(n=17), "greater than maximum value 16"),
-    (dict(temperature=-0.5), "less than minimum value 0"),
-    (dict(top_p=0), "top_p = 0"),
+    (dict(temperature=-0.5), r"temperature=-0.5: use a finite value ≥ 0"),
+    (dict(top_p=0), "top_p=0"),
 ])
 def test_api_rejects_bad_inputs_with_a_message(client, server, bad, message):
     from gradio_client.exceptions import AppError
