@@ -1,6 +1,8 @@
 """The notebooks, executed by papermill with tiny parameters against runs trained in this session."""
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import nbformat
@@ -18,7 +20,8 @@ def env(tmp_path_factory):
     mnist-8x8 tokenizer (named in the manifest, so samples can be decoded and judged)."""
     from npp.data import CropConfig, MnistSource
     from npp.extract import extract_codes
-    from npp.tokenizer_train import ASSETS, load_embedded_tokenizer
+    from npp.files import ASSETS
+    from npp.tokenizer import load_embedded_tokenizer
 
     root = tmp_path_factory.mktemp("notebooks")
     with pytest.MonkeyPatch.context() as mp:
@@ -93,6 +96,19 @@ def test_fid_notebook_compares_the_runs(trained, tmp_path):
     assert "training cost" in text and "FID at" in text
 
 
+def test_fid_notebook_takes_the_runs_as_papermill_command_line_json(trained, tmp_path):
+    """`-p runs '[...]'` reaches the notebook as the text of the list, not the list."""
+    root, _ = trained
+    runs = json.dumps([str(root / "runs" / "nb-ntp"), str(root / "runs" / "nb-npp")])
+    out = tmp_path / "fid.ipynb"
+    papermill = Path(sys.executable).with_name("papermill")
+    done = subprocess.run([str(papermill), str(NOTEBOOKS / "fid.ipynb"), str(out), "-p", "runs", runs],
+                          cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    notebook = nbformat.read(str(out), as_version=4)
+    assert errors(notebook) == [] and figures(notebook) == 12
+
+
 def test_patches_notebook_shows_levels_costs_switches_and_stage_samples(trained, tmp_path):
     root, _ = trained
     notebook = execute("patches", tmp_path / "patches.ipynb", run=str(root / "runs" / "nb-npp"), window=5,
@@ -115,6 +131,7 @@ def test_attention_notebook_reads_the_patch_stage_checkpoint_of_a_trained_run(tr
 @pytest.mark.parametrize("name,parameters,message", [
     ("train", {"model": "huge"}, "is not a preset"),
     ("fid", {"runs": ["runs/does-not-exist"]}, "not run directories"),
+    ("fid", {"runs": "runs/quickstart-npp"}, "give a JSON list of run directories"),
     ("patches", {"run": "runs/does-not-exist"}, "has no export/model.safetensors"),
 ])
 def test_a_bad_parameter_stops_at_the_first_cell(name, parameters, message, tmp_path, env):
@@ -143,10 +160,8 @@ def test_notebooks_are_committed_without_outputs_and_document_their_parameters()
 
 
 def test_train_notebook_defaults_are_the_quickstart_pair():
-    """The parameters and the checking cell, run as they are: defaults give configs/quickstart-*.json."""
-    from npp.config import TrainConfig
-    from npp.quickstart import CONFIGS
-    from npp.train import experiment_changes
+    """The parameters and the checking cell, run as they are: defaults give npp/configs/quickstart-*.json."""
+    from npp.quickstart import quickstart_config
 
     notebook = nbformat.read(str(NOTEBOOKS / "train.ipynb"), as_version=4)
     code = [c.source for c in notebook.cells if c.cell_type == "code"]
@@ -156,6 +171,5 @@ def test_train_notebook_defaults_are_the_quickstart_pair():
     for kind in ("ntp", "npp"):
         config = namespace["configs"][kind]
         assert config.name == f"quickstart-{kind}"
-        saved = TrainConfig.from_dict(json.loads((CONFIGS / f"quickstart-{kind}.json").read_text())).to_dict()
-        assert experiment_changes(saved, config) == []
+        assert config.changes_from(quickstart_config(config.name).to_dict()) == []
     assert namespace["configs"]["npp"].schedule.levels == 2
