@@ -26,25 +26,25 @@ Record the figures with the machine, the date and the exact command.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import tempfile
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
 
 import npp
 from npp.config import VQ_PRESETS
-from npp.data import CROP_MODES, MNIST_SIZE, CropConfig, ImageFolderSource, MnistSource
+from npp.data import CROP_MODES, MNIST_SIZE, CropConfig, ImageFolderSource, ImageSource, MnistSource
 from npp.extract import extract_codes
+
+from common import (SyntheticImages, autocast, describe_machine, machine_line, markdown_table, synchronize, timed,
+                    write_image_folder, write_result)
 
 IMAGENET_IMAGES = 1_281_167
 IMAGENET_CROPS = 10
+IMAGENET_LIKE = (500, 375)
+"""The typical ImageNet photograph's width and height."""
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -74,48 +74,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def describe_machine(device: torch.device) -> str:
-    threads = f"torch threads {torch.get_num_threads()}, {os.cpu_count()} CPUs"
-    if device.type == "cuda":
-        return f"{torch.cuda.get_device_name(device)}; {threads}; torch {torch.__version__}"
-    return f"CPU {platform.processor() or platform.machine()}; {threads}; torch {torch.__version__}"
-
-
-def synthetic_jpegs(root: Path, count: int, seed: int) -> None:
-    """ImageNet-like JPEGs: 500×375, smooth colour fields with some noise, in 10 class folders."""
-    rng = np.random.default_rng(seed)
-    for i in range(count):
-        coarse = Image.fromarray(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)).resize((500, 375),
-                                                                                     Image.Resampling.BICUBIC)
-        pixels = np.asarray(coarse, dtype=np.int16) + rng.integers(-12, 13, (375, 500, 3))
-        folder = root / f"class{i % 10}"
-        folder.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(folder / f"{i:06d}.jpg", quality=90)
-
-
 def rate(per_s: float) -> str:
     """Three significant figures at any scale (a CPU encodes VQ-16 crops at well under one per second)."""
     return f"{per_s:.1f}" if per_s >= 100 else f"{per_s:.3g}"
 
 
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def sources(crops: CropConfig, args: argparse.Namespace, folder: Path) -> tuple[ImageSource, ImageSource]:
+    """The images to time and a batch of others to warm up on: the embedded digits for 32 px
+    tokenizers, otherwise photograph-sized JPEGs written into `folder` (before any timing)."""
+    if crops.size == MNIST_SIZE:
+        return MnistSource("train", limit=args.images), MnistSource("train", limit=args.batch)
+    timed_images = SyntheticImages(args.images, *IMAGENET_LIKE, num_classes=10, seed=args.seed)
+    warm_images = SyntheticImages(min(args.batch, args.images), *IMAGENET_LIKE, num_classes=10, seed=args.seed + 1)
+    return (ImageFolderSource(write_image_folder(timed_images, folder / "images")),
+            ImageFolderSource(write_image_folder(warm_images, folder / "warm")))
 
 
-def time_pipeline(vq, crops, args, device, autocast) -> float:
+def time_pipeline(vq, crops, args, device) -> float:
     """Images/s of extract_codes end to end (after an untimed warm-up extraction of one batch)."""
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        if crops.size == MNIST_SIZE:
-            source, warm = MnistSource("train", limit=args.images), MnistSource("train", limit=args.batch)
-        else:
-            synthetic_jpegs(tmp / "images", args.images, args.seed)
-            source = ImageFolderSource(tmp / "images")
-            synthetic_jpegs(tmp / "warm", min(args.batch, args.images), args.seed + 1)
-            warm = ImageFolderSource(tmp / "warm")
-        options = dict(batch_size=args.batch, device=device, num_workers=args.workers, progress=False)
-        with autocast():
+        source, warm = sources(crops, args, tmp)
+        options = {"batch_size": args.batch, "device": device, "num_workers": args.workers, "progress": False}
+        with autocast(device, args.dtype):
             extract_codes(warm, vq, tmp / "warm-codes", crops, **options)
             synchronize(device)
             start = time.perf_counter()
@@ -125,20 +106,14 @@ def time_pipeline(vq, crops, args, device, autocast) -> float:
 
 
 @torch.no_grad()
-def time_encode(vq, crops, args, device, autocast) -> float:
+def time_encode(vq, crops, args, device) -> float:
     """Crops/s of VQModel.encode on batches of batch × crops random images on the device."""
     generator = torch.Generator().manual_seed(args.seed)
     images = torch.rand(args.batch * crops.num_variants, 3, crops.size, crops.size, generator=generator)
     images = (images * 2 - 1).to(device)
-    with autocast():
-        for _ in range(args.warmup):
-            vq.encode(images)
-        synchronize(device)
-        start = time.perf_counter()
-        for _ in range(args.steps):
-            vq.encode(images)
-        synchronize(device)
-    return args.steps * len(images) / (time.perf_counter() - start)
+    with autocast(device, args.dtype):
+        seconds, _ = timed(lambda: vq.encode(images), device, warmup=args.warmup, repeats=args.steps)
+    return len(images) * len(seconds) / sum(seconds)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -150,40 +125,31 @@ def main(argv: list[str] | None = None) -> dict:
     mode = args.crop or ("none" if config.image_size == MNIST_SIZE else "ten-crop")
     crops = CropConfig(mode, size=config.image_size, ranges=tuple(args.crop_ranges) if args.crop_ranges else None)
 
-    def autocast():
-        return torch.autocast(device.type, dtype=torch.bfloat16) if args.dtype == "bf16" else nullcontext()
-
     machine = describe_machine(device)
     print(f"tokenizer {args.preset}: {vq.num_params() / 1e6:.1f}M parameters "
           f"({sum(p.numel() for p in vq.encoder.parameters()) / 1e6:.1f}M in the encoder), "
           f"{config.image_size} px → {config.grid}×{config.grid} codes; crops {mode} "
           f"({crops.num_variants} per image); {args.dtype}")
-    print(f"machine: {machine}")
+    print(f"machine: {machine_line(machine)}")
     print()
 
-    pipeline_images_s = time_pipeline(vq, crops, args, device, autocast)
-    encode_crops_s = time_encode(vq, crops, args, device, autocast)
+    pipeline_images_s = time_pipeline(vq, crops, args, device)
+    encode_crops_s = time_encode(vq, crops, args, device)
     V = crops.num_variants
     rows = [("decode + crop + encode", pipeline_images_s, pipeline_images_s * V),
             ("encode only", encode_crops_s / V, encode_crops_s)]
-    print("| stage | tokenizer | px | crops/image | batch (images) | images/s | crops/s |")
-    print("|---|---|---|---|---|---|---|")
-    for stage, images_s, crops_s in rows:
-        print(f"| {stage} | {args.preset} | {config.image_size} | {V} | {args.batch} | {rate(images_s)} "
-              f"| {rate(crops_s)} |")
+    print(markdown_table(["stage", "tokenizer", "px", "crops/image", "batch (images)", "images/s", "crops/s"],
+                         [[stage, args.preset, f"{config.image_size}", f"{V}", f"{args.batch}", rate(images_s),
+                           rate(crops_s)] for stage, images_s, crops_s in rows]))
     hours = IMAGENET_IMAGES * IMAGENET_CROPS / encode_crops_s / 3600
     print()
     print(f"ImageNet projection ({IMAGENET_IMAGES:,} images × {IMAGENET_CROPS} crops of {config.image_size} px "
           f"at {rate(encode_crops_s)} encoded crops/s): {hours:,.1f} hours on this device ({hours / 24:,.2f} days)")
 
-    result = {"args": vars(args), "machine": machine, "crops": crops.to_dict(), "num_variants": V,
-              "pipeline_images_per_s": pipeline_images_s, "encode_crops_per_s": encode_crops_s,
-              "imagenet_10crop_hours": hours}
+    result = {"crops": crops.to_dict(), "num_variants": V, "pipeline_images_per_s": pipeline_images_s,
+              "encode_crops_per_s": encode_crops_s, "imagenet_10crop_hours": hours}
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
-            f.write("\n")
-        print(f"wrote {args.json}")
+        write_result(args.json, args, machine, result)
     return result
 
 

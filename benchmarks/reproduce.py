@@ -28,15 +28,11 @@ resumes and a rerun with new tables costs nothing.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
-import os
-import platform
 import statistics
-import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
-from datetime import date
 from pathlib import Path
 
 import numpy as np
@@ -46,10 +42,12 @@ import torch
 from npp import viz
 from npp.config import ScheduleConfig, TrainConfig
 from npp.evaluate import EvalConfig, evaluate
-from npp.quickstart import CONFIGS
-from npp.runs import RunDir
+from npp.files import dump_json
+from npp.quickstart import quickstart_config
+from npp.runs import RunDir, launch
 from npp.schedule import relative_cost
-from npp.train import experiment_changes
+
+from common import command_line, describe_machine, machine_line
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -87,51 +85,50 @@ METRICS = ("fid", "is", "precision", "recall", "class_accuracy")
 WALL_FILE = "reproduce_wall.json"  # written into each run folder once its training process ends
 
 
+def arm_steps(arm: Arm, steps: int) -> int:
+    """The arm's training steps: `steps`, or as many as the budget of the arm it is matched with allows."""
+    if not arm.budget_of:
+        return steps
+    other = ARMS[arm.budget_of]
+    return round(steps * relative_cost(ScheduleConfig(total_steps=steps, levels=other.levels,
+                                                      segment_factor=other.segment_factor)))
+
+
 def run_config(args: argparse.Namespace, data: str, schedule: str, seed: int) -> TrainConfig:
-    """The quickstart recipe (configs/quickstart-ntp.json) with this data, schedule, seed and size."""
-    base = json.loads((CONFIGS / "quickstart-ntp.json").read_text())
+    """The quickstart recipe (npp/configs/quickstart-ntp.json) with this data, schedule, seed and size."""
+    base = quickstart_config("quickstart-ntp", str(args.runs_dir))
     arm = ARMS[schedule]
-    name = f"{data}-{args.model}-{args.steps}steps-{schedule.replace('/', '_')}-s{seed}"
-    base.update(name=name, runs_dir=str(args.runs_dir), data=data, seed=seed, batch_size=args.batch,
-                eval_every=args.eval_every, eval_samples=args.eval_samples, progress=False,
-                ckpt_every=max(args.steps // 4, 1), log_every=10)
-    if args.model != "tiny":
-        base.update(model=args.model, model_overrides={})
-    base["model_overrides"].update(arm.model)
-    steps = args.steps
-    if arm.budget_of:
-        other = ARMS[arm.budget_of]
-        steps = round(steps * relative_cost(ScheduleConfig(total_steps=steps, levels=other.levels,
-                                                           segment_factor=other.segment_factor)))
-    base["schedule"].update(total_steps=steps, lr=args.lr, warmup_steps=max(args.steps // 20, 1),
-                            levels=arm.levels, segment_factor=arm.segment_factor, **arm.schedule)
-    return TrainConfig.from_dict(base)
+    # The quickstart's overrides shrink the tiny preset for a CPU; another preset is taken as it is.
+    overrides = base.model_overrides if args.model == "tiny" else {}
+    return dataclasses.replace(
+        base, name=f"{data}-{args.model}-{args.steps}steps-{schedule.replace('/', '_')}-s{seed}", data=data,
+        seed=seed, model=args.model, model_overrides={**overrides, **arm.model}, batch_size=args.batch,
+        eval_every=args.eval_every, eval_samples=args.eval_samples, progress=False,
+        ckpt_every=max(args.steps // 4, 1), log_every=10,
+        schedule=dataclasses.replace(base.schedule, total_steps=arm_steps(arm, args.steps), lr=args.lr,
+                                     warmup_steps=max(args.steps // 20, 1), levels=arm.levels,
+                                     segment_factor=arm.segment_factor, **arm.schedule))
 
 
 def train(config: TrainConfig) -> float | None:
-    """Train a run in its own process unless it already finished; its wall time in seconds (None if unknown)."""
+    """Train a run in a process of its own unless it already finished as `config` says; its wall time in
+    seconds (None if unknown). The trainer refuses to resume a run folder trained with other settings."""
     run = RunDir(config.run_dir)
     wall = run.path / WALL_FILE
-    if (run.export / "model.safetensors").is_file():
-        changed = experiment_changes(run.read_config(), config)
-        if changed:
-            raise SystemExit(f"{run.path} is a finished run with other values of {', '.join(changed)}: "
-                             f"move it away or pass another --runs-dir")
+    if run.is_finished(config):
         return json.loads(wall.read_text())["wall_s"] if wall.is_file() else None
-    spec = Path(config.runs_dir) / f".{config.name}.json"
-    spec.parent.mkdir(parents=True, exist_ok=True)
-    spec.write_text(json.dumps(config.to_dict()))
     started = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "npp.train", "--config", str(spec)], check=True, cwd=ROOT)
+    if launch(config) != 0:
+        raise SystemExit(f"training {run.path} failed: the lines above say why")
     seconds = time.perf_counter() - started
-    wall.write_text(json.dumps({"wall_s": seconds}))
+    dump_json({"wall_s": seconds}, wall)
     return seconds
 
 
 def final_evaluation(config: TrainConfig, samples: int) -> dict[str, float]:
     """Metrics of the finished run on `samples` samples (sample i drawn with seed i in every run, so runs
     are compared on the same random numbers); kept in the run folder and reused."""
-    settings = EvalConfig(num_samples=samples, batch_size=100, cfg_scale=config.eval_cfg_scale,
+    settings = EvalConfig(num_samples=samples, batch_size=100, sampler=config.eval_sampler,
                           metrics=("fid", "isc", "prc"), save_png=False, progress=False)
     results = Path(config.run_dir) / "eval" / settings.folder_name() / "results.json"
     if not results.is_file():
@@ -299,13 +296,12 @@ def main() -> None:
         final = final_evaluation(config, args.final_samples) if args.final_samples else None
         runs[key] = summarise(RunDir(config.run_dir), seconds, final)
     rows = compare(runs, args.data, args.schedules, args.seeds)
-    command = "python benchmarks/reproduce.py " + " ".join(a for a in sys.argv[1:] if a != "--readme")
-    machine = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-               f"{'CUDA ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU'}")
+    command = command_line(drop=["--readme"])
+    machine = describe_machine(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     walls = [r["wall_s"] for r in runs.values()]
     total = f", {sum(walls) / 60:.0f} min of training processes in all" if all(walls) else ""
-    header = (f"`{command.strip()}` — {date.today().isoformat()}, {machine}; {args.steps} steps of {args.batch} "
-              f"images, model {args.model}, {args.eval_samples} samples per periodic evaluation, "
+    header = (f"`{command}` — {machine_line(machine)}; {args.steps} steps of {args.batch} images, model "
+              f"{args.model}, {args.eval_samples} samples per periodic evaluation, "
               f"{args.final_samples or args.eval_samples} for the final one{total}.")
     table = markdown(rows, header)
     args.out.mkdir(parents=True, exist_ok=True)

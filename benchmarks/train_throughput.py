@@ -11,16 +11,18 @@ Three modes:
                `Trainer.train_step` at steps that fall in each stage of a many-level schedule.
                Peak memory per stage on CUDA.
     schedule   whole-schedule wall time of an NPP run (#L 2, λ ½ by default) over an NTP run with
-               the same steps and batch: both run end to end by the `npp.train` command line in a
-               subprocess, timed by their metrics.jsonl rows (one per step), so start-up and the
-               final export are excluded; NTP and NPP runs alternate, and each pair gives one ratio.
+               the same steps and batch: both run end to end in a training process of their own, as
+               every run is started (`npp.runs.launch`: `python -m npp.train --config ...`), timed by
+               their metrics.jsonl rows (one per step), so start-up and the final export are
+               excluded; NTP and NPP runs alternate, and each pair gives one ratio.
     fit        the largest micro-batch that fits one GPU: doubling from --min-micro-batch until
                CUDA runs out of memory or --max-micro-batch, a fresh trainer for every size (NTP,
                the stage that needs the most memory), each size that fits timed with its peak memory.
 
-The codes are synthetic: seeded random images of grid×grid pixels encoded by `npp.extract` with a
-random one-level VQ tokenizer of codebook --vocab (so the folder is a genuine `npp extract` folder
-with a manifest), labels cycling over --num-classes. Speed depends on shapes, not on the codes.
+The codes are synthetic: seeded random images of grid×grid pixels (benchmarks/common.py) encoded by
+`npp.extract` with a random one-level VQ tokenizer of codebook --vocab (so the folder is a genuine
+`npp extract` folder with a manifest), labels cycling over --num-classes. Speed depends on shapes,
+not on the codes.
 FLOPs are the model's own count (`ModelConfig.flops_per_sample(p)`: 6·N_matmul·S + 12·n_layer·dim·S²,
 REFERENCE §9); recomputation under activation checkpointing is not counted, as is usual for MFU.
 
@@ -48,29 +50,28 @@ from __future__ import annotations
 
 import argparse
 import gc
-import importlib.metadata
-import json
 import os
-import platform
 import shutil
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from PIL import Image
 
 import npp
+from npp.batches import micro_batches, open_data
 from npp.config import MODEL_PRESETS, ModelConfig, ScheduleConfig, TrainConfig, VQConfig
 from npp.data import CropConfig
+from npp.distributed import is_rank0, zero_stage
 from npp.extract import extract_codes
-from npp.runs import RunDir
+from npp.runs import RunDir, launch
 from npp.schedule import plan_stages, relative_cost
+
+from common import (SyntheticImages, add_mfu, command_line, compare_with_ntp, describe_machine, levels_table,
+                    machine_line, markdown_table, patch_sides, peak_memory, reset_peak_memory, step_figures,
+                    write_result)
 
 MODES = ("stages", "schedule", "fit")
 
@@ -134,7 +135,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.mode == "fit" and args.warmup + args.steps < 2:
         # Adam's moments are allocated by the first optimizer step: only a later step sees all the state.
         parser.error("fit needs --warmup + --steps ≥ 2")
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not args.workdir:
+    if world_size() > 1 and not args.workdir:
         parser.error("under a launcher every rank needs the same folder: give --workdir")
     if args.max_micro_batch is None:
         args.max_micro_batch = 512 if torch.cuda.is_available() else 8
@@ -145,121 +146,55 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # Synthetic codes, written by the extraction code itself
 # --------------------------------------------------------------------------------------------
 
-class RandomImages:
-    """An `npp.data.ImageSource` of seeded random RGB images, labels cycling over the classes."""
-
-    def __init__(self, count: int, size: int, num_classes: int, seed: int):
-        self.size, self.seed = size, seed
-        self.classes = [f"class{i:04d}" for i in range(num_classes)]
-        self.labels = np.arange(count, dtype=np.int64) % num_classes
-        self.files = None
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def name(self, index: int) -> str:
-        return f"random[{index}]"
-
-    def open(self, index: int) -> Image.Image:
-        pixels_HWC = np.random.default_rng((self.seed, index)).integers(0, 256, (self.size, self.size, 3))
-        return Image.fromarray(pixels_HWC.astype(np.uint8))
-
-    def identity(self) -> dict[str, Any]:
-        return {"kind": "random", "count": len(self), "size": self.size, "classes": len(self.classes),
-                "seed": self.seed}
-
-    def describe(self) -> dict[str, Any]:
-        return self.identity()
-
-
 def synthetic_codes(workdir: Path, args: argparse.Namespace) -> str:
-    """An `npp extract` folder of grid×grid codes: a one-level VQ (no downsampling) encodes
-    grid×grid random images, so the codes cover the codebook without any image-sized work."""
+    """An `npp extract` folder of grid×grid codes: a random one-level VQ (no downsampling) encodes
+    grid×grid synthetic images, so the codes come without any image-sized work."""
     torch.manual_seed(args.seed)
     vq = npp.VQModel(VQConfig(image_size=args.grid, base_channels=32, ch_mult=(1,), num_res_blocks=1,
                               z_channels=32, codebook_size=args.vocab, codebook_dim=8))
     folder = workdir / f"codes-grid{args.grid}-vocab{args.vocab}-classes{args.num_classes}-n{args.images}"
-    source = RandomImages(args.images, args.grid, args.num_classes, args.seed)
+    source = SyntheticImages(args.images, args.grid, args.grid, args.num_classes, args.seed)
     extract_codes(source, vq, folder, CropConfig("none", size=args.grid), batch_size=256, progress=False)
     return str(folder)
-
-
-# --------------------------------------------------------------------------------------------
-# The machine
-# --------------------------------------------------------------------------------------------
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def package_version(name: str) -> str:
-    try:
-        return importlib.metadata.version(name)
-    except importlib.metadata.PackageNotFoundError:
-        return "absent"
-
-
-def describe_machine(world: int) -> dict[str, Any]:
-    machine = {"torch": torch.__version__, "deepspeed": package_version("deepspeed"),
-               "python": platform.python_version(), "cpu": cpu_name(), "cpu_cores": os.cpu_count(),
-               "torch_threads": torch.get_num_threads(), "world_size": world,
-               "load_avg_1m": round(os.getloadavg()[0], 2), "date": time.strftime("%Y-%m-%d")}
-    if torch.cuda.is_available():
-        props = torch.cuda.get_device_properties(torch.cuda.current_device())
-        machine.update(gpu=props.name, gpu_memory_gib=round(props.total_memory / 2**30, 1),
-                       gpus_visible=torch.cuda.device_count())
-    return machine
-
-
-def machine_line(machine: dict[str, Any]) -> str:
-    where = (f"{machine['gpu']} ({machine['gpu_memory_gib']} GiB)" if "gpu" in machine
-             else f"CPU {machine['cpu']}")
-    return (f"machine: {where}, {machine['cpu_cores']} CPU cores, torch {machine['torch']} "
-            f"({machine['torch_threads']} threads), deepspeed {machine['deepspeed']}, "
-            f"world size {machine['world_size']}, load average {machine.get('load_before', '?')} before and "
-            f"{machine['load_avg_1m']} after (1 min), {machine['date']}")
-
-
-def command_line() -> str:
-    return " ".join(["python", *sys.argv])
 
 
 # --------------------------------------------------------------------------------------------
 # Building a trainer and feeding it
 # --------------------------------------------------------------------------------------------
 
+def world_size() -> int:
+    """Processes the launcher started (1 without one); known before any trainer joins them."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def model_config(data: str, args: argparse.Namespace) -> ModelConfig:
+    """The preset on this data (vocabulary, classes and grid come from its manifest, as in the trainer)."""
+    codes = open_data(data, args.seed)
+    return ModelConfig.preset(args.preset, vocab_size=codes.vocab_size, num_classes=codes.num_classes,
+                              grid=codes.grid)
+
+
 def train_config(args: argparse.Namespace, data: str, runs_dir: Path, name: str, schedule: ScheduleConfig,
                  *, batch: int, micro: int) -> TrainConfig:
-    """The run config every mode shares; checkpoints, TensorBoard and the progress bar off."""
+    """The run config every mode shares; checkpoints, TensorBoard and the progress bar off, and a
+    metrics row per step (the schedule mode times each step by its row)."""
     return TrainConfig(name=name, runs_dir=str(runs_dir), data=data, model=args.preset, schedule=schedule,
                        batch_size=batch, micro_batch_size=micro, precision=args.precision,
                        activation_checkpointing=args.activation_checkpointing, compile=args.compile,
                        deepspeed=args.deepspeed, seed=args.seed, num_workers=args.num_workers,
-                       ckpt_every=10**9, keep_last=1, tensorboard=False, progress=False)
+                       log_every=1, ckpt_every=10**9, keep_last=1, tensorboard=False, progress=False)
 
 
-def step_batches(trainer, step: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """This rank's micro-batches of `step`, in the trainer's own data order (as its loader gives them)."""
-    pairs = trainer.order.items(step, trainer.rank, trainer.world)
-    items = [trainer.data.item(index, epoch) for index, epoch in pairs]
-    batches = []
-    for first in range(0, len(items), trainer.micro):
-        chunk = items[first:first + trainer.micro]
-        tokens_BL = torch.stack([tokens_L for tokens_L, _ in chunk])
-        labels_B = torch.stack([label for _, label in chunk])
-        if trainer.device.type == "cuda":
-            tokens_BL, labels_B = tokens_BL.pin_memory(), labels_B.pin_memory()
-        batches.append((tokens_BL, labels_B))
-    return batches
+def stage_batches(trainer, stage, steps: int) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
+    """This rank's micro-batches of the first `steps` steps of `stage`, in the trainer's own data order,
+    read before any timing (data time excluded)."""
+    loader = micro_batches(trainer.data, trainer.order, stage.start, stage.start + steps, rank=trainer.rank,
+                           world=trainer.world, micro=trainer.micro, num_workers=0,
+                           pin_memory=trainer.device.type == "cuda")
+    return [[next(loader) for _ in range(trainer.accum)] for _ in range(steps)]
 
 
-def time_stage(trainer, stage, warmup: int, steps: int, batch: int) -> dict[str, Any]:
+def time_stage(trainer, stage, warmup: int, steps: int, batch: int, peak_tflops: float) -> dict[str, Any]:
     """Run `warmup` then `steps` optimizer steps inside `stage`; per-step wall times and peak memory.
 
     `train_step` ends with an all-reduce whose value is read on the host, so each step is complete
@@ -268,28 +203,17 @@ def time_stage(trainer, stage, warmup: int, steps: int, batch: int) -> dict[str,
     needed = warmup + steps
     if stage.steps < needed:
         raise ValueError(f"stage {stage.index} has {stage.steps} steps, {needed} needed")
-    batches = [step_batches(trainer, stage.start + i) for i in range(needed)]  # data time excluded
-    cuda = trainer.device.type == "cuda"
-    if cuda:
-        torch.cuda.reset_peak_memory_stats(trainer.device)
+    batches = stage_batches(trainer, stage, needed)
+    reset_peak_memory(trainer.device)
     seconds, losses = [], []
-    for i, micro_batches in enumerate(batches):
+    for i, step_batches in enumerate(batches):
         started = time.perf_counter()
-        losses.append(trainer.train_step(stage.start + i, micro_batches))
+        losses.append(trainer.train_step(stage.start + i, step_batches))
         seconds.append(time.perf_counter() - started)
-    timed_s = seconds[warmup:]
-    model = trainer.model_config
-    step_s = sum(timed_s) / len(timed_s)
-    flops = model.flops_per_sample(stage.patch_size) * batch
-    row = {"stage": stage.index, "patch_size": stage.patch_size, "positions": (model.grid // stage.patch_size) ** 2,
-           "step_ms": 1e3 * step_s, "step_ms_median": 1e3 * statistics.median(timed_s),
-           "step_ms_min": 1e3 * min(timed_s), "step_ms_max": 1e3 * max(timed_s),
-           "images_per_s": batch / step_s, "tokens_per_s": batch * model.seq_len / step_s,
-           "flops_per_step": flops, "tflops_per_s": flops / step_s / 1e12, "last_loss": losses[-1]}
-    if cuda:
-        row["tflops_per_s_per_gpu"] = row["tflops_per_s"] / trainer.world
-        row["peak_mem_gib"] = torch.cuda.max_memory_allocated(trainer.device) / 2**30
-        row["peak_reserved_gib"] = torch.cuda.max_memory_reserved(trainer.device) / 2**30
+    row = {"stage": stage.index, **step_figures(trainer.model_config, stage.patch_size, batch, seconds[warmup:]),
+           "last_loss": losses[-1], **peak_memory(trainer.device)}
+    if trainer.device.type == "cuda":
+        add_mfu(row, peak_tflops, trainer.world)
     return row
 
 
@@ -311,22 +235,6 @@ def is_out_of_memory(err: BaseException) -> bool:
         isinstance(err, RuntimeError) and ("out of memory" in text or "CUBLAS_STATUS_ALLOC_FAILED" in text))
 
 
-def stage_sides(grid: int) -> list[int]:
-    """Patch sides worth timing, coarse to fine: 2^k while the coarse grid is at least 2×2, then 1."""
-    return [p for p in reversed(ModelConfig(grid=grid).patch_sizes()) if grid // p >= 2]
-
-
-def summary_line(trainer) -> str:
-    m = trainer.model_config
-    params = sum(p.numel() for p in trainer.engine.module.parameters())
-    return (f"GPT-{trainer.config.model}: {params / 1e6:.2f}M parameters ({m.n_layer} layers, dim {m.dim}), "
-            f"grid {m.grid}×{m.grid}, vocab {m.vocab_size}, {m.num_classes} classes; "
-            f"{'bf16' if trainer.bf16 else 'fp32'}, ZeRO stage {trainer.ds_config['zero_optimization']['stage']}, "
-            f"batch {trainer.config.batch_size} = {trainer.micro} × {trainer.accum} accumulation × {trainer.world}"
-            f"{', activation checkpointing' if trainer.config.activation_checkpointing else ''}"
-            f"{', compiled' if trainer.config.compile else ''}")
-
-
 # --------------------------------------------------------------------------------------------
 # Mode: stages
 # --------------------------------------------------------------------------------------------
@@ -334,7 +242,7 @@ def summary_line(trainer) -> str:
 def measure_stages(args: argparse.Namespace, data: str, runs_dir: Path, say) -> dict[str, Any]:
     from npp.train import Trainer
 
-    sides = stage_sides(_data_grid(data, args))
+    sides = patch_sides(model_config(data, args).grid)
     if args.patch_sizes:
         unknown = sorted(set(args.patch_sizes) - set(sides))
         if unknown:
@@ -346,61 +254,34 @@ def measure_stages(args: argparse.Namespace, data: str, runs_dir: Path, say) -> 
                               segment_factor=0.5, stage_patch_sizes=sides, lr=1e-4)
     trainer = Trainer(train_config(args, data, runs_dir, "stages", schedule, batch=args.batch,
                                    micro=args.micro_batch), resume=False)
-    say(summary_line(trainer))
+    say(trainer.summary())
     say(f"{args.warmup} warm-up + {args.steps} timed steps per stage\n")
-    rows = [time_stage(trainer, stage, args.warmup, args.steps, args.batch) for stage in trainer.stages]
-    ntp = rows[-1]
-    for row in rows:
-        row["speedup_vs_ntp"] = ntp["step_ms"] / row["step_ms"]
-        if "tflops_per_s_per_gpu" in row:
-            row["mfu"] = row["tflops_per_s_per_gpu"] / args.peak_tflops
+    rows = [time_stage(trainer, stage, args.warmup, args.steps, args.batch, args.peak_tflops)
+            for stage in trainer.stages]
+    compare_with_ntp(rows)
     info = {"num_params": sum(p.numel() for p in trainer.engine.module.parameters()),
-            "zero_stage": trainer.ds_config["zero_optimization"]["stage"], "bf16": trainer.bf16,
-            "micro_batch": trainer.micro, "accumulation": trainer.accum}
+            "zero_stage": zero_stage(trainer.ds_config), "bf16": trainer.bf16, "micro_batch": trainer.micro,
+            "accumulation": trainer.accum}
     release(trainer)
     return {**info, "stages": rows}
-
-
-def print_stages(result: dict[str, Any], say) -> None:
-    cuda = "mfu" in result["stages"][0]
-    header = ["stage", "N", "step ms (median, min–max)", "imgs/s", "tokens/s", "GFLOP/step", "TFLOP/s", "vs NTP"]
-    if cuda:
-        header += ["MFU", "peak GiB"]
-    say("| " + " | ".join(header) + " |")
-    say("|" + "---|" * len(header))
-    for r in result["stages"]:
-        p = r["patch_size"]
-        cells = [f"{p}×{p}" + (" (NTP)" if p == 1 else ""), f"{r['positions']}",
-                 f"{r['step_ms']:.1f} ({r['step_ms_median']:.1f}, {r['step_ms_min']:.1f}–{r['step_ms_max']:.1f})",
-                 f"{r['images_per_s']:,.1f}", f"{r['tokens_per_s']:,.0f}", f"{r['flops_per_step'] / 1e9:,.1f}",
-                 f"{r['tflops_per_s']:.3f}", f"{r['speedup_vs_ntp']:.2f}×"]
-        if cuda:
-            cells += [f"{r['mfu']:.1%}", f"{r['peak_mem_gib']:.2f}"]
-        say("| " + " | ".join(cells) + " |")
 
 
 # --------------------------------------------------------------------------------------------
 # Mode: schedule
 # --------------------------------------------------------------------------------------------
 
-def run_cli(args: argparse.Namespace, data: str, runs_dir: Path, name: str, levels: int, lam: float) -> list[dict]:
-    """One whole run through `python -m npp.train`, as a user starts it; its metrics rows."""
-    options = {"name": name, "runs_dir": str(runs_dir), "data": data, "model": args.preset,
-               "batch_size": args.batch, "micro_batch_size": args.micro_batch, "precision": args.precision,
-               "schedule.total_steps": args.total_steps, "schedule.levels": levels,
-               "schedule.segment_factor": lam, "seed": args.seed, "num_workers": args.num_workers,
-               "activation_checkpointing": args.activation_checkpointing, "compile": args.compile,
-               "log_every": 1, "ckpt_every": 10**9, "keep_last": 1, "tensorboard": False, "progress": False}
-    if args.deepspeed:
-        options["deepspeed"] = args.deepspeed
-    command = [sys.executable, "-m", "npp.train", "--no-resume",
-               *[item for key, value in options.items() for item in (f"--{key}", str(value).lower()
-                                                                     if isinstance(value, bool) else str(value))]]
-    result = subprocess.run(command, check=False, capture_output=True, text=True)
-    (runs_dir / f"{name}.log").write_text(result.stdout + result.stderr)
-    if result.returncode != 0:
-        raise RuntimeError(f"{' '.join(command)} failed ({result.returncode}):\n{(result.stdout + result.stderr)[-3000:]}")
-    return RunDir(runs_dir / name).read_metrics()
+def run_training(args: argparse.Namespace, data: str, runs_dir: Path, name: str, schedule: ScheduleConfig
+                 ) -> list[dict]:
+    """One whole run in a training process of its own, as every run is started; its metrics rows. What
+    it printed goes to runs_dir/<name>.log."""
+    config = train_config(args, data, runs_dir, name, schedule, batch=args.batch, micro=args.micro_batch)
+    output: list[str] = []
+    code = launch(config, extra=["--no-resume"], echo=output.append)
+    log = runs_dir / f"{name}.log"
+    log.write_text("".join(output))
+    if code != 0:
+        raise RuntimeError(f"training {name} failed ({code}); the end of {log}:\n{''.join(output)[-3000:]}")
+    return RunDir(config.run_dir).train_rows()
 
 
 def loop_times(rows: list[dict], batch: int) -> dict[str, Any]:
@@ -429,21 +310,20 @@ def median_step_ratio(ntp: dict[str, Any], nxp: dict[str, Any], stages, total_st
 
 
 def measure_schedule(args: argparse.Namespace, data: str, runs_dir: Path, say) -> dict[str, Any]:
-    grid = _data_grid(data, args)
+    model = model_config(data, args)
     npp_schedule = ScheduleConfig(total_steps=args.total_steps, levels=args.levels,
                                   segment_factor=args.segment_factor)
-    stages = plan_stages(npp_schedule, grid=grid)
-    model = _model_config(data, args)
+    ntp_schedule = ScheduleConfig(total_steps=args.total_steps, levels=1)
+    stages = plan_stages(npp_schedule, grid=model.grid)
     flops_ratio = relative_cost(npp_schedule, model)
     position_ratio = relative_cost(npp_schedule)
-    say(f"GPT-{args.preset}, grid {grid}×{grid}, batch {args.batch}, {args.total_steps} steps; NPP stages: "
-        + ", ".join(f"{s.patch_size}×{s.patch_size} steps {s.start}–{s.end}" for s in stages))
+    say(f"GPT-{args.preset}, grid {model.grid}×{model.grid}, batch {args.batch}, {args.total_steps} steps; NPP "
+        f"stages: " + ", ".join(f"{s.patch_size}×{s.patch_size} steps {s.start}–{s.end}" for s in stages))
     say(f"bounds: {position_ratio:.3f} in sequence positions, {flops_ratio:.3f} in model FLOPs\n")
     pairs = []
     for repeat in range(args.repeats):
-        ntp = loop_times(run_cli(args, data, runs_dir, f"ntp-{repeat}", 1, 0.5), args.batch)
-        nxp = loop_times(run_cli(args, data, runs_dir, f"npp-{repeat}", args.levels, args.segment_factor),
-                         args.batch)
+        ntp = loop_times(run_training(args, data, runs_dir, f"ntp-{repeat}", ntp_schedule), args.batch)
+        nxp = loop_times(run_training(args, data, runs_dir, f"npp-{repeat}", npp_schedule), args.batch)
         pair = {"ntp": ntp, "npp": nxp, "ratio": nxp["loop_s"] / ntp["loop_s"],
                 "ratio_steps_only": nxp["steps_s"] / ntp["steps_s"],
                 "ratio_median_steps": median_step_ratio(ntp, nxp, stages, args.total_steps)}
@@ -453,7 +333,7 @@ def measure_schedule(args: argparse.Namespace, data: str, runs_dir: Path, say) -
     ratios = [p["ratio"] for p in pairs]
     robust = [p["ratio_median_steps"] for p in pairs]
     return {"total_steps": args.total_steps, "levels": args.levels, "segment_factor": args.segment_factor,
-            "grid": grid, "stages": [[s.patch_size, s.start, s.end] for s in stages],
+            "grid": model.grid, "stages": [[s.patch_size, s.start, s.end] for s in stages],
             "flops_ratio": flops_ratio, "position_ratio": position_ratio, "pairs": pairs,
             "ratio_median": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios),
             "median_steps_ratio_median": statistics.median(robust), "median_steps_ratio_min": min(robust),
@@ -464,15 +344,15 @@ def print_schedule(result: dict[str, Any], say) -> None:
     sides = [side for side, _, _ in result["stages"]]
     header = ["pair", "NTP loop s", "NPP loop s", "NPP/NTP", "steps only", "median steps", "NTP ms/step",
               *[f"NPP {p}×{p} ms/step" for p in sides], "NPP other s"]
-    say("| " + " | ".join(header) + " |")
-    say("|" + "---|" * len(header))
+    rows = []
     for i, pair in enumerate(result["pairs"], 1):
         ntp, nxp = pair["ntp"], pair["npp"]
-        cells = [f"{i}", f"{ntp['loop_s']:.1f}", f"{nxp['loop_s']:.1f}", f"{pair['ratio']:.3f}",
-                 f"{pair['ratio_steps_only']:.3f}", f"{pair['ratio_median_steps']:.3f}",
-                 f"{ntp['step_ms_by_patch'][1]:.0f}",
-                 *[f"{nxp['step_ms_by_patch'].get(p, float('nan')):.0f}" for p in sides], f"{nxp['other_s']:.1f}"]
-        say("| " + " | ".join(cells) + " |")
+        rows.append([f"{i}", f"{ntp['loop_s']:.1f}", f"{nxp['loop_s']:.1f}", f"{pair['ratio']:.3f}",
+                     f"{pair['ratio_steps_only']:.3f}", f"{pair['ratio_median_steps']:.3f}",
+                     f"{ntp['step_ms_by_patch'][1]:.0f}",
+                     *[f"{nxp['step_ms_by_patch'].get(p, float('nan')):.0f}" for p in sides],
+                     f"{nxp['other_s']:.1f}"])
+    say(markdown_table(header, rows))
     say(f"\nNPP/NTP wall time: median {result['ratio_median']:.3f} (min {result['ratio_min']:.3f}, "
         f"max {result['ratio_max']:.3f}) over {len(result['pairs'])} pair(s); with each step at its "
         f"stage's median: {result['median_steps_ratio_median']:.3f} ({result['median_steps_ratio_min']:.3f}–"
@@ -493,9 +373,10 @@ def try_micro_batch(args: argparse.Namespace, data: str, runs_dir: Path, micro: 
     trainer = None
     try:
         # One micro-batch per process and step: the batch is micro × world, no accumulation.
-        trainer = Trainer(train_config(args, data, runs_dir, f"fit-{micro}", schedule, batch=micro * _world(),
+        trainer = Trainer(train_config(args, data, runs_dir, f"fit-{micro}", schedule, batch=micro * world_size(),
                                        micro=micro), resume=False)
-        row = time_stage(trainer, trainer.stages[-1], args.warmup, args.steps, micro * trainer.world)
+        row = time_stage(trainer, trainer.stages[-1], args.warmup, args.steps, micro * trainer.world,
+                         args.peak_tflops)
     except Exception as err:  # only out-of-memory is expected; anything else re-raises
         if not is_out_of_memory(err):
             raise
@@ -513,8 +394,6 @@ def measure_fit(args: argparse.Namespace, data: str, runs_dir: Path, say) -> dic
         started = time.perf_counter()
         row = try_micro_batch(args, data, runs_dir, micro)
         seconds = time.perf_counter() - started  # building the engine dominates for large models
-        if row is not None and "tflops_per_s_per_gpu" in row:
-            row["mfu"] = row["tflops_per_s_per_gpu"] / args.peak_tflops
         tries.append({"micro_batch": micro, "fits": row is not None, "seconds": seconds, **(row or {})})
         peak = "" if row is None or "peak_mem_gib" not in row else f", peak {row['peak_mem_gib']:.2f} GiB"
         rate = "" if row is None else f", {row['images_per_s']:,.1f} imgs/s"
@@ -530,17 +409,15 @@ def measure_fit(args: argparse.Namespace, data: str, runs_dir: Path, say) -> dic
 def print_fit(result: dict[str, Any], say, max_micro: int) -> None:
     cuda = any("mfu" in t for t in result["tries"])
     header = ["micro-batch", "fits", "step ms (min–max)", "imgs/s", "TFLOP/s"] + (["MFU", "peak GiB"] if cuda else [])
-    say("| " + " | ".join(header) + " |")
-    say("|" + "---|" * len(header))
+    rows = []
     for t in result["tries"]:
         if not t["fits"]:
-            say(f"| {t['micro_batch']} | out of memory |" + " – |" * (len(header) - 2))
+            rows.append([f"{t['micro_batch']}", "out of memory"] + ["–"] * (len(header) - 2))
             continue
         cells = [f"{t['micro_batch']}", "yes", f"{t['step_ms']:.0f} ({t['step_ms_min']:.0f}–{t['step_ms_max']:.0f})",
                  f"{t['images_per_s']:,.1f}", f"{t['tflops_per_s']:.1f}"]
-        if cuda:
-            cells += [f"{t['mfu']:.1%}", f"{t['peak_mem_gib']:.2f}"]
-        say("| " + " | ".join(cells) + " |")
+        rows.append(cells + ([f"{t['mfu']:.1%}", f"{t['peak_mem_gib']:.2f}"] if cuda else []))
+    say(markdown_table(header, rows))
     if result["largest"] is None:
         say("\nnot even the first micro-batch fits")
         return
@@ -552,31 +429,8 @@ def print_fit(result: dict[str, Any], say, max_micro: int) -> None:
 # Main
 # --------------------------------------------------------------------------------------------
 
-def _world() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def _data_grid(data: str, args: argparse.Namespace) -> int:
-    return _model_config(data, args).grid
-
-
-def _model_config(data: str, args: argparse.Namespace) -> ModelConfig:
-    from npp.train import open_data
-
-    codes = open_data(data, args.seed)
-    return ModelConfig.preset(args.preset, vocab_size=codes.vocab_size, num_classes=codes.num_classes,
-                              grid=codes.grid)
-
-
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args = parse_args(argv)
-    rank0 = int(os.environ.get("RANK", "0")) == 0
-    load_before = round(os.getloadavg()[0], 2)  # on a shared machine, how busy it was decides the noise
-
-    def say(text: str = "", flush: bool = False) -> None:
-        if rank0:
-            print(text, flush=flush)
-
+def measure(args: argparse.Namespace, say) -> dict[str, Any]:
+    """The mode's figures, on the given data or on synthetic codes in the work folder."""
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="npp-train-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
     try:
@@ -584,33 +438,43 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         runs_dir = workdir / "runs"
         if args.mode == "schedule":
             runs_dir.mkdir(parents=True, exist_ok=True)
-            result = measure_schedule(args, data, runs_dir, say)
-        elif args.mode == "stages":
-            result = measure_stages(args, data, runs_dir, say)
-        else:
-            result = measure_fit(args, data, runs_dir, say)
+            return measure_schedule(args, data, runs_dir, say)
+        if args.mode == "stages":
+            return measure_stages(args, data, runs_dir, say)
+        return measure_fit(args, data, runs_dir, say)
     finally:
         if torch.distributed.is_initialized():  # the trainers in this process share one group
             torch.distributed.destroy_process_group()
-        if not args.workdir and rank0:
+        if not args.workdir and is_rank0():
             shutil.rmtree(workdir, ignore_errors=True)
 
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    rank0 = is_rank0()
+    load_before = round(os.getloadavg()[0], 2)  # on a shared machine, how busy it was decides the noise
+
+    def say(text: str = "", flush: bool = False) -> None:
+        if rank0:
+            print(text, flush=flush)
+
+    result = {"mode": args.mode, **measure(args, say)}
     # After the trainer: DeepSpeed may have changed the thread count, and the world is known.
-    machine = {**describe_machine(_world()), "load_before": load_before}
+    machine = {**describe_machine(torch.device("cuda" if torch.cuda.is_available() else "cpu")),
+               "world_size": world_size(), "load_before": load_before}
     say()
-    say(machine_line(machine))
+    say(f"machine: {machine_line(machine)}; world size {machine['world_size']}, load average {load_before} "
+        f"before (1 min)")
     say(f"command: {command_line()}\n")
     if args.mode == "stages":
-        print_stages(result, say)
+        say(levels_table(result["stages"]))
     elif args.mode == "schedule":
         print_schedule(result, say)
     else:
         print_fit(result, say, args.max_micro_batch)
-    output = {"mode": args.mode, "args": vars(args), "machine": machine, "command": command_line(), **result}
     if args.json and rank0:
-        Path(args.json).write_text(json.dumps(output, indent=2) + "\n")
-        say(f"wrote {args.json}")
-    return output
+        write_result(args.json, args, machine, result)
+    return result
 
 
 if __name__ == "__main__":

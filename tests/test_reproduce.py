@@ -1,6 +1,6 @@
 """benchmarks/reproduce.py: the comparison at matched points, and a small end-to-end reproduction."""
 
-import importlib.util
+import importlib
 import json
 import os
 import subprocess
@@ -10,9 +10,15 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-spec = importlib.util.spec_from_file_location("reproduce", ROOT / "benchmarks" / "reproduce.py")
-reproduce = sys.modules["reproduce"] = importlib.util.module_from_spec(spec)  # dataclasses look it up
-spec.loader.exec_module(reproduce)
+
+
+@pytest.fixture(scope="module")
+def reproduce():
+    """The script as a module. `python benchmarks/reproduce.py` puts the script's folder first on sys.path,
+    where it finds its sibling benchmarks/common.py: the import does the same."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.syspath_prepend(str(ROOT / "benchmarks"))
+        yield importlib.import_module("reproduce")
 
 
 def fake_run(flops_per_step: float, fids: list[float], loop_s: float, wall_s: float) -> dict:
@@ -22,7 +28,7 @@ def fake_run(flops_per_step: float, fids: list[float], loop_s: float, wall_s: fl
             "curve": curve, "loop_s": loop_s, "wall_s": wall_s}
 
 
-def test_npp_is_compared_with_ntp_at_the_same_step_and_at_the_same_flops():
+def test_npp_is_compared_with_ntp_at_the_same_step_and_at_the_same_flops(reproduce):
     runs = {("d", "ntp", 0): fake_run(4.0e12, [90.0, 70.0, 50.0, 40.0], 120.0, 180.0),
             ("d", "l2", 0): fake_run(2.5e12, [80.0, 60.0, 45.0, 30.0], 76.8, 150.0)}
     ntp, l2 = reproduce.compare(runs, ["d"], ["l2"], [0])
