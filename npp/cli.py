@@ -88,11 +88,12 @@ def extract(argv: list[str]) -> int:
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--vq-preset", choices=list(VQ_PRESETS), default=None,
                         help="architecture of a LlamaGen .pt (default: llamagen-vq16); the flags below override it")
-    add_flags(parser, VQConfig, exclude=[f for f in VQConfig.__dataclass_fields__ if f not in VQ_ARCHITECTURE])
+    not_architecture = [f for f in VQConfig.__dataclass_fields__ if f not in VQ_ARCHITECTURE]
+    add_flags(parser, VQConfig, exclude=not_architecture)
     args = parser.parse_args(argv)
 
     def body() -> None:
-        vq = load_tokenizer(args.tokenizer, preset=args.vq_preset, **given(args, VQConfig))
+        vq = load_tokenizer(args.tokenizer, preset=args.vq_preset, **given(args, VQConfig, exclude=not_architecture))
         source = open_source(args.source)
         digits = isinstance(source, MnistSource)
         # The digits are already 32×32: by default they are encoded as they are, one variant each.

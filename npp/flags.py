@@ -166,13 +166,15 @@ def add_flags(parser: argparse.ArgumentParser, cls: type, *, prefix: str = "", f
         dest = _dest(prefix, field.name)
         kebab, snake = f"--{prefix}{field.name.replace('_', '-')}", f"--{prefix}{field.name}"
         shown = json.dumps(list(default) if isinstance(default, tuple) else default, ensure_ascii=False)
+        negation = f"--{prefix}no-{field.name.replace('_', '-')}"
+        shown += f"; {negation} for false" if kind is bool else ""
         help_text = f"{docs.get(field.name, '')} (default: {shown})".replace("%", "%%")
         options = _argument_options(kind)
         group.add_argument(kebab, dest=dest, default=None, help=help_text, **options)
         if snake != kebab:
             group.add_argument(snake, dest=dest, default=None, help=argparse.SUPPRESS, **options)
         if kind is bool:
-            group.add_argument(f"--{prefix}no-{field.name.replace('_', '-')}", dest=dest, action="store_const",
+            group.add_argument(negation, dest=dest, action="store_const",
                                const=False, default=None, help=argparse.SUPPRESS)
 
 

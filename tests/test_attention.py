@@ -15,7 +15,7 @@ import npp
 from conftest import random_weights
 from npp.attention import (attention_maps, mean_attention_distance, mean_attention_distance_by_layer,
                            patch_position, query_heatmap)
-from npp.tokenizer_train import load_embedded_tokenizer
+from npp.tokenizer import load_embedded_tokenizer
 from npp.viz import attention_distance_figure, attention_heatmaps_figure, images_figure
 
 NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "attention.ipynb"

@@ -11,7 +11,7 @@ import torch
 import npp
 from npp.config import ConfigError, TrainConfig
 from npp.model import GPT
-from npp.train import deepspeed_config, zero_stage
+from npp.distributed import deepspeed_config, zero_stage
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "ds_configs").glob("*.json"))

@@ -13,8 +13,9 @@ from npp.classifier import (EMBEDDED_CLASSIFIER, ClassifierConfig, ClassifierTra
                             accuracy, load_mnist_classifier, train_classifier)
 from npp.cli import main
 from npp.data import mnist_images, to_unit_range
-from npp.tokenizer_train import (ASSETS, EMBEDDED_TOKENIZERS, TokenizerTrainConfig, evaluate_tokenizer,
-                                 load_embedded_tokenizer, train_tokenizer)
+from npp.files import ASSETS
+from npp.tokenizer import EMBEDDED_TOKENIZERS, load_embedded_tokenizer
+from npp.tokenizer_train import TokenizerTrainConfig, evaluate_tokenizer, train_tokenizer
 
 CLASSIFIER_ACCURACY, RECON_ACCURACY, CODEBOOK_USAGE = 0.99, 0.98, 0.80
 

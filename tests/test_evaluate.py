@@ -1,5 +1,6 @@
 """Evaluation: torch-fidelity metrics, sharding, resume, the Inception path and the errors."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -13,12 +14,13 @@ import torch_fidelity
 from PIL import Image
 
 import npp
-from npp.config import ConfigError
+from npp.config import SamplerConfig
 from npp.data import mnist_images
-from npp.evaluate import (INCEPTION_EXTRACTOR, MNIST_EXTRACTOR, EvalConfig, register_mnist_extractor,
-                          evaluate, fidelity_metrics, load_subject, main, resolve_reference, sample_to_folder,
-                          save_reference_statistics)
-from npp.tokenizer_train import load_embedded_tokenizer
+from npp.errors import ConfigError
+from npp.evaluate import EvalConfig, build_parser, config_from_args, evaluate, main, sample_to_folder
+from npp.fidelity import (INCEPTION_EXTRACTOR, MNIST_EXTRACTOR, fidelity_metrics, register_mnist_extractor,
+                          resolve_reference, save_reference_statistics)
+from npp.tokenizer import load_embedded_tokenizer
 
 from conftest import random_weights
 
@@ -121,10 +123,10 @@ def pngs(folder: Path) -> dict[str, bytes]:
 
 
 def test_two_shards_draw_the_images_of_one_run_and_a_restart_skips_finished_batches(export, tmp_path):
-    subject = load_subject(export)
-    config = EvalConfig(num_samples=10, batch_size=4, labels="random", cfg_scale=1.5, top_k=50)
-    assert sample_to_folder(subject, config, tmp_path / "one") == 10
-    drawn = [sample_to_folder(subject, config, tmp_path / "two", rank=r, world=2) for r in (1, 0)]
+    pipe = npp.Pipeline.from_run(export)
+    config = EvalConfig(num_samples=10, batch_size=4, labels="random", sampler=SamplerConfig(cfg_scale=1.5, top_k=50))
+    assert sample_to_folder(pipe, config, tmp_path / "one") == 10
+    drawn = [sample_to_folder(pipe, config, tmp_path / "two", rank=r, world=2) for r in (1, 0)]
     assert drawn == [4, 6]  # batches {1} and {0, 2}
     one = pngs(tmp_path / "one")
     assert len(one) == 10 and one == pngs(tmp_path / "two")
@@ -133,7 +135,7 @@ def test_two_shards_draw_the_images_of_one_run_and_a_restart_skips_finished_batc
     # A restart after losing one batch's files draws that batch again, and only it.
     os.remove(tmp_path / "two" / "000005.png")
     untouched = (tmp_path / "two" / "000000.png").stat().st_mtime_ns
-    assert sample_to_folder(subject, config, tmp_path / "two") == 4
+    assert sample_to_folder(pipe, config, tmp_path / "two") == 4
     assert pngs(tmp_path / "two") == one
     assert (tmp_path / "two" / "000000.png").stat().st_mtime_ns == untouched
 
@@ -160,7 +162,8 @@ def test_torchrun_with_two_processes_gives_the_images_and_metrics_of_one(export,
 
 def test_results_record_what_the_number_depends_on_and_the_npz_is_adm_shaped(export, tmp_path, monkeypatch):
     monkeypatch.setenv("NPP_CACHE", str(tmp_path / "cache"))
-    config = EvalConfig(num_samples=12, batch_size=5, cfg_scale=3.0, top_p=0.9, export_npz=True, progress=False)
+    sampler = SamplerConfig(cfg_scale=3.0, top_p=0.9)
+    config = EvalConfig(num_samples=12, batch_size=5, sampler=sampler, export_npz=True, progress=False)
     results = evaluate(export, config)
     folder = export.parent / "eval" / config.folder_name()
     assert json.loads((folder / "results.json").read_text()) == json.loads(json.dumps(results))
@@ -177,8 +180,8 @@ def test_results_record_what_the_number_depends_on_and_the_npz_is_adm_shaped(exp
     assert arr.shape == (12, 32, 32, 3) and arr.dtype == np.uint8
     assert np.array_equal(arr[7], np.asarray(Image.open(folder / "samples" / "000007.png")))
     # Kept in memory instead of PNGs: the same images, so the same numbers.
-    in_memory = evaluate(export, EvalConfig(num_samples=12, batch_size=5, cfg_scale=3.0, top_p=0.9,
-                                            save_png=False, progress=False), out=tmp_path / "mem")
+    in_memory = evaluate(export, EvalConfig(num_samples=12, batch_size=5, sampler=sampler, save_png=False,
+                                            progress=False), out=tmp_path / "mem")
     assert in_memory["metrics"] == results["metrics"]
 
 
@@ -228,7 +231,7 @@ def test_bad_inputs_give_one_line_errors_that_name_the_fix(export, tmp_path, cap
     out = tmp_path / "out"
     assert "not a run directory or an export folder" in cli_error(capsys, out, str(tmp_path / "nope"))
     (tmp_path / "empty").mkdir()
-    assert "holds no .png/.jpg images" in cli_error(capsys, out, str(export), "--reference", str(tmp_path / "empty"))
+    assert "holds no images" in cli_error(capsys, out, str(export), "--reference", str(tmp_path / "empty"))
     big = tmp_path / "big"
     big.mkdir()
     Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(big / "a.png")
@@ -243,3 +246,23 @@ def test_bad_inputs_give_one_line_errors_that_name_the_fix(export, tmp_path, cap
     assert not out.exists()  # refused before the first sample
     with pytest.raises(ConfigError, match="metrics"):
         EvalConfig(metrics=("fid", "sfid"))
+
+
+def test_sampler_flags_come_from_the_sampler_config_fields():
+    @dataclasses.dataclass(frozen=True)
+    class MinPSampler(SamplerConfig):
+        min_p: float = 0.0
+        """Drop tokens below min_p times the most likely token's probability."""
+
+    parser = build_parser(MinPSampler)
+    text = parser.format_help()
+    for field in ("--cfg-scale", "--cfg-interval", "--temperature", "--top-k", "--top-p", "--min-p"):
+        assert field in text
+    assert "below min_p times" in " ".join(text.split())
+    config = config_from_args(parser.parse_args(["run", "--min-p", "0.1", "--top-k", "5"]), MinPSampler)
+    assert config.sampler == MinPSampler(cfg_scale=2.0, top_k=5, min_p=0.1)
+    assert "-min_p0.1" in config.folder_name()
+    # The default is the paper's sampler; a bad knob is refused by SamplerConfig's own check.
+    assert config_from_args(build_parser().parse_args(["run"])).sampler == npp.PAPER_SAMPLER
+    with pytest.raises(ConfigError, match="SamplerConfig.top_p=0.0"):
+        config_from_args(build_parser().parse_args(["run", "--top-p", "0"]))

@@ -158,7 +158,7 @@ def test_bad_settings_fail_in_one_line_naming_field_and_fix(field, value, fix):
 def test_cli_reports_bad_settings_in_one_line(tmp_path, capsys):
     assert main(["tokenizer", "train", "--out", str(tmp_path), "--dead-threshold", "0"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("npp tokenizer: error: TokenizerTrainConfig.dead_threshold=0.0") and "\n" not in err
+    assert err.startswith("npp tokenizer train: error: TokenizerTrainConfig.dead_threshold=0.0") and "\n" not in err
 
 
 def test_cli_help_lists_every_setting_with_its_docstring(capsys):

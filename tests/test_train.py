@@ -21,7 +21,6 @@ from npp.config import TrainConfig
 from npp.extract import mnist_codes
 from npp.runs import RunDir
 from npp.schedule import lr_at, plan_stages, stage_at
-from npp.train import experiment_changes
 
 ROOT = Path(__file__).resolve().parents[1]
 DEEPSPEED = Path(sys.executable).parent / "deepspeed"
@@ -126,7 +125,7 @@ def test_keep_last_keeps_stage_ends_and_the_pointer_is_atomic(reference):
     run = RunDir(reference / "full")
     # keep_last = 2 pruned step 10; step 15 ends the 2×2 stage and stays, and loads on its own.
     assert run.checkpoint_tags() == ["step-00000015", "step-00000020", "step-00000030"]
-    from npp.train import load_checkpoint_model
+    from npp.checkpoints import load_checkpoint_model
 
     coarse = load_checkpoint_model(run.path, "step-00000015")
     final = npp.GPT.from_pretrained(run.export)
@@ -208,7 +207,7 @@ def test_non_finite_loss_stops_and_keeps_the_checkpoint(codes, tmp_path):
 
 
 @pytest.mark.parametrize("overrides,message", [
-    ({"batch_size": 0}, "TrainConfig.batch_size=0: must be a positive integer"),
+    ({"batch_size": 0}, "TrainConfig.batch_size=0: must be a whole number ≥ 1"),
     ({"schedule.segment_factor": 1.5}, "λ must lie in (0, 1)"),
     ({"model": "XXXL"}, "TrainConfig.model='XXXL': choose one of"),
     ({"data": "/no/such/folder"}, "neither an embedded data set"),
@@ -304,7 +303,8 @@ def judged_codes(tmp_path_factory) -> str:
     samples can be decoded and judged."""
     from npp.data import CropConfig, MnistSource
     from npp.extract import extract_codes
-    from npp.tokenizer_train import ASSETS, load_embedded_tokenizer
+    from npp.files import ASSETS
+    from npp.tokenizer import load_embedded_tokenizer
 
     out = tmp_path_factory.mktemp("judged") / "codes"
     extract_codes(MnistSource("train", 256), load_embedded_tokenizer("mnist-8x8"), out,
