@@ -29,7 +29,7 @@ import torch
 
 from npp.config import PAPER_SAMPLER, SamplerConfig
 from npp.errors import CheckpointError, ConfigError
-from npp.evaluate import sample_generators
+from npp.sampling import sample_generators
 from npp.model import GPT
 from npp.pipeline import Pipeline
 from npp.runs import RunDir

@@ -29,7 +29,8 @@ import torch
 
 import npp
 from npp.config import PAPER_SAMPLER, SamplerConfig
-from npp.evaluate import sample_generators, sample_labels
+from npp.evaluate import sample_labels
+from npp.sampling import sample_generators
 from npp.fidelity import INCEPTION_EXTRACTOR, MNIST_EXTRACTOR, register_mnist_extractor
 from npp.flags import add_flags, given
 

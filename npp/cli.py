@@ -21,7 +21,6 @@ import shlex
 import sys
 from typing import Callable
 
-from npp.errors import EXTRAS
 from npp.flags import Parser, add_flags, fail, given, run_command
 
 # VQConfig fields a LlamaGen .pt needs to be described by (our folders carry their config.json).
@@ -211,8 +210,8 @@ def main(argv: list[str] | None = None) -> int:
         missing = (err.name or "").split(".")[0]
         if missing in ("", "npp"):
             raise
-        wanted = EXTRAS.get(missing, extra or "all")
-        return fail(f"npp {name}", ImportError(f"needs {missing}, which is not installed: pip install \"npp[{wanted}]\""))
+        return fail(f"npp {name}", ImportError(f"needs {missing}, which is not installed: "
+                                                f"pip install \"npp[{extra or 'all'}]\""))
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ from npp.fidelity import (EMBEDDED_CLASSIFIER, INCEPTION_EXTRACTOR, METRICS, MNI
                           check_image_size, class_accuracy, fidelity_metrics, resolve_extractor, resolve_reference)
 from npp.model import GPT
 from npp.pipeline import Pipeline
+from npp.sampling import sample_generators
 from npp.tokenizer import VQModel
 
 LABEL_MODES = ("balanced", "random")
@@ -117,11 +118,6 @@ class EvalConfig:
 # ------------------------------------------------------------------------------------------------
 # Sampling: sample i depends on base_seed + i only
 # ------------------------------------------------------------------------------------------------
-
-def sample_generators(indices: Sequence[int], base_seed: int, device: torch.device | str = "cpu"
-                      ) -> list[torch.Generator]:
-    return [torch.Generator(device).manual_seed(base_seed + i) for i in indices]
-
 
 def sample_labels(indices: Sequence[int], num_classes: int, mode: str,
                   generators: Sequence[torch.Generator]) -> torch.Tensor:

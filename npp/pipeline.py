@@ -73,7 +73,9 @@ class Pipeline:
         check(vq.config.codebook_size == model.config.vocab_size,
               f"the tokenizer has {vq.config.codebook_size} codes but the model predicts "
               f"{model.config.vocab_size}: pass the tokenizer the model was trained with (--tokenizer)")
-        self.model, self.vq = model.eval(), vq.eval()
+        # Modes are left as they are: the trainer's periodic evaluation samples its model mid-training
+        # (generate() switches to eval mode for the sampling and back).
+        self.model, self.vq = model, vq
         self.tokenizer_info = tokenizer_info or {}
         """The export's tokenizer.json: which data and tokenizer the codes come from."""
         self.export = export

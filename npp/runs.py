@@ -26,6 +26,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 from npp.config import TrainConfig
+from npp.errors import ConfigError
+from npp.schedule import Stage, plan_stages
 from npp.files import dump_json, write_text
 
 TRAIN_SCRIPT = Path(__file__).resolve().parent / "train.py"
@@ -101,6 +103,13 @@ class RunDir:
         return sorted(p.name for p in self.checkpoints.iterdir()
                       if p.is_dir() and p.name.startswith("step-") and (p / "meta.json").is_file())
 
+    def stage_checkpoints(self) -> list[tuple[Stage, str | None]]:
+        """Each stage of the run's schedule, coarse to fine, with the tag of the checkpoint that ends it,
+        or None where that checkpoint is not on disk (the trainer never prunes stage ends)."""
+        on_disk = set(self.checkpoint_tags())
+        stages = plan_stages(TrainConfig.from_dict(self.read_config()).schedule)
+        return [(stage, self.tag(stage.end) if self.tag(stage.end) in on_disk else None) for stage in stages]
+
     def checkpoint_meta(self, tag: str) -> dict[str, Any]:
         """meta.json of a checkpoint: step, world_size, zero_stage, stage, model (ModelConfig), tokenizer."""
         return json.loads((self.checkpoints / tag / "meta.json").read_text())
@@ -141,7 +150,7 @@ class RunDir:
 
     def read_config(self) -> dict[str, Any]:
         if not self.config.is_file():
-            raise FileNotFoundError(f"{self.path} is not a run directory (no config.json): "
+            raise ConfigError(f"{self.path} is not a run directory (no config.json): "
                                     f"give runs/<name> of a run started with `npp train`")
         return json.loads(self.config.read_text())
 

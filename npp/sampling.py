@@ -41,6 +41,13 @@ def filter_logits(logits_BV: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -
     return logits_BV
 
 
+def sample_generators(indices: Sequence[int], base_seed: int, device: torch.device | str = "cpu"
+                      ) -> list[torch.Generator]:
+    """One generator per sample, seeded base_seed + i: sample i is the same image in every batch, on
+    every rank and after every restart (the evaluation's and the app's seeding)."""
+    return [torch.Generator(device).manual_seed(base_seed + i) for i in indices]
+
+
 def draw_uniforms(B: int, L: int, generator: torch.Generator | Sequence[torch.Generator] | None,
                   device: torch.device) -> torch.Tensor:
     """The B×L uniforms that pick every token, drawn before sampling starts.

@@ -29,7 +29,7 @@ from app.backend import (SAMPLER_THREAD, Backend, LoadError, Settings, default_p
                          shared_classes, stream)
 from npp.config import PAPER_SAMPLER, SamplerConfig
 from npp.errors import check
-from npp.evaluate import sample_generators
+from npp.sampling import sample_generators
 from npp.files import ASSETS
 from npp.flags import field_docs
 from npp.tokenizer import load_embedded_tokenizer

@@ -274,15 +274,34 @@ def test_a_run_saved_before_a_field_existed_is_the_same_experiment(codes, refere
     saved = RunDir(reference / "full").read_config()
     config = TrainConfig.from_dict(saved)
     del saved["schedule"]["warmup_every_stage"]  # as written by an npp that did not know the field
-    assert experiment_changes(saved, config) == []
+    assert config.changes_from(saved) == []
     saved["schedule"]["warmup_every_stage"] = False
-    assert experiment_changes(saved, config) == ["schedule"]
+    assert config.changes_from(saved) == ["schedule"]
+
+
+def test_a_checkpoint_loads_and_exports_after_its_data_is_deleted(codes, tmp_path):
+    from npp.checkpoints import load_checkpoint_model
+
+    data = shutil.copytree(codes, tmp_path / "codes")
+    runs = tmp_path / "runs"
+    result = train(str(data), runs, "orphan", **{"schedule.total_steps": 6, "ckpt_every": 3})
+    assert result.returncode == 0, result.stderr[-3000:]
+    shutil.rmtree(data)
+    run = RunDir(runs / "orphan")
+    shutil.rmtree(run.export)
+    coarse = load_checkpoint_model(run.path, RunDir.tag(3))  # the checkpoint that ends the 2×2 stage
+    assert coarse.config.grid == 8 and coarse.config.vocab_size == 64
+    exported = subprocess.run([sys.executable, "-m", "npp.cli", "export", str(run.path)], capture_output=True,
+                              text=True, timeout=300, env=env(tmp_path))
+    assert exported.returncode == 0, exported.stderr[-2000:]
+    assert torch.equal(npp.GPT.from_pretrained(run.export).output.weight, load_checkpoint_model(run.path).output.weight)
+    assert json.loads((run.export / "tokenizer.json").read_text())["fingerprint"]
 
 
 def test_npp_command_trains_and_exports(reference, tmp_path):
     npp_bin = str(Path(sys.executable).parent / "npp")
     helped = subprocess.run([npp_bin, "train", "--help"], capture_output=True, text=True, timeout=120)
-    assert helped.returncode == 0 and "--schedule.segment_factor" in helped.stdout and "λ" in helped.stdout
+    assert helped.returncode == 0 and "--schedule.segment-factor" in helped.stdout and "λ" in helped.stdout
     run = RunDir(reference / "full")
     shutil.rmtree(run.export)
     exported = subprocess.run([npp_bin, "export", str(run.path)], capture_output=True, text=True, timeout=300,
