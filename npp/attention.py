@@ -19,25 +19,12 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from npp.model import GPT, Attention, _rope, apply_rope
-from npp.patching import group_patches
+from npp.model import GPT, Attention, apply_rope, rope_table
 
 
 # --------------------------------------------------------------------------------------------
 # Probabilities
 # --------------------------------------------------------------------------------------------
-
-def _input_sequence(model: GPT, tokens_BL: torch.Tensor, labels_B: torch.Tensor, patch_size: int) -> torch.Tensor:
-    """The first block's input, built as GPT.forward builds it in eval mode (no dropout)."""
-    grid = model.config.grid
-    if tokens_BL.shape[1] != grid * grid:
-        raise ValueError(f"expected {grid * grid} tokens per image ({grid}×{grid} grid), "
-                         f"got {tokens_BL.shape[1]}: pass the full token grid")
-    model.config.check_patch_size(patch_size)
-    emb_BND = group_patches(model.tok_embeddings(tokens_BL), grid, patch_size)
-    cls_B1D = model.cls_embedding.embedding_table(labels_B).unsqueeze(1)
-    return torch.cat([cls_B1D, emb_BND[:, :-1]], dim=1)
-
 
 def attention_probs(attention: Attention, x_BSD: torch.Tensor, rope_SK2: torch.Tensor) -> torch.Tensor:
     """Causal attention probabilities (B, H, S, S) in fp32 of one Attention module on its input.
@@ -68,8 +55,8 @@ def attention_maps(model: GPT, tokens_BL: torch.Tensor, labels_B: torch.Tensor, 
     was_training = model.training
     model.eval()
     try:
-        h_BND = _input_sequence(model, tokens_BL, labels_B, patch_size)
-        rope_NK2 = _rope(model.config, patch_size, h_BND.device)[:-1]
+        h_BND = model.input_sequence(tokens_BL, labels_B, patch_size)
+        rope_NK2 = rope_table(model.config, patch_size, h_BND.device)[:-1]
         maps = []
         for layer in model.layers:
             maps.append(attention_probs(layer.attention, layer.attention_norm(h_BND), rope_NK2))

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from npp.data import MNIST_CLASSES, MNIST_SIZE, mnist_images, to_unit_range
 from npp.errors import check, known_fields
 from npp.files import ASSETS, dump_json
-from npp.weights import load_strict, read_safetensors, save_safetensors
+from npp.weights import Pretrained
 
 EMBEDDED_CLASSIFIER = ASSETS / "mnist-classifier"
 """The shipped classifier, written by the command recorded in its metrics.json."""
@@ -83,8 +83,10 @@ def _conv_block(in_channels: int, out_channels: int) -> nn.Sequential:
     return nn.Sequential(*layers, nn.MaxPool2d(2))
 
 
-class MnistClassifier(nn.Module):
+class MnistClassifier(Pretrained, nn.Module):
     """Images in [-1, 1], (B, 3, 32, 32), to class logits; `features()` is the penultimate layer."""
+
+    config_class = ClassifierConfig
 
     def __init__(self, config: ClassifierConfig):
         super().__init__()
@@ -118,22 +120,6 @@ class MnistClassifier(nn.Module):
                              f"got shape {tuple(images.shape)}; use npp.data.to_unit_range on uint8 pixels")
         if images.dtype == torch.uint8:
             raise ValueError("images are uint8 pixels: convert them with npp.data.to_unit_range first")
-
-    def num_params(self) -> int:
-        return sum(p.numel() for p in self.parameters())
-
-    def save_pretrained(self, directory: str | os.PathLike) -> Path:
-        """Write model.safetensors and config.json (atomically) into directory."""
-        return save_safetensors(self, directory, {"architecture": "npp.MnistClassifier", **self.config.to_dict()})
-
-    @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike, *,
-                        device: str | torch.device = "cpu") -> "MnistClassifier":
-        """Rebuild a classifier written by save_pretrained, in eval mode."""
-        config, state = read_safetensors(directory, "npp.MnistClassifier", "MnistClassifier.save_pretrained", device)
-        with torch.device("meta"):
-            model = cls(ClassifierConfig.from_dict(config))
-        return load_strict(model, state, f"{directory}/model.safetensors").eval()
 
 
 def load_mnist_classifier(device: str | torch.device = "cpu") -> MnistClassifier:

@@ -16,7 +16,6 @@ import functools
 import os
 import re
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Mapping
 
 import torch
@@ -26,8 +25,8 @@ from torch.utils.checkpoint import checkpoint
 
 from npp.config import ModelConfig
 from npp.patching import group_patches
-from npp.weights import (CheckpointError, load_foreign_state_dict, load_strict, read_safetensors,
-                         save_safetensors)
+from npp.errors import CheckpointError
+from npp.weights import Pretrained, load_foreign_state_dict, load_strict
 
 
 class RMSNorm(nn.Module):
@@ -73,7 +72,7 @@ def rope_2d(grid: int, head_dim: int, base: float, device: torch.device | str = 
     return torch.cat([class_row, table_LK2])
 
 
-def _rope(config: ModelConfig, patch_size: int, device: torch.device) -> torch.Tensor:
+def rope_table(config: ModelConfig, patch_size: int, device: torch.device) -> torch.Tensor:
     """The table for a sequence of (grid / patch_size)² patches (config.patch_positions places them)."""
     # Under torch.compile the table is traced as ordinary ops (Dynamo cannot use the cache).
     make = rope_2d.__wrapped__ if torch.compiler.is_compiling() else rope_2d
@@ -199,12 +198,14 @@ class ClassEmbedding(nn.Module):
 # The GPT
 # --------------------------------------------------------------------------------------------
 
-class GPT(nn.Module):
+class GPT(Pretrained, nn.Module):
     """Class-conditional LlamaGen GPT with next-patch input grouping.
 
     >>> model = GPT(ModelConfig.preset("debug", vocab_size=64, num_classes=10, grid=8))
     >>> logits_BNV = model(tokens_BL, labels_B, patch_size=2)   # N = (8 / 2)² = 16
     """
+
+    config_class = ModelConfig
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -237,21 +238,25 @@ class GPT(nn.Module):
         null class). Returns logits_BNV with N = (grid / patch_size)²: row n predicts patch n (token
         n when patch_size = 1) from the class and patches 0..n-1.
         """
-        grid = self.config.grid
-        if tokens_BL.shape[1] != grid * grid:
-            raise ValueError(f"expected {grid * grid} tokens per image ({grid}×{grid} grid), "
-                             f"got {tokens_BL.shape[1]}: pass the full token grid")
-        emb_BND = group_patches(self.tok_embeddings(tokens_BL), grid, patch_size)
-        cls_B1D = self.cls_embedding(labels_B)
-        # The last patch is never an input: nothing follows it.
-        h_BND = self.tok_dropout(torch.cat([cls_B1D, emb_BND[:, :-1]], dim=1))
-        rope_NK2 = _rope(self.config, patch_size, h_BND.device)
+        h_BND = self.tok_dropout(self.input_sequence(tokens_BL, labels_B, patch_size))
+        rope_NK2 = rope_table(self.config, patch_size, h_BND.device)
         for layer in self.layers:
             if self.activation_checkpointing and self.training:
                 h_BND = checkpoint(layer, h_BND, rope_NK2[:-1], use_reentrant=False)
             else:
                 h_BND = layer(h_BND, rope_NK2[:-1])
         return self.output(self.norm(h_BND)).float()
+
+    def input_sequence(self, tokens_BL: torch.Tensor, labels_B: torch.Tensor, patch_size: int = 1) -> torch.Tensor:
+        """The first block's input before dropout: the class token, then the (patch-averaged) embeddings
+        of every patch but the last (nothing follows it), (B, N, D) with N = (grid / patch_size)²."""
+        grid = self.config.grid
+        if tokens_BL.shape[1] != grid * grid:
+            raise ValueError(f"expected {grid * grid} tokens per image ({grid}×{grid} grid), "
+                             f"got {tokens_BL.shape[1]}: pass the full token grid")
+        self.config.check_patch_size(patch_size)
+        emb_BND = group_patches(self.tok_embeddings(tokens_BL), grid, patch_size)
+        return torch.cat([self.cls_embedding(labels_B), emb_BND[:, :-1]], dim=1)
 
     # ---- cached decoding (sampling) -------------------------------------------------------
 
@@ -282,7 +287,7 @@ class GPT(nn.Module):
         S = h_BSD.shape[1]
         if start + S > cache.k.shape[3]:
             raise ValueError(f"positions up to {start + S} exceed the cache length {cache.k.shape[3]}")
-        rope = _rope(self.config, 1, h_BSD.device)
+        rope = rope_table(self.config, 1, h_BSD.device)
         for i, layer in enumerate(self.layers):
             h_BSD = layer(h_BSD, rope[start:start + S], (cache.k[i], cache.v[i]), start)
         return self.output(self.norm(h_BSD)).float()
@@ -298,20 +303,6 @@ class GPT(nn.Module):
     def flops_per_sample(self, patch_size: int = 1) -> float:
         """Training FLOPs for one image at this patch size (see ModelConfig.flops_per_sample)."""
         return self.config.flops_per_sample(patch_size)
-
-    # ---- our format: safetensors + config.json ---------------------------------------------
-
-    def save_pretrained(self, directory: str | os.PathLike) -> Path:
-        """Write model.safetensors and config.json (atomically) into directory."""
-        return save_safetensors(self, directory, {"architecture": "npp.GPT", **self.config.to_dict()})
-
-    @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike, *, device: str | torch.device = "cpu") -> "GPT":
-        """Rebuild a model written by save_pretrained (no other flags needed)."""
-        config, state = read_safetensors(directory, "npp.GPT", "GPT.save_pretrained (e.g. runs/<name>/export)", device)
-        with torch.device("meta"):
-            model = cls(ModelConfig.from_dict(config))
-        return load_strict(model, state, f"{directory}/model.safetensors").eval()
 
     # ---- LlamaGen / NPP checkpoints --------------------------------------------------------
 

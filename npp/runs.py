@@ -80,10 +80,6 @@ class RunDir:
         """The checkpoint tag of a step: tags sort by step."""
         return f"step-{step:08d}"
 
-    @staticmethod
-    def step_of(tag: str) -> int:
-        return int(tag.split("-")[1])
-
     def latest_tag(self) -> str | None:
         """The newest complete checkpoint, or None. The pointer is replaced atomically only after
         every file of its checkpoint is written, so a crash mid-save leaves the previous one."""

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from npp.config import VQConfig
 from npp.errors import CheckpointError, check
 from npp.files import ASSETS
-from npp.weights import fingerprint, load_foreign_state_dict, load_strict, read_safetensors, save_safetensors
+from npp.weights import Pretrained, fingerprint, load_foreign_state_dict, load_strict
 
 
 def _norm(channels: int) -> nn.GroupNorm:
@@ -217,8 +217,10 @@ class VectorQuantizer(nn.Module):
 _LLAMAGEN_EXTRA_KEYS = ("quantize.codebook_used",)
 
 
-class VQModel(nn.Module):
+class VQModel(Pretrained, nn.Module):
     """Images in [-1, 1] to a grid of codes and back."""
+
+    config_class = VQConfig
 
     def __init__(self, config: VQConfig):
         super().__init__()
@@ -277,26 +279,9 @@ class VQModel(nn.Module):
             raise ValueError(f"image size {tuple(images.shape[2:])} is not a multiple of the tokenizer's "
                              f"downsampling factor {c.downsample}: resize or crop first")
 
-    def num_params(self) -> int:
-        return sum(p.numel() for p in self.parameters())
-
     def fingerprint(self) -> str:
         """sha256 of the weights: names a tokenizer in manifests, the same for a .pt and its export."""
         return fingerprint(self)
-
-    # ---- our format: safetensors + config.json ---------------------------------------------
-
-    def save_pretrained(self, directory: str | os.PathLike) -> Path:
-        """Write model.safetensors and config.json (atomically) into directory."""
-        return save_safetensors(self, directory, {"architecture": "npp.VQModel", **self.config.to_dict()})
-
-    @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike, *, device: str | torch.device = "cpu") -> "VQModel":
-        """Rebuild a tokenizer written by save_pretrained (no other flags needed)."""
-        config, state = read_safetensors(directory, "npp.VQModel", "VQModel.save_pretrained", device)
-        with torch.device("meta"):
-            model = cls(VQConfig.from_dict(config))
-        return load_strict(model, state, f"{directory}/model.safetensors").eval()
 
     # ---- LlamaGen checkpoints --------------------------------------------------------------
 

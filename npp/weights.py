@@ -87,6 +87,33 @@ def load_strict(model: nn.Module, state: Mapping[str, torch.Tensor], source: str
     return model
 
 
+class Pretrained:
+    """Our format for a module built from one config dataclass: `save_pretrained` writes model.safetensors
+    and config.json (tagged with the class, so a folder is never loaded as the wrong kind of model) and
+    `from_pretrained` rebuilds it with no other arguments. Subclasses name their `config_class`."""
+
+    config_class: type
+
+    @classmethod
+    def architecture(cls) -> str:
+        return f"npp.{cls.__name__}"
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def save_pretrained(self, directory: str | os.PathLike) -> Path:
+        """Write model.safetensors and config.json (atomically) into directory."""
+        return save_safetensors(self, directory, {"architecture": self.architecture(), **self.config.to_dict()})
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike, *, device: str | torch.device = "cpu"):
+        """Rebuild a model written by save_pretrained, in eval mode (no other flags needed)."""
+        config, state = read_safetensors(directory, cls.architecture(), f"{cls.__name__}.save_pretrained", device)
+        with torch.device("meta"):
+            model = cls(cls.config_class.from_dict(config))
+        return load_strict(model, state, f"{directory}/model.safetensors").eval()
+
+
 def save_safetensors(model: nn.Module, directory: str | os.PathLike, config: dict[str, Any]) -> Path:
     """Write model.safetensors and config.json into directory, each atomically."""
     from safetensors.torch import save_file
