@@ -1,0 +1,189 @@
+"""Will this run fit? A memory estimate per process, checked before any data is read or model is built.
+
+The estimate adds what a training process holds (REFERENCE §9 and DeepSpeed's ZeRO partitioning):
+
+    weights        4 B/param in fp32 and amp-bf16 (fp32 master weights), 2 in DeepSpeed's bf16 mode;
+                   ZeRO-3 shards them over the processes
+    gradients      the weights' dtype; ZeRO-2 and -3 shard them
+    optimizer      AdamW's two fp32 moments (8 B/param), plus the fp32 master copy DeepSpeed's ZeRO keeps
+                   of its shard (4); ZeRO-1 and up shard it, offload moves it to the host
+    activations    what the backward pass needs, at the micro-batch, for the stage with the longest
+                   sequence (next-token prediction): every layer's saved tensors, or with activation
+                   checkpointing each layer's input plus one layer being recomputed
+    loss           the logits' softmax and its gradient (fp32, vocabulary-wide at every position)
+
+and takes the larger of two moments: the forward/backward pass (weights, gradients, optimizer state,
+activations, loss) and the optimizer step (weights, gradients, optimizer state and the step's own
+temporaries). The per-token activation constants were measured with saved-tensor hooks on this model
+(tests/test_preflight.py keeps them true); the totals were checked against the peaks measured on an
+H200 in docs/benchmarks.md (docs/benchmarks.md, "Memory preflight").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from npp.config import ModelConfig
+from npp.errors import ConfigError
+
+GiB = 2**30
+PRECISION_MODES = ("fp32", "amp-bf16", "bf16")
+"""Resolved precisions: fp32; amp-bf16, torch autocast bf16 over fp32 weights, gradients and residual stream
+(the authors'); bf16, DeepSpeed's bf16 mode (bf16 weights and gradients, fp32 master copy in the optimizer)."""
+
+# Bytes saved for the backward pass per token and per layer, as multiples of the width D and of the
+# SwiGLU hidden width H, and per token as a multiple of the vocabulary V (the loss), by precision.
+# Measured with torch.autograd.graph.saved_tensors_hooks (tests/test_preflight.py).
+ACTIVATION_BYTES = {  # precision -> (per D, per H) per token per layer
+    "fp32": (48.0, 16.0),
+    "amp-bf16": (46.0, 8.0),
+    "bf16": (26.0, 8.0),
+}
+RESIDUAL_BYTES = {"fp32": 4, "amp-bf16": 4, "bf16": 2}
+"""Bytes of the residual stream, what activation checkpointing keeps of every layer."""
+LOSS_BYTES_PER_LOGIT = 10.0
+"""The logits' log-softmax (fp32) kept for the backward, and at its peak the fp32 and half-precision
+gradient of the logits: 4 + 4 + 2 bytes per position and vocabulary entry."""
+STEP_BYTES_PER_PARAM = {"fp32": 0.0, "amp-bf16": 0.0, "bf16": 6.0}
+"""The optimizer step's own temporaries: in DeepSpeed's bf16 mode an fp32 copy of the gradient shard and
+reduce buckets (measured: 22 B/param at the step against 16 in the state, XXL and 2B, ZeRO-2, H200)."""
+RESERVE_BYTES = {"cuda": 1.5 * GiB, "cpu": 2.0 * GiB}
+"""Not available to tensors: the CUDA context and allocator slack; on the host, the interpreter, torch,
+DeepSpeed and the data loader."""
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How one training process holds a model: what the estimate depends on."""
+
+    model: ModelConfig
+    micro_batch: int
+    world: int = 1
+    zero_stage: int = 0
+    offload: bool = False
+    precision: str = "fp32"
+    checkpointing: bool = False
+    device: str = "cuda"
+
+
+@dataclass(frozen=True)
+class Estimate:
+    weights: float
+    gradients: float
+    optimizer: float
+    activations: float
+    loss: float
+    step: float
+    """Temporaries of the optimizer step."""
+    host: float = 0.0
+    """Optimizer state offloaded to the host (not counted on the GPU)."""
+
+    @property
+    def peak(self) -> float:
+        state = self.weights + self.gradients + self.optimizer
+        return max(state + self.activations + self.loss, state + self.step)
+
+    def parts(self) -> str:
+        shown = [("weights", self.weights), ("gradients", self.gradients), ("optimizer", self.optimizer),
+                 ("activations", self.activations), ("loss", self.loss)]
+        return ", ".join(f"{name} {value / GiB:.1f}" for name, value in shown)
+
+
+def parameters(model: ModelConfig) -> int:
+    """Every parameter: the matmuls (head included), the token and class tables, the norms."""
+    embeddings = (model.vocab_size + model.num_classes + 1) * model.dim
+    norms = (2 * model.n_layer + 1) * model.dim
+    return model.matmul_params() + embeddings + norms
+
+
+def estimate(plan: Plan) -> Estimate:
+    """The peak memory of one training process under `plan`, in bytes."""
+    m, P, W = plan.model, parameters(plan.model), plan.world
+    shard = {name: W if plan.zero_stage >= stage else 1 for name, stage in (("optimizer", 1), ("gradients", 2),
+                                                                          ("weights", 3))}
+    low = 2 if plan.precision == "bf16" else 4
+    weights = low * P / shard["weights"]
+    gradients = low * P / shard["gradients"]
+    # Adam's moments, and the fp32 master copy (bf16 mode) or the fp32 flat partition (ZeRO) beside them.
+    master = 4 if plan.precision == "bf16" or plan.zero_stage >= 1 else 0
+    optimizer = (8 + master) * P / shard["optimizer"]
+    step = STEP_BYTES_PER_PARAM[plan.precision] * P / shard["optimizer"]
+    host = 0.0
+    if plan.offload:
+        host, optimizer, step = optimizer + step, 0.0, 0.0
+    if plan.precision == "amp-bf16":
+        weights += 2 * P / shard["weights"]  # autocast's bf16 copies of the weights live through the backward
+
+    tokens = plan.micro_batch * m.seq_len
+    per_D, per_H = ACTIVATION_BYTES[plan.precision]
+    layer = tokens * (per_D * m.dim + per_H * m.hidden_dim)
+    if plan.checkpointing:
+        activations = tokens * m.n_layer * m.dim * RESIDUAL_BYTES[plan.precision] + layer
+    else:
+        activations = m.n_layer * layer
+    loss = tokens * m.vocab_size * LOSS_BYTES_PER_LOGIT
+    return Estimate(weights, gradients, optimizer, activations, loss, step, host)
+
+
+def available(device: str) -> float:
+    """Bytes one process can use: a GPU's memory, or the host's available memory, less a reserve."""
+    if device == "cuda":
+        import torch
+
+        total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+    else:
+        total = _host_available()
+    return total - RESERVE_BYTES[device]
+
+
+def _host_available() -> float:
+    with open("/proc/meminfo") as f:
+        fields = dict(line.split(":", 1) for line in f)
+    return int(fields["MemAvailable"].split()[0]) * 1024
+
+
+# ------------------------------------------------------------------------------------------------
+# The check, and the fixes it proposes
+# ------------------------------------------------------------------------------------------------
+
+def fixes(plan: Plan, budget: float, batch: int) -> list[str]:
+    """Changes that would make the run fit `budget` bytes per process, each checked with the estimate."""
+    found = []
+    fits = lambda p: estimate(p).peak * (p.world if p.device == "cpu" else 1) <= budget  # noqa: E731
+    micro = plan.micro_batch
+    while micro > 1 and not fits(replace(plan, micro_batch=micro)):
+        micro //= 2
+    if micro < plan.micro_batch and fits(replace(plan, micro_batch=micro)) and (batch // plan.world) % micro == 0:
+        found.append(f"--micro-batch-size {micro} (gradient accumulation keeps the global batch)")
+    if not plan.checkpointing and fits(replace(plan, checkpointing=True)):
+        found.append("--activation-checkpointing")
+    if plan.device == "cuda":
+        if plan.zero_stage < 3 and plan.world > 1 and fits(replace(plan, zero_stage=3, checkpointing=True)):
+            found.append("--deepspeed ds_configs/zero3.json --activation-checkpointing")
+        if not plan.offload and fits(replace(plan, zero_stage=max(plan.zero_stage, 2), offload=True, checkpointing=True)):
+            found.append("--deepspeed ds_configs/zero2_offload.json --activation-checkpointing")
+        gpus = next((w for w in (2, 4, 8, 16, 32, 64, 128) if w > plan.world
+                     and fits(replace(plan, world=w, zero_stage=3, checkpointing=True, micro_batch=max(1, micro)))), None)
+        if gpus:
+            found.append(f"{gpus} GPUs with ds_configs/zero3.json and --activation-checkpointing")
+    else:
+        gpu = replace(plan, device="cuda", world=1, zero_stage=2, precision="amp-bf16", checkpointing=True)
+        found.append(f"a GPU (one needs ≈ {estimate(gpu).peak / GiB:.0f} GiB with ZeRO-2 and activation checkpointing)")
+    return found
+
+
+def check_fits(plan: Plan, batch: int, budget: float | None = None) -> Estimate:
+    """The estimate when the run fits; otherwise a ConfigError naming the estimate, what is available and
+    the fixes that fit. On the CPU the processes of a launcher share the host's memory."""
+    budget = available(plan.device) if budget is None else budget
+    result = estimate(plan)
+    need = result.peak * (plan.world if plan.device == "cpu" else 1)
+    if need > budget:
+        where = "per GPU" if plan.device == "cuda" else (f"for {plan.world} processes" if plan.world > 1 else "")
+        options = fixes(plan, budget, batch)
+        raise ConfigError(
+            f"this run needs ≈ {need / GiB:.1f} GiB {where} ({result.parts()} GiB; micro-batch {plan.micro_batch}, "
+            f"{plan.precision}, ZeRO-{plan.zero_stage}{', activation checkpointing' if plan.checkpointing else ''}) "
+            f"but {'the GPU has' if plan.device == 'cuda' else 'the host has'} {budget / GiB:.1f} GiB available: "
+            + ("try " + "; or ".join(options) if options else "use a smaller model preset or more memory"))
+    return result
