@@ -95,7 +95,7 @@ def arm_steps(arm: Arm, steps: int) -> int:
 
 
 def run_config(args: argparse.Namespace, data: str, schedule: str, seed: int) -> TrainConfig:
-    """The quickstart recipe (npp/configs/quickstart-ntp.json) with this data, schedule, seed and size."""
+    """The quickstart recipe (npp.recipes) with this data, schedule, seed and size."""
     base = quickstart_config("quickstart-ntp", str(args.runs_dir))
     arm = ARMS[schedule]
     # The quickstart's overrides shrink the tiny preset for a CPU; another preset is taken as it is.

@@ -11,7 +11,6 @@ import argparse
 import os
 import shutil
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -21,12 +20,6 @@ from npp.files import atomic_dir, dump_json
 from npp.model import GPT
 from npp.runs import RunDir
 from npp.weights import load_strict
-
-
-def tokenizer_reference(data: str, manifest: dict[str, Any]) -> dict[str, Any]:
-    """What an export's tokenizer.json holds: the data spec, the source of the codes, and the
-    tokenizer's fingerprint, path and config, so evaluation can decode without being told how."""
-    return {"data": data, "source": manifest.get("source"), **manifest.get("tokenizer", {})}
 
 
 def checkpoint_tag(run: RunDir, tag: str | None) -> str:

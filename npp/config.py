@@ -374,7 +374,7 @@ def cache_dir() -> Path:
     return Path(os.environ.get("NPP_CACHE") or Path.home() / ".cache" / "npp")
 
 
-PRECISIONS = ("auto", "fp32", "bf16")
+PRECISIONS = ("auto", "fp32", "amp-bf16", "bf16")
 
 
 @dataclass
@@ -387,6 +387,8 @@ class TrainConfig:
 
     name: str = "run"
     """Run name; the run directory is runs_dir/name."""
+    recipe: str = ""
+    """The recipe the run's values came from (npp.recipes; `npp train --recipe`), kept as a record."""
     runs_dir: str = "runs"
     """Folder that holds run directories."""
     data: str = "mnist-8x8"
@@ -408,7 +410,9 @@ class TrainConfig:
     grad_clip: float = 1.0
     """Clip the global gradient norm to this value; 0 turns clipping off."""
     precision: str = "auto"
-    """auto (bf16 on GPU, fp32 on CPU), fp32 or bf16."""
+    """amp-bf16: torch autocast bf16 over fp32 weights, gradients and optimizer state (the authors');
+    bf16: DeepSpeed's bf16 mode (bf16 weights and gradients, an fp32 master copy in the optimizer: less
+    memory on several GPUs, a coarser gradient sum); fp32; auto: amp-bf16 on a GPU, fp32 on the CPU."""
     ema_decay: float = 0.0
     """Decay of an exponential moving average of the weights; 0 keeps none (the export then uses the
     trained weights, otherwise the average)."""
@@ -457,7 +461,7 @@ class TrainConfig:
                                                          f"of ScheduleConfig fields")
         check(isinstance(self.eval_sampler, SamplerConfig),
               f"TrainConfig.eval_sampler={self.eval_sampler!r}: give an object of SamplerConfig fields")
-        for name in ("name", "runs_dir", "data", "model", "precision", "deepspeed", "wandb_project",
+        for name in ("name", "recipe", "runs_dir", "data", "model", "precision", "deepspeed", "wandb_project",
                      "eval_reference", "eval_inception_weights"):
             check(isinstance(getattr(self, name), str), f"TrainConfig.{name}={getattr(self, name)!r}: must be a string")
         check(bool(self.name) and "/" not in self.name and self.name not in (".", ".."),
@@ -502,6 +506,14 @@ class TrainConfig:
     def run_dir(self) -> str:
         return os.path.join(self.runs_dir, self.name)
 
+    def precision_on(self, device_type: str) -> str:
+        """The precision mode this run trains with on a device type ("cuda" or "cpu")."""
+        if self.precision == "auto":
+            return "amp-bf16" if device_type == "cuda" else "fp32"
+        check(not (self.precision == "bf16" and device_type != "cuda"),
+              "TrainConfig.precision='bf16' (DeepSpeed's bf16 mode) needs a GPU: use amp-bf16, fp32 or auto on the CPU")
+        return self.precision
+
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         data["betas"] = list(self.betas)
@@ -524,7 +536,7 @@ class TrainConfig:
         return sorted(k for k, v in self.to_dict().items() if k not in RESUMABLE and before.get(k) != v)
 
 
-RESUMABLE = frozenset({"name", "runs_dir", "deepspeed", "num_workers", "log_every", "ckpt_every", "keep_last",
+RESUMABLE = frozenset({"name", "recipe", "runs_dir", "deepspeed", "num_workers", "log_every", "ckpt_every", "keep_last",
                        "tensorboard", "wandb_project", "progress", "micro_batch_size", "activation_checkpointing",
                        "compile", "eval_every", "eval_samples", "eval_sampler", "eval_reference",
                        "eval_inception_weights"})

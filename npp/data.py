@@ -63,12 +63,22 @@ def _read_idx(path: Path) -> np.ndarray:
     return array.reshape(shape)
 
 
-def load_mnist(split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
-    """The raw digits: uint8 images (N, 28, 28) and int64 labels (N,), split 'train' or 'test'."""
+def _idx_prefix(split: str) -> str:
     prefix = {"train": "train", "test": "t10k"}.get(split)
     if prefix is None:
         raise ValueError(f"MNIST split {split!r}: use 'train' or 'test'")
-    root = _mnist_dir()
+    return prefix
+
+
+def mnist_count(split: str = "train") -> int:
+    """How many digits a split holds, read from its idx header (nothing else is decompressed)."""
+    with gzip.open(_mnist_dir() / f"{_idx_prefix(split)}-labels-idx1-ubyte.gz", "rb") as f:
+        return int.from_bytes(f.read(8)[4:8], "big")
+
+
+def load_mnist(split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
+    """The raw digits: uint8 images (N, 28, 28) and int64 labels (N,), split 'train' or 'test'."""
+    prefix, root = _idx_prefix(split), _mnist_dir()
     images = _read_idx(root / f"{prefix}-images-idx3-ubyte.gz")
     labels = _read_idx(root / f"{prefix}-labels-idx1-ubyte.gz")
     return torch.from_numpy(images.copy()), torch.from_numpy(labels.astype(np.int64))

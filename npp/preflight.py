@@ -21,9 +21,12 @@ H200 in docs/benchmarks.md (docs/benchmarks.md, "Memory preflight").
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, replace
 
-from npp.config import ModelConfig
+from npp.batches import DataFacts, data_facts, model_for
+from npp.config import ModelConfig, TrainConfig
+from npp.distributed import deepspeed_config, offloads_optimizer, zero_stage
 from npp.errors import ConfigError
 
 GiB = 2**30
@@ -31,19 +34,19 @@ PRECISION_MODES = ("fp32", "amp-bf16", "bf16")
 """Resolved precisions: fp32; amp-bf16, torch autocast bf16 over fp32 weights, gradients and residual stream
 (the authors'); bf16, DeepSpeed's bf16 mode (bf16 weights and gradients, fp32 master copy in the optimizer)."""
 
-# Bytes saved for the backward pass per token and per layer, as multiples of the width D and of the
-# SwiGLU hidden width H, and per token as a multiple of the vocabulary V (the loss), by precision.
-# Measured with torch.autograd.graph.saved_tensors_hooks (tests/test_preflight.py).
-ACTIVATION_BYTES = {  # precision -> (per D, per H) per token per layer
-    "fp32": (48.0, 16.0),
-    "amp-bf16": (46.0, 8.0),
-    "bf16": (26.0, 8.0),
+# Bytes saved for the backward pass per token, measured with torch.autograd.graph.saved_tensors_hooks on
+# this model with dropout on (tests/test_preflight.py measures them again): per layer, multiples of the
+# width D and of the SwiGLU hidden width H; once, a multiple of D (embeddings, final norm, head input).
+ACTIVATION_BYTES = {  # precision -> (per D per layer, per H per layer, per D once)
+    "fp32": (56.25, 16.0, 15.5),
+    "amp-bf16": (38.25, 8.0, 13.5),
+    "bf16": (32.25, 8.0, 9.5),
 }
 RESIDUAL_BYTES = {"fp32": 4, "amp-bf16": 4, "bf16": 2}
-"""Bytes of the residual stream, what activation checkpointing keeps of every layer."""
-LOSS_BYTES_PER_LOGIT = 10.0
-"""The logits' log-softmax (fp32) kept for the backward, and at its peak the fp32 and half-precision
-gradient of the logits: 4 + 4 + 2 bytes per position and vocabulary entry."""
+"""Bytes of the residual stream per element: what activation checkpointing keeps of every layer."""
+LOSS_BYTES_PER_LOGIT = {"fp32": 8.0, "amp-bf16": 10.0, "bf16": 10.0}
+"""Per position and vocabulary entry: the fp32 log-softmax kept for the backward (4), and at the loss's
+backward the fp32 gradient of the logits (4) and its half-precision cast (2)."""
 STEP_BYTES_PER_PARAM = {"fp32": 0.0, "amp-bf16": 0.0, "bf16": 6.0}
 """The optimizer step's own temporaries: in DeepSpeed's bf16 mode an fp32 copy of the gradient shard and
 reduce buckets (measured: 22 B/param at the step against 16 in the state, XXL and 2B, ZeRO-2, H200)."""
@@ -115,13 +118,13 @@ def estimate(plan: Plan) -> Estimate:
         weights += 2 * P / shard["weights"]  # autocast's bf16 copies of the weights live through the backward
 
     tokens = plan.micro_batch * m.seq_len
-    per_D, per_H = ACTIVATION_BYTES[plan.precision]
+    per_D, per_H, once = ACTIVATION_BYTES[plan.precision]
     layer = tokens * (per_D * m.dim + per_H * m.hidden_dim)
-    if plan.checkpointing:
-        activations = tokens * m.n_layer * m.dim * RESIDUAL_BYTES[plan.precision] + layer
-    else:
-        activations = m.n_layer * layer
-    loss = tokens * m.vocab_size * LOSS_BYTES_PER_LOGIT
+    # With checkpointing every layer keeps its input and one layer at a time is recomputed in full.
+    layers = tokens * m.n_layer * m.dim * RESIDUAL_BYTES[plan.precision] + layer if plan.checkpointing \
+        else m.n_layer * layer
+    activations = layers + tokens * once * m.dim
+    loss = tokens * m.vocab_size * LOSS_BYTES_PER_LOGIT[plan.precision]
     return Estimate(weights, gradients, optimizer, activations, loss, step, host)
 
 
@@ -170,6 +173,23 @@ def fixes(plan: Plan, budget: float, batch: int) -> list[str]:
         gpu = replace(plan, device="cuda", world=1, zero_stage=2, precision="amp-bf16", checkpointing=True)
         found.append(f"a GPU (one needs ≈ {estimate(gpu).peak / GiB:.0f} GiB with ZeRO-2 and activation checkpointing)")
     return found
+
+
+def plan_for(config: TrainConfig, facts: DataFacts, *, world: int, device: str) -> Plan:
+    """How a process of this run would hold its model, from the config and the data's facts alone."""
+    precision = config.precision_on(device)
+    ds = deepspeed_config(config, world, bf16=precision == "bf16")
+    return Plan(model_for(config, facts), ds["train_micro_batch_size_per_gpu"], world, zero_stage(ds),
+                offloads_optimizer(ds), precision, config.activation_checkpointing, device)
+
+
+def check_run(config: TrainConfig, *, world: int | None = None, device: str | None = None) -> Estimate:
+    """Refuse a run that cannot fit this machine, before any data is read or model built (one line)."""
+    import torch
+
+    world = world or int(os.environ.get("WORLD_SIZE", "1"))
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return check_fits(plan_for(config, data_facts(config.data), world=world, device=device), config.batch_size)
 
 
 def check_fits(plan: Plan, batch: int, budget: float | None = None) -> Estimate:

@@ -2,9 +2,9 @@
 
 1. The embedded data: the shipped MNIST tokenizer and classifier (npp/assets), and the codes of the
    60,000 training digits, extracted once into the cache ($NPP_CACHE, default ~/.cache/npp).
-2. Two runs with the same steps, batch and learning rate, from the configs shipped in the package
-   (npp/configs/quickstart-{ntp,npp}.json): next-token prediction, and next-patch prediction (#L 2,
-   λ ½: 2×2 patches for the first half).
+2. Two runs of the `quickstart` recipe (npp.recipes, shipped in the package), the same steps, batch
+   and learning rate: next-token prediction, and next-patch prediction (#L 2, λ ½: 2×2 patches for
+   the first half).
 3. Samples of every digit from each run as a PNG grid, and an evaluation of 1,000 samples each
    (`npp evaluate`): domain FID, IS, precision/recall against the test digits and class accuracy,
    the share of samples that the classifier reads as the digit that was asked for.
@@ -16,10 +16,8 @@ trainer sees; a finished run is reused, an interrupted one resumes.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
-from pathlib import Path
 
 import torch
 
@@ -28,16 +26,18 @@ from npp.errors import TrainingError
 from npp.evaluate import EvalConfig, evaluate
 from npp.images import image_grid, save_png
 from npp.pipeline import Pipeline
+from npp.recipes import resolve
 from npp.runs import RunDir, launch
 
-CONFIGS = Path(__file__).resolve().parent / "configs"
-"""Run configs shipped inside the package, so that a wheel install runs the quickstart too."""
 QUICKSTART_RUNS = ("quickstart-ntp", "quickstart-npp")
 
 
 def quickstart_config(name: str, runs_dir: str = "runs") -> TrainConfig:
-    """One of the quickstart pair's run configs, with its runs folder."""
-    return TrainConfig.from_dict({**json.loads((CONFIGS / f"{name}.json").read_text()), "runs_dir": runs_dir})
+    """One of the quickstart pair: the quickstart recipe on the tiny preset and the embedded 8×8 data,
+    next-token prediction (quickstart-ntp) or #L 2 λ ½ (quickstart-npp)."""
+    levels = {"quickstart-ntp": 1, "quickstart-npp": 2}[name]
+    return resolve({"name": name, "runs_dir": runs_dir, "model": "tiny", "data": "mnist-8x8",
+                    "schedule": {"levels": levels}}, "quickstart")
 
 
 def digit_grid(pipe: Pipeline, per_class: int, seed: int = 0) -> torch.Tensor:
@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
           "  tensorboard --logdir runs               loss, LR and throughput of both runs by step\n"
           "  npp.Pipeline.from_run('runs/quickstart-npp')   the trained model and its tokenizer, one call\n"
           "  npp evaluate runs/quickstart-npp --num-samples 10000   a closer FID estimate\n"
-          "  npp train --config npp/configs/quickstart-npp.json --name npp-l3 --schedule.levels 3   another schedule")
+          "  npp train --recipe quickstart --name npp-l3 --schedule.levels 3   another schedule on the same recipe")
     return 0
 
 

@@ -19,8 +19,10 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any
 
-from npp.config import MODEL_PRESETS
+from npp.batches import data_facts
+from npp.config import MODEL_PRESETS, TrainConfig
 from npp.errors import check
+from npp.flags import overlay
 
 SMALL_PRESETS = ("debug", "tiny")
 """Presets of the CPU world: `auto` gives them the quickstart recipe."""
@@ -53,7 +55,7 @@ class Recipe:
     def values(self, preset: str, *, data_size: int, batch_size: int | None = None) -> dict[str, Any]:
         """TrainConfig fields (nested as TrainConfig.from_dict takes them) for a model preset and data
         of data_size images; epochs become steps with batch_size (default: the recipe's)."""
-        check(preset in MODEL_PRESETS, f"unknown model preset {preset!r}: choose one of {', '.join(MODEL_PRESETS)}")
+        check(preset in MODEL_PRESETS, f"TrainConfig.model={preset!r}: choose one of {', '.join(MODEL_PRESETS)}")
         out: dict[str, Any] = {"recipe": self.name, "model": preset}
         for setting in self.settings:
             value = setting.for_preset(preset)
@@ -155,6 +157,23 @@ def recipe_for(name: str, preset: str) -> Recipe:
         name = "quickstart" if preset in SMALL_PRESETS else "paper"
     check(name in RECIPES, f"unknown recipe {name!r}: choose one of auto, {', '.join(RECIPES)} (or none)")
     return RECIPES[name]
+
+
+def resolve(given: dict[str, Any], recipe: str = "auto") -> TrainConfig:
+    """The run config of a recipe with the values given on top (a config file's fields and flags, nested as
+    TrainConfig.from_dict takes them); model_overrides are merged field by field. Lengths in epochs become
+    steps with the data set's size, read from its manifest (nothing is extracted), and the batch that wins.
+    recipe "none" takes TrainConfig's own defaults for what is not given."""
+    if recipe == "none":
+        return TrainConfig.from_dict(given)
+    defaults = TrainConfig()
+    preset = given.get("model", defaults.model)
+    chosen = recipe_for(recipe, preset)
+    facts = data_facts(given.get("data", defaults.data))
+    base = chosen.values(preset, data_size=facts.count, batch_size=given.get("batch_size"))
+    values = overlay(TrainConfig, base, given)
+    values["model_overrides"] = {**base.get("model_overrides", {}), **given.get("model_overrides", {})}
+    return TrainConfig.from_dict(values)
 
 
 # ------------------------------------------------------------------------------------------------

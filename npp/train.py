@@ -41,15 +41,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from npp.batches import GlobalOrder, micro_batches, open_data
-from npp.checkpoints import export_run, to_universal, tokenizer_reference
-from npp.config import ModelConfig, TrainConfig
+from npp.batches import GlobalOrder, data_facts, micro_batches, model_for, open_data
+from npp.checkpoints import export_run, to_universal
+from npp.config import TrainConfig
 from npp.distributed import deepspeed_config, init_distributed, offloads_optimizer, zero_stage
 from npp.errors import USER_ERRORS, ConfigError, TrainingError, require
 from npp.files import atomic_path, dump_json
 from npp.flags import Parser, add_flags, fail, given, overlay
 from npp.model import GPT
 from npp.patching import next_patch_loss
+from npp.preflight import check_run
+from npp.recipes import resolve
 from npp.runs import RunDir
 from npp.schedule import Stage, lr_at, plan_stages, stage_at
 from npp.trainlog import MetricsLogger
@@ -65,35 +67,35 @@ class Trainer:
         if config.batch_size % self.world:
             raise ConfigError(f"TrainConfig.batch_size={config.batch_size} does not split over "
                               f"{self.world} processes: use a multiple of {self.world}")
-        self.bf16 = config.precision == "bf16" or (config.precision == "auto" and self.device.type == "cuda")
-        if self.bf16 and self.device.type != "cuda":
-            raise ConfigError("TrainConfig.precision='bf16' needs a GPU: use 'fp32' or 'auto' on the CPU")
+        self.precision = config.precision_on(self.device.type)
+        if self.device.type == "cuda":  # the authors train with TF32 matmuls under autocast
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
 
-        self.data = open_data(config.data, config.seed)
-        self.model_config = ModelConfig.preset(config.model, vocab_size=self.data.vocab_size,
-                                               num_classes=self.data.num_classes, grid=self.data.grid,
-                                               **config.model_overrides)
-        self.tokenizer = tokenizer_reference(config.data, self.data.manifest)
-        self.stages = plan_stages(config.schedule, grid=self.data.grid)
-        self.order = GlobalOrder(len(self.data), config.batch_size, config.seed)
+        # Everything that can be refused is checked from the data's manifest, before its codes are read.
+        facts = data_facts(config.data)
+        self.model_config, self.tokenizer = model_for(config, facts), facts.tokenizer
+        self.stages = plan_stages(config.schedule, grid=facts.grid)
         self.flops_per_image = {s.index: self.model_config.flops_per_sample(s.patch_size) for s in self.stages}
-
-        self.start_step, self.tokens_seen, self.flops_seen = 0, 0, 0.0
-        resume_tag = self.run.latest_tag() if resume else None
-        if resume_tag is None and self.rank == 0:  # a new run, or one that died before its first checkpoint
-            self.run.write_config(config.to_dict())
-            self.run.metrics.unlink(missing_ok=True)
-        self.ds_config = deepspeed_config(config, self.world, self.bf16)
+        self.ds_config = deepspeed_config(config, self.world, bf16=self.precision == "bf16")
         if config.ema_decay and zero_stage(self.ds_config) == 3:
             raise ConfigError("TrainConfig.ema_decay needs full weights on every rank: use ZeRO-2 "
                               "(ds_configs/zero2.json) or set ema_decay to 0 with ZeRO-3")
+        self.start_step, self.tokens_seen, self.flops_seen = 0, 0, 0.0
+        resume_tag = self.run.latest_tag() if resume else None
         if resume_tag is not None:
             changed = config.changes_from(self.run.read_config())
             if changed:
                 raise ConfigError(f"{self.run.path} was started with other values of {', '.join(changed)}: resume "
                                   f"it unchanged, give a new --name, or pass --no-resume to start it again")
-            self._prepare_resume(resume_tag)
         self.quick_eval = self._build_quick_eval() if config.eval_every else None
+
+        self.data = open_data(config.data, config.seed)
+        self.order = GlobalOrder(len(self.data), config.batch_size, config.seed)
+        if resume_tag is None and self.rank == 0:  # a new run, or one that died before its first checkpoint
+            self.run.write_config(config.to_dict())
+            self.run.metrics.unlink(missing_ok=True)
+        if resume_tag is not None:
+            self._prepare_resume(resume_tag)
         self._build_engine()
         if resume_tag is not None:
             self._load_checkpoint(resume_tag)
@@ -116,8 +118,8 @@ class Trainer:
             optimizer = DeepSpeedCPUAdam(groups, lr=self.config.schedule.lr, betas=self.config.betas,
                                          adamw_mode=True)
         else:
-            optimizer = torch.optim.AdamW(groups, lr=self.config.schedule.lr, betas=self.config.betas,
-                                          fused=self.device.type == "cuda")
+            # The fused kernel on the CPU too: one pass over the parameters instead of a loop of small ops.
+            optimizer = torch.optim.AdamW(groups, lr=self.config.schedule.lr, betas=self.config.betas, fused=True)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                                                  config=self.ds_config)
         self.micro = self.engine.train_micro_batch_size_per_gpu()
@@ -139,12 +141,14 @@ class Trainer:
                               inception_weights=c.eval_inception_weights or None,
                               metrics=("fid", "isc", "prc"), save_png=False, progress=False)
         vq = tokenizer_from_reference(self.tokenizer, where=f"TrainConfig.data={c.data!r}")
-        return QuickEval(settings, vq.to(self.device).eval(), on_embedded_data(self.tokenizer), self.data.grid)
+        return QuickEval(settings, vq.to(self.device).eval(), on_embedded_data(self.tokenizer), self.model_config.grid)
 
     # ---- one step --------------------------------------------------------------------------
 
-    def train_step(self, step: int, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
-        """One optimizer step over this rank's micro-batches; returns the loss averaged over ranks."""
+    def train_step(self, step: int, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """One optimizer step over this rank's micro-batches; returns this rank's mean loss as a tensor,
+        not read back: the loop reads losses in one all-reduce every few steps (see `synchronise`), so the
+        host keeps queueing work while the GPU computes."""
         stage = stage_at(self.stages, step)
         lr = lr_at(self.config.schedule, self.stages, step)
         for group in self.optimizer.param_groups:
@@ -154,28 +158,34 @@ class Trainer:
         total = torch.zeros((), device=self.device)
         for tokens_BL, labels_B in micro_batches:
             tokens_BL, labels_B = tokens_BL.to(self.device), labels_B.to(self.device)
-            logits_BNV = self.engine(tokens_BL, labels_B, patch_size=stage.patch_size)
-            loss = next_patch_loss(logits_BNV, tokens_BL, stage.patch_size)
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "amp-bf16"):
+                logits_BNV = self.engine(tokens_BL, labels_B, patch_size=stage.patch_size)
+                loss = next_patch_loss(logits_BNV, tokens_BL, stage.patch_size)
             self.engine.backward(loss)
             self.engine.step()
             total += loss.detach().float()
-        # One all-reduce carries the mean loss and the stop request (a signal seen by any rank).
-        flags = torch.stack([total / len(micro_batches),
-                             torch.tensor(float(self._stop_signal is not None), device=self.device)])
-        torch.distributed.all_reduce(flags)
-        loss_value = flags[0].item() / self.world
-        self._stop_everywhere = flags[1].item() > 0
-        if not math.isfinite(loss_value):
-            last = self.run.latest_tag()
-            raise TrainingError(f"loss became {loss_value} at step {step} (stage {stage.index}, "
-                                f"{stage.patch_size}×{stage.patch_size} patches, lr {lr:.3g}); the last good "
-                                f"checkpoint {last or '(none yet)'} is kept: lower schedule.lr or raise "
-                                f"schedule.warmup_steps, then resume")
         if self.ema is not None:
             self._update_ema()
         self.tokens_seen += self.config.batch_size * self.model_config.seq_len
         self.flops_seen += self.config.batch_size * self.flops_per_image[stage.index]
-        return loss_value
+        return total / len(micro_batches)
+
+    def synchronise(self, losses: list[tuple[int, torch.Tensor]]) -> float:
+        """One all-reduce for the steps since the last one: their losses averaged over ranks, and the stop
+        request (a signal seen by any rank). Raises on the first non-finite loss; returns the last loss."""
+        stop = torch.tensor([float(self._stop_signal is not None)], device=self.device)
+        values = torch.cat([torch.stack([loss for _, loss in losses]), stop])
+        torch.distributed.all_reduce(values)
+        *means, stopping = (values / torch.tensor([self.world] * len(losses) + [1.0], device=self.device)).tolist()
+        self._stop_everywhere = stopping > 0
+        for (step, _), value in zip(losses, means):
+            if not math.isfinite(value):
+                stage = stage_at(self.stages, step)
+                raise TrainingError(f"loss became {value} at step {step} (stage {stage.index}, {stage.patch_size}×"
+                                    f"{stage.patch_size} patches, lr {lr_at(self.config.schedule, self.stages, step):.3g}); "
+                                    f"the last good checkpoint {self.run.latest_tag() or '(none yet)'} is kept: lower "
+                                    f"schedule.lr or raise schedule.warmup_steps, then resume")
+        return means[-1]
 
     @torch.no_grad()
     def _update_ema(self) -> None:
@@ -199,19 +209,26 @@ class Trainer:
         for sig in previous:
             signal.signal(sig, self._on_signal)
         self._stop_everywhere = False
+        pending: list[tuple[int, torch.Tensor]] = []
+        since = time.perf_counter()
         try:
             for step in range(self.start_step, schedule.total_steps):
-                batch = [next(batches) for _ in range(self.accum)]
-                started = time.perf_counter()
-                loss = self.train_step(step, batch)
+                pending.append((step, self.train_step(step, [next(batches) for _ in range(self.accum)])))
                 done = step + 1
                 stage = stage_at(self.stages, step)
                 at_stage_end = done == stage.end
+                log = done % config.log_every == 0 or at_stage_end
+                save = done % config.ckpt_every == 0 or at_stage_end
+                evaluate = self.quick_eval is not None and (done % config.eval_every == 0 or at_stage_end)
                 if logger is not None:
-                    if done % config.log_every == 0 or at_stage_end:
-                        logger.steps(done, stage, loss, lr_at(schedule, self.stages, step), self.tokens_seen,
-                                     self.flops_seen, [time.perf_counter() - started])
                     logger.advance(1)
+                if not (log or save or evaluate):
+                    continue
+                loss = self.synchronise(pending)
+                if logger is not None and log:
+                    logger.steps(done, stage, loss, lr_at(schedule, self.stages, step), self.tokens_seen,
+                                 self.flops_seen, steps=len(pending), seconds=time.perf_counter() - since)
+                pending, since = [], time.perf_counter()
                 if self._stop_everywhere:
                     self.save_checkpoint(done)
                     if logger is not None:
@@ -219,9 +236,9 @@ class Trainer:
                         print(f"stopped by a signal at step {done}; checkpoint saved. Resume with the "
                               f"same command.", flush=True)
                     return None
-                if done % config.ckpt_every == 0 or at_stage_end:
+                if save:
                     self.save_checkpoint(done)
-                if self.quick_eval is not None and (done % config.eval_every == 0 or at_stage_end):
+                if evaluate:
                     self.evaluate_now(done, stage, logger)
         finally:
             for sig, handler in previous.items():
@@ -264,7 +281,7 @@ class Trainer:
                  f"  model {c.model}: {params / 1e6:.2f}M parameters ({m.n_layer} layers, dim {m.dim}, "
                  f"{m.n_head} heads), vocab {m.vocab_size}, {m.num_classes} classes, grid {m.grid}×{m.grid}",
                  f"  data {c.data}: {len(self.data)} images × {self.data.num_variants} crop variants",
-                 f"  {self.world} process(es) on {self.device.type}, {'bf16' if self.bf16 else 'fp32'}, "
+                 f"  {self.world} process(es) on {self.device.type}, {self.precision}, "
                  f"ZeRO stage {zero_stage(self.ds_config)}, batch {c.batch_size} = {self.micro} × "
                  f"{self.accum} accumulation × {self.world}",
                  f"  model state ≈ {16 * params / 2**30 / (self.world if zero_stage(self.ds_config) else 1):.2f} GiB "
@@ -363,9 +380,12 @@ def build_parser() -> Parser:
     parser = Parser(prog="npp train", description="Train a GPT with next-token or next-patch prediction. Every "
                     "TrainConfig field is a flag; a JSON --config is read first and flags override it.")
     parser.add_argument("--config", help="JSON file with TrainConfig fields (schedule as a nested object)")
+    parser.add_argument("--recipe", default="auto", help="the recipe the values not given come from: auto "
+                        "(quickstart for debug and tiny, paper for B and larger), paper, llamagen, quickstart, or "
+                        "none (TrainConfig's defaults); see docs/recipes.md")
     parser.add_argument("--no-resume", action="store_true", help="start again even if the run has checkpoints")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
-    add_flags(parser, TrainConfig)
+    add_flags(parser, TrainConfig, exclude=["recipe"])  # --recipe above chooses it, and records it
     return parser
 
 
@@ -382,7 +402,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         if not isinstance(data, dict):
             raise ConfigError(f"--config {args.config} holds a JSON {type(data).__name__}, not an object of "
                               f"TrainConfig fields")
-    return TrainConfig.from_dict(overlay(TrainConfig, data, given(args, TrainConfig)))
+    return resolve(overlay(TrainConfig, data, given(args, TrainConfig, exclude=["recipe"])), args.recipe)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -390,6 +410,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = config_from_args(args)
         plan_stages(config.schedule)  # fail on an impossible schedule before any process starts
+        check_run(config)  # and on a run that cannot fit this machine
         require("deepspeed", "npp train")
         trainer = Trainer(config, resume=not args.no_resume)
     except USER_ERRORS as err:

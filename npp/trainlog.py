@@ -17,7 +17,6 @@ from npp.schedule import Stage
 class MetricsLogger:
     def __init__(self, config: TrainConfig, run: RunDir, start_step: int):
         self.config, self.run = config, run
-        self.window: list[float] = []
         self.tb = None
         if config.tensorboard:
             writer = require("torch.utils.tensorboard", "TensorBoard logging (or --tensorboard false)")
@@ -32,11 +31,11 @@ class MetricsLogger:
             tqdm = require("tqdm.auto", "the progress bar (or --progress false)").tqdm
             self.bar = tqdm(total=config.schedule.total_steps, initial=start_step, unit="step", dynamic_ncols=True)
 
-    def steps(self, done: int, stage: Stage, loss: float, lr: float, tokens_seen: int, flops_seen: float,
-              seconds: list[float]) -> None:
-        """The row of step `done` (steps counted when finished), with the mean speed of the steps since the last row."""
-        self.window = (self.window + seconds)[-self.config.log_every:]
-        imgs_per_s = self.config.batch_size * len(self.window) / sum(self.window)
+    def steps(self, done: int, stage: Stage, loss: float, lr: float, tokens_seen: int, flops_seen: float, *,
+              steps: int, seconds: float) -> None:
+        """The row of step `done` (steps counted when finished), with the speed of the `steps` steps since the
+        last row, which took `seconds` (data loading included)."""
+        imgs_per_s = self.config.batch_size * steps / seconds
         row = {"step": done, "stage": stage.index, "patch_size": stage.patch_size, "loss": loss, "lr": lr,
                "tokens_seen": tokens_seen, "flops_seen": flops_seen, "imgs_per_s": imgs_per_s, "time": time.time()}
         self.run.append_metrics([row])

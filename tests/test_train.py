@@ -356,3 +356,41 @@ def test_a_bad_evaluation_reference_fails_before_training(judged_codes, tmp_path
     assert "is not an image folder" in result.stderr and "--eval_reference" in result.stderr
     assert not (tmp_path / "runs" / "bad" / "checkpoints").exists()
     assert time.perf_counter() - started < 60
+
+
+# ---- precision ----------------------------------------------------------------------------------
+
+PRECISION_SCRIPT = """
+import json, sys, torch
+from npp.batches import micro_batches
+from npp.config import ScheduleConfig, TrainConfig
+from npp.train import Trainer
+config = TrainConfig(name=sys.argv[2], runs_dir=sys.argv[3], data=sys.argv[4], model="debug", batch_size=16,
+                     precision=sys.argv[1], schedule=ScheduleConfig(total_steps=6, levels=2, lr=1e-3, warmup_steps=2),
+                     num_workers=0, tensorboard=False, progress=False)
+trainer = Trainer(config)
+grads = set()
+for p in trainer.engine.module.parameters():
+    p.register_hook(lambda g: grads.add(str(g.dtype)))
+batches = micro_batches(trainer.data, trainer.order, 0, 6, rank=0, world=1, micro=16, num_workers=0, pin_memory=False)
+losses = [trainer.train_step(step, [next(batches)]).item() for step in range(6)]
+state = {str(v.dtype) for s in trainer.optimizer.state.values() for v in s.values() if torch.is_tensor(v) and v.dim()}
+print(json.dumps({"losses": losses, "grads": sorted(grads), "state": sorted(state),
+                  "params": sorted({str(p.dtype) for p in trainer.engine.module.parameters()}),
+                  "summary": trainer.summary()}))
+trainer.close()
+"""
+
+
+def test_amp_bf16_keeps_fp32_weights_gradients_and_optimizer_state(codes, tmp_path):
+    results = {}
+    for precision in ("amp-bf16", "fp32"):
+        result = subprocess.run([sys.executable, "-c", PRECISION_SCRIPT, precision, precision, str(tmp_path), codes],
+                                cwd=ROOT, env=env(tmp_path), capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+        results[precision] = json.loads(result.stdout.strip().splitlines()[-1])
+    amp, fp32 = results["amp-bf16"], results["fp32"]
+    assert amp["params"] == amp["grads"] == amp["state"] == ["torch.float32"]
+    assert "1 process(es) on cpu, amp-bf16" in amp["summary"]
+    # The matmuls ran in bf16: close to fp32 (bf16 keeps 8 bits of mantissa), not equal to it.
+    assert amp["losses"] == pytest.approx(fp32["losses"], rel=2e-2) and amp["losses"] != fp32["losses"]
