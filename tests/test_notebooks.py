@@ -129,7 +129,7 @@ def test_attention_notebook_reads_the_patch_stage_checkpoint_of_a_trained_run(tr
 
 
 @pytest.mark.parametrize("name,parameters,message", [
-    ("train", {"model": "huge"}, "is not a preset"),
+    ("train", {"model": "huge"}, "TrainConfig.model='huge': choose one of"),
     ("fid", {"runs": ["runs/does-not-exist"]}, "not run directories"),
     ("fid", {"runs": "runs/quickstart-npp"}, "give a JSON list of run directories"),
     ("patches", {"run": "runs/does-not-exist"}, "has no export/model.safetensors"),
@@ -160,7 +160,7 @@ def test_notebooks_are_committed_without_outputs_and_document_their_parameters()
 
 
 def test_train_notebook_defaults_are_the_quickstart_pair():
-    """The parameters and the checking cell, run as they are: defaults give npp/configs/quickstart-*.json."""
+    """The parameters and the checking cell, run as they are: the defaults give the quickstart pair."""
     from npp.quickstart import quickstart_config
 
     notebook = nbformat.read(str(NOTEBOOKS / "train.ipynb"), as_version=4)

@@ -102,3 +102,20 @@ def test_npp_train_refuses_xxl_on_this_machine_before_any_work(tmp_path):
     assert "host has" in result.stderr and "a GPU" in result.stderr
     assert not (tmp_path / "runs").exists()  # no run directory
     assert not (tmp_path / "cache").exists()  # no extraction of the embedded data
+
+
+def test_the_train_notebook_stops_an_xxl_run_in_its_first_cell(tmp_path):
+    import nbformat
+
+    env = {**os.environ, "NPP_CACHE": str(tmp_path / "cache")}
+    out = tmp_path / "xxl.ipynb"
+    result = subprocess.run([str(Path(sys.executable).with_name("papermill")), "notebooks/train.ipynb", str(out),
+                             "-p", "model", "XXL", "-p", "runs_dir", str(tmp_path / "runs")],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode != 0
+    code = [cell for cell in nbformat.read(str(out), as_version=4).cells if cell.cell_type == "code"]
+    failed = [cell for cell in code if any(o.output_type == "error" for o in cell.outputs)]
+    assert len(failed) == 1 and "# Check every parameter" in failed[0].source
+    error = next(o for o in failed[0].outputs if o.output_type == "error")
+    assert error.ename == "ConfigError" and "this run needs ≈" in error.evalue and "a GPU" in error.evalue
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "cache").exists()
