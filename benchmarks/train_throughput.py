@@ -95,8 +95,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     run.add_argument("--micro-batch", type=int, default=0,
                      help="images per process per forward pass (0: batch / world size, no accumulation)")
     run.add_argument("--deepspeed", default="", help="DeepSpeed JSON, e.g. ds_configs/zero2.json (empty: no ZeRO)")
-    run.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
-                     help="auto is bf16 on CUDA, fp32 on the CPU (as in npp train)")
+    run.add_argument("--precision", default="auto", choices=["auto", "fp32", "amp-bf16", "bf16"],
+                     help="auto is amp-bf16 on CUDA, fp32 on the CPU (as in npp train)")
     run.add_argument("--activation-checkpointing", action="store_true", help="recompute blocks in backward")
     run.add_argument("--compile", action="store_true", help="torch.compile the engine (compiled in warm-up)")
     run.add_argument("--num-workers", type=int, default=0,
@@ -195,23 +195,25 @@ def stage_batches(trainer, stage, steps: int) -> list[list[tuple[torch.Tensor, t
 
 
 def time_stage(trainer, stage, warmup: int, steps: int, batch: int, peak_tflops: float) -> dict[str, Any]:
-    """Run `warmup` then `steps` optimizer steps inside `stage`; per-step wall times and peak memory.
+    """Run `warmup` then `steps` optimizer steps inside `stage`; their wall time and peak memory.
 
-    `train_step` ends with an all-reduce whose value is read on the host, so each step is complete
-    (the GPU included) when it returns: wall time around it needs no extra synchronisation.
+    Timed as the trainer runs: the steps are queued back to back and their losses read in one all-reduce
+    after the last (Trainer.synchronise), which waits for the GPU. So the figure is the mean step of the
+    window; its min and max are that mean too.
     """
     needed = warmup + steps
     if stage.steps < needed:
         raise ValueError(f"stage {stage.index} has {stage.steps} steps, {needed} needed")
     batches = stage_batches(trainer, stage, needed)
     reset_peak_memory(trainer.device)
-    seconds, losses = [], []
-    for i, step_batches in enumerate(batches):
-        started = time.perf_counter()
-        losses.append(trainer.train_step(stage.start + i, step_batches))
-        seconds.append(time.perf_counter() - started)
-    row = {"stage": stage.index, **step_figures(trainer.model_config, stage.patch_size, batch, seconds[warmup:]),
-           "last_loss": losses[-1], **peak_memory(trainer.device)}
+    trainer.synchronise([(stage.start + i, trainer.train_step(stage.start + i, batches[i])) for i in range(warmup)]
+                        or [(stage.start, torch.zeros((), device=trainer.device))])
+    started = time.perf_counter()
+    pending = [(stage.start + i, trainer.train_step(stage.start + i, batches[i])) for i in range(warmup, needed)]
+    last_loss = trainer.synchronise(pending)
+    seconds = (time.perf_counter() - started) / steps
+    row = {"stage": stage.index, **step_figures(trainer.model_config, stage.patch_size, batch, [seconds] * steps),
+           "last_loss": last_loss, **peak_memory(trainer.device)}
     if trainer.device.type == "cuda":
         add_mfu(row, peak_tflops, trainer.world)
     return row
@@ -260,7 +262,7 @@ def measure_stages(args: argparse.Namespace, data: str, runs_dir: Path, say) -> 
             for stage in trainer.stages]
     compare_with_ntp(rows)
     info = {"num_params": sum(p.numel() for p in trainer.engine.module.parameters()),
-            "zero_stage": zero_stage(trainer.ds_config), "bf16": trainer.bf16, "micro_batch": trainer.micro,
+            "zero_stage": zero_stage(trainer.ds_config), "precision": trainer.precision, "micro_batch": trainer.micro,
             "accumulation": trainer.accum}
     release(trainer)
     return {**info, "stages": rows}

@@ -418,8 +418,9 @@ class TrainConfig:
     trained weights, otherwise the average)."""
     activation_checkpointing: bool = False
     """Recompute each block in the backward pass: less activation memory, ~30% more compute."""
-    compile: bool = False
-    """torch.compile the model (it recompiles once when a stage changes the sequence length)."""
+    compile: bool | None = None
+    """torch.compile the model, once per stage (a stage changes the sequence length); None (the default):
+    on a GPU, where it pays for itself, and not on the CPU, where compiling costs more than it saves."""
     deepspeed: str = ""
     """DeepSpeed JSON (ds_configs/zero2.json, …); its "auto" values come from this config. Empty: no ZeRO."""
     seed: int = 0
@@ -496,8 +497,9 @@ class TrainConfig:
               f"TrainConfig.precision={self.precision!r}: choose one of {', '.join(PRECISIONS)}")
         check(is_number(self.ema_decay) and 0.0 <= self.ema_decay < 1.0,
               f"TrainConfig.ema_decay={self.ema_decay!r}: must lie in [0, 1), e.g. 0.9999 (0 = off)")
-        for name in ("activation_checkpointing", "compile", "tensorboard", "progress"):
+        for name in ("activation_checkpointing", "tensorboard", "progress"):
             check(isinstance(getattr(self, name), bool), f"TrainConfig.{name}={getattr(self, name)!r}: use true or false")
+        check(self.compile in (True, False, None), f"TrainConfig.compile={self.compile!r}: use true, false or null (auto)")
         if self.deepspeed:
             check(os.path.isfile(self.deepspeed),
                   f"TrainConfig.deepspeed={self.deepspeed!r}: no such file; use one of ds_configs/*.json")

@@ -94,7 +94,6 @@ _COMMON = (
     Setting("ema_decay", 0.0, f"{PAPER_CODE}: EMA only with --ema, not used for the paper's results"),
     Setting("precision", "auto", f"{PAPER_CODE}: torch autocast bf16 over fp32 weights and gradients "
                                  "(our amp-bf16, what auto picks on a GPU)"),
-    Setting("compile", True, "ours: torch.compile once per stage pays on a GPU for runs of this length"),
 )
 
 PAPER = Recipe(

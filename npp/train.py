@@ -124,7 +124,7 @@ class Trainer:
                                                                  config=self.ds_config)
         self.micro = self.engine.train_micro_batch_size_per_gpu()
         self.accum = self.engine.gradient_accumulation_steps()
-        if self.config.compile:
+        if self.config.compile if self.config.compile is not None else self.device.type == "cuda":
             self.engine.compile()
         self.ema: dict[str, torch.Tensor] | None = None
         if self.config.ema_decay:
@@ -226,8 +226,10 @@ class Trainer:
                     continue
                 loss = self.synchronise(pending)
                 if logger is not None and log:
+                    peak = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None
                     logger.steps(done, stage, loss, lr_at(schedule, self.stages, step), self.tokens_seen,
-                                 self.flops_seen, steps=len(pending), seconds=time.perf_counter() - since)
+                                 self.flops_seen, steps=len(pending), seconds=time.perf_counter() - since,
+                                 peak_memory=peak)
                 pending, since = [], time.perf_counter()
                 if self._stop_everywhere:
                     self.save_checkpoint(done)

@@ -32,12 +32,14 @@ class MetricsLogger:
             self.bar = tqdm(total=config.schedule.total_steps, initial=start_step, unit="step", dynamic_ncols=True)
 
     def steps(self, done: int, stage: Stage, loss: float, lr: float, tokens_seen: int, flops_seen: float, *,
-              steps: int, seconds: float) -> None:
+              steps: int, seconds: float, peak_memory: int | None = None) -> None:
         """The row of step `done` (steps counted when finished), with the speed of the `steps` steps since the
-        last row, which took `seconds` (data loading included)."""
+        last row, which took `seconds` (data loading included), and on a GPU the peak memory so far."""
         imgs_per_s = self.config.batch_size * steps / seconds
         row = {"step": done, "stage": stage.index, "patch_size": stage.patch_size, "loss": loss, "lr": lr,
                "tokens_seen": tokens_seen, "flops_seen": flops_seen, "imgs_per_s": imgs_per_s, "time": time.time()}
+        if peak_memory is not None:
+            row["peak_memory_gib"] = peak_memory / 2**30
         self.run.append_metrics([row])
         if self.tb is not None:
             for key in ("loss", "lr", "imgs_per_s", "patch_size"):
