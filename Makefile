@@ -70,6 +70,6 @@ GPU_WHEELS := hjson pydantic pydantic-core annotated-types typing-inspection pap
 PLATFORMS := $(foreach n,17 27 28 31 34,--platform manylinux_2_$(n)_x86_64) --platform manylinux2014_x86_64
 gpu-wheels: setup
 	mkdir -p .whl
-	$(PY) -m pip wheel --quiet --no-deps --no-build-isolation -w .whl "deepspeed==$$($(PY) -c 'import deepspeed; print(deepspeed.__version__)')"
+	$(PY) -m pip wheel --quiet --no-deps --no-build-isolation -w .whl "deepspeed==$$($(PY) -c 'import importlib.metadata as m; print(m.version("deepspeed"))')"
 	$(PY) -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 		$(PLATFORMS) -d .whl $(GPU_WHEELS)
