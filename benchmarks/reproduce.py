@@ -30,8 +30,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import statistics
+import subprocess
+import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,7 +45,7 @@ import torch
 
 from npp import viz
 from npp.config import ScheduleConfig, TrainConfig
-from npp.evaluate import EvalConfig, evaluate
+from npp.evaluate import EvalConfig
 from npp.files import dump_json
 from npp.quickstart import quickstart_config
 from npp.runs import RunDir, launch
@@ -50,6 +54,8 @@ from npp.schedule import relative_cost
 from common import command_line, describe_machine, machine_line
 
 ROOT = Path(__file__).resolve().parents[1]
+QUICKSTART_WIDTH = 192
+"""The width of the quickstart's tiny GPT (4 layers, 1.87M parameters): the middle of the scale ladder."""
 
 
 @dataclass(frozen=True)
@@ -65,7 +71,15 @@ class Arm:
     """ModelConfig fields changed from the preset."""
     budget_of: str | None = None
     """Train for fewer steps: as many as this arm's cost relative to NTP (in sequence positions) allows."""
+    baseline: str = "ntp"
+    """The NTP arm it is compared with at the same step (the same recipe, next-token prediction)."""
 
+
+# The paper's recipe shape scaled to a 1,200-step CPU run (REFERENCE §10, docs/recipes.md): dropouts 0.1,
+# every stage warmed up and decayed over its last 20% to a tenth of the peak. The peak LR stays the CPU
+# recipe's 2e-3: the paper's 1e-4 is tuned for 300 epochs and barely moves a model in 0.64 of an epoch.
+PAPER_SHAPED_MODEL = {"token_dropout": 0.1, "resid_dropout": 0.1, "ffn_dropout": 0.1}
+PAPER_SHAPED_SCHEDULE = {"decay_fraction": 0.2, "end_lr": 2e-4}
 
 ARMS = {
     # the paper's schedules (REFERENCE §3)
@@ -78,8 +92,13 @@ ARMS = {
     "l2-peak-switch": Arm("#L2 λ½, peak LR through the switch", 2,
                           schedule={"warmup_every_stage": False, "decay_every_stage": False}),
     "l2-centre-rope": Arm("#L2 λ½, patch RoPE at patch centres", 2, model={"patch_positions": "centre"}),
-    # NTP with the training budget of #L2 λ½: its own warm-up and decay fit in the shorter run
+    # NTP with the training budget of an NPP schedule: its own warm-up and decay fit in the shorter run
     "ntp-l2-budget": Arm("NTP for #L2 λ½'s budget (0.625× steps)", 1, budget_of="l2"),
+    "ntp-l3-budget": Arm("NTP for #L3 λ½'s budget (0.578× steps)", 1, budget_of="l3"),
+    # the recipe question: NTP and #L2 under the paper-shaped recipe
+    "ntp-paper-shaped": Arm("NTP, paper-shaped recipe", 1, schedule=PAPER_SHAPED_SCHEDULE, model=PAPER_SHAPED_MODEL),
+    "l2-paper-shaped": Arm("NPP #L2 λ½, paper-shaped recipe", 2, schedule=PAPER_SHAPED_SCHEDULE,
+                           model=PAPER_SHAPED_MODEL, baseline="ntp-paper-shaped"),
 }
 METRICS = ("fid", "is", "precision", "recall", "class_accuracy")
 WALL_FILE = "reproduce_wall.json"  # written into each run folder once its training process ends
@@ -94,14 +113,21 @@ def arm_steps(arm: Arm, steps: int) -> int:
                                                       segment_factor=other.segment_factor)))
 
 
+def model_name(args: argparse.Namespace) -> str:
+    """The model part of a run's name: the preset, and the width when it is not the quickstart's."""
+    return args.model if args.width in (None, QUICKSTART_WIDTH) else f"{args.model}-w{args.width}"
+
+
 def run_config(args: argparse.Namespace, data: str, schedule: str, seed: int) -> TrainConfig:
     """The quickstart recipe (npp.recipes) with this data, schedule, seed and size."""
     base = quickstart_config("quickstart-ntp", str(args.runs_dir))
     arm = ARMS[schedule]
     # The quickstart's overrides shrink the tiny preset for a CPU; another preset is taken as it is.
     overrides = base.model_overrides if args.model == "tiny" else {}
+    if args.width is not None:
+        overrides = {**overrides, "dim": args.width}
     return dataclasses.replace(
-        base, name=f"{data}-{args.model}-{args.steps}steps-{schedule.replace('/', '_')}-s{seed}", data=data,
+        base, name=f"{data}-{model_name(args)}-{args.steps}steps-{schedule.replace('/', '_')}-s{seed}", data=data,
         seed=seed, model=args.model, model_overrides={**overrides, **arm.model}, batch_size=args.batch,
         eval_every=args.eval_every, eval_samples=args.eval_samples, progress=False,
         ckpt_every=max(args.steps // 4, 1), log_every=10,
@@ -110,30 +136,48 @@ def run_config(args: argparse.Namespace, data: str, schedule: str, seed: int) ->
                                      segment_factor=arm.segment_factor, **arm.schedule))
 
 
-def train(config: TrainConfig) -> float | None:
-    """Train a run in a process of its own unless it already finished as `config` says; its wall time in
-    seconds (None if unknown). The trainer refuses to resume a run folder trained with other settings."""
+def job_env() -> dict[str, str]:
+    """One thread per process: runs give the same numbers whatever --jobs, and two single-thread processes
+    use 2 cores better than one two-thread process for models this small."""
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def eval_settings(config: TrainConfig, samples: int) -> EvalConfig:
+    """The final evaluation: sample i drawn with seed i in every run, so runs are compared on the same random
+    numbers."""
+    return EvalConfig(num_samples=samples, batch_size=100, sampler=config.eval_sampler,
+                      metrics=("fid", "isc", "prc"), save_png=False, progress=False)
+
+
+def run_job(config: TrainConfig, samples: int) -> tuple[float | None, dict[str, float] | None]:
+    """Train a run unless it already finished as `config` says, then evaluate it on `samples` samples unless
+    that is on disk; each in a process of its own with its output in the run folder. Returns the training
+    wall time (None if unknown) and the final metrics (None without a final evaluation)."""
     run = RunDir(config.run_dir)
     wall = run.path / WALL_FILE
-    if run.is_finished(config):
-        return json.loads(wall.read_text())["wall_s"] if wall.is_file() else None
-    started = time.perf_counter()
-    if launch(config) != 0:
-        raise SystemExit(f"training {run.path} failed: the lines above say why")
-    seconds = time.perf_counter() - started
-    dump_json({"wall_s": seconds}, wall)
-    return seconds
-
-
-def final_evaluation(config: TrainConfig, samples: int) -> dict[str, float]:
-    """Metrics of the finished run on `samples` samples (sample i drawn with seed i in every run, so runs
-    are compared on the same random numbers); kept in the run folder and reused."""
-    settings = EvalConfig(num_samples=samples, batch_size=100, sampler=config.eval_sampler,
-                          metrics=("fid", "isc", "prc"), save_png=False, progress=False)
-    results = Path(config.run_dir) / "eval" / settings.folder_name() / "results.json"
-    if not results.is_file():
-        evaluate(config.run_dir, settings)
-    return json.loads(results.read_text())["metrics"]
+    if not run.is_finished(config):
+        run.path.mkdir(parents=True, exist_ok=True)
+        started = time.perf_counter()
+        with open(run.path / "train.log", "a") as log:
+            code = launch(config, echo=lambda text: (log.write(text), log.flush()), env=job_env())
+        if code != 0:
+            raise SystemExit(f"training {run.path} failed: see {run.path / 'train.log'}")
+        dump_json({"wall_s": time.perf_counter() - started}, wall)
+    final = None
+    if samples:
+        settings = eval_settings(config, samples)
+        results = run.path / "eval" / settings.folder_name() / "results.json"
+        if not results.is_file():
+            flags = [f"--{k.replace('_', '-')}={v}" for k, v in settings.sampler.to_dict().items()]
+            command = [sys.executable, "-m", "npp.evaluate", str(run.path), "--num-samples", str(samples),
+                       "--batch-size", "100", "--metrics", "fid", "isc", "prc", "--no-save-png", "--no-progress",
+                       *flags]
+            done = subprocess.run(command, env=job_env(), capture_output=True, text=True)
+            if done.returncode != 0:
+                raise SystemExit(f"evaluating {run.path} failed: {done.stderr[-2000:]}")
+        final = json.loads(results.read_text())["metrics"]
+    seconds = json.loads(wall.read_text())["wall_s"] if wall.is_file() else None
+    return seconds, final
 
 
 def summarise(run: RunDir, seconds: float | None, final: dict[str, float] | None) -> dict:
@@ -169,12 +213,12 @@ def compare(runs: dict[tuple[str, str, int], dict], data_sets: list[str], schedu
     """One row per (data, schedule): quality at the same step and at the same FLOPs, and cost."""
     rows = []
     for data in data_sets:
-        for schedule in ["ntp", *schedules]:
-            per_seed = [(runs[(data, "ntp", s)], runs[(data, schedule, s)]) for s in seeds]
+        for schedule in dict.fromkeys(a for s in schedules for a in (ARMS[s].baseline, ARMS[s].budget_of or s, s)):
+            per_seed = [(runs[(data, ARMS[schedule].baseline, s)], runs[(data, schedule, s)]) for s in seeds]
             row = {"data": data, "schedule": ARMS[schedule].label, "seeds": len(seeds)}
             for metric in METRICS:
                 row[f"{metric}"] = [b["final"][metric] for _, b in per_seed]
-                if schedule != "ntp":
+                if schedule != ARMS[schedule].baseline:
                     row[f"{metric}_periodic"] = [b["curve"][-1][metric] for _, b in per_seed]
                     row[f"ntp_{metric}_same_flops"] = [at_flops(a["curve"], b["flops"], metric) for a, b in per_seed]
             row["fid_minus_ntp"] = [b["final"]["fid"] - a["final"]["fid"] for a, b in per_seed]
@@ -269,6 +313,8 @@ def main() -> None:
                         help="NPP schedules (and #L2 variants) compared with NTP, which always runs")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--model", default="tiny", help="preset; tiny uses the quickstart's overrides")
+    parser.add_argument("--width", type=int, default=None,
+                        help="the model's width (dim), 4 heads: the scale ladder's 96, 192 (the quickstart's), 320")
     parser.add_argument("--steps", type=int, default=1200)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--lr", type=float, default=2e-3)
@@ -277,6 +323,8 @@ def main() -> None:
     parser.add_argument("--final-samples", type=int, default=2000,
                         help="samples of the evaluation of each finished run (0: use the last periodic one)")
     parser.add_argument("--runs-dir", type=Path, default=ROOT / "runs" / "reproduce")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
+                        help="runs trained at once, one thread each (the numbers do not depend on it)")
     parser.add_argument("--out", type=Path, help="results folder (default: docs/results/<data>)")
     parser.add_argument("--readme", action="store_true",
                         help="replace the README's block for the results folder with the new tables")
@@ -287,14 +335,15 @@ def main() -> None:
     args.out = args.out or ROOT / "docs" / "results" / "+".join(args.data)
     if args.readme:
         readme_block(args.out.name)  # before hours of training, not after
-    configs = {(d, s, seed): run_config(args, d, s, seed)
-               for d in args.data for s in ["ntp", *args.schedules] for seed in args.seeds}
-    runs = {}
-    for key, config in configs.items():
-        print(f"== {config.name} ({len(runs) + 1}/{len(configs)})", flush=True)
-        seconds = train(config)
-        final = final_evaluation(config, args.final_samples) if args.final_samples else None
-        runs[key] = summarise(RunDir(config.run_dir), seconds, final)
+    arms = list(dict.fromkeys(a for s in args.schedules for a in (ARMS[s].baseline, ARMS[s].budget_of or s, s)))
+    configs = {(d, a, seed): run_config(args, d, a, seed) for d in args.data for a in arms for seed in args.seeds}
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        jobs = {key: pool.submit(run_job, config, args.final_samples) for key, config in configs.items()}
+        runs = {}
+        for index, (key, job) in enumerate(jobs.items()):
+            seconds, final = job.result()
+            runs[key] = summarise(RunDir(configs[key].run_dir), seconds, final)
+            print(f"== {configs[key].name} ({index + 1}/{len(configs)})", flush=True)
     rows = compare(runs, args.data, args.schedules, args.seeds)
     command = command_line(drop=["--readme"])
     machine = describe_machine(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
