@@ -58,3 +58,25 @@ def test_every_stage_warms_up_from_zero_at_a_switch_under_the_paper_recipe():
     assert lr[1] == pytest.approx(1e-5)                      # the 2×2 stage has decayed to end_lr
     assert lr[2] == pytest.approx(1e-4 / 10)                 # the NTP stage starts its warm-up from 0
     assert lr[2] < lr[3] < lr[4] <= 1e-4
+
+
+@pytest.mark.parametrize("argv,recipe,steps", [
+    (["--model", "tiny"], "quickstart", 1200),
+    (["--model", "B"], "paper", round(300 * 60_000 / 256)),
+    (["--model", "B", "--recipe", "llamagen"], "llamagen", round(300 * 60_000 / 256)),
+    (["--model", "B", "--batch-size", "128"], "paper", round(300 * 60_000 / 128)),
+    (["--model", "XXL", "--schedule.total-steps", "100"], "paper", 100),
+])
+def test_npp_train_picks_the_recipe_by_preset_and_flags_win(argv, recipe, steps):
+    from npp.train import build_parser, config_from_args
+
+    config = config_from_args(build_parser().parse_args(["--name", "r", *argv]))  # the embedded 60,000 digits
+    assert config.recipe == recipe and config.schedule.total_steps == steps
+
+
+def test_the_preflight_accepts_the_quickstart():
+    from npp.preflight import check_run
+    from npp.quickstart import QUICKSTART_RUNS, quickstart_config
+
+    for name in QUICKSTART_RUNS:
+        assert check_run(quickstart_config(name), world=1, device="cpu").peak < 2**30  # under a GiB
