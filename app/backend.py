@@ -13,16 +13,19 @@ layer of widgets.
 
 from __future__ import annotations
 
+import itertools
 import math
 import queue
+import re
 import resource
 import sys
 import threading
 import time
+import traceback
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -34,6 +37,7 @@ from npp.model import GPT
 from npp.pipeline import Pipeline
 from npp.runs import RunDir
 from npp.sampling import generate
+from npp.weights import safe_load
 
 MAX_IMAGES = 16
 """Images per side and request: enough to compare, small enough that one request cannot hog the queue."""
@@ -75,11 +79,29 @@ def find_sources(runs_dir: str | Path | None, checkpoints: Sequence[str | Path] 
     if runs_dir is not None and Path(runs_dir).is_dir():
         sources += [Source(folder.name, folder, "run") for folder in sorted(Path(runs_dir).iterdir())
                     if RunDir(folder).exported]
-    for path in map(Path, checkpoints):
-        taken = {s.name for s in sources}
-        name = path.name if path.name not in taken else str(path)
-        sources.append(Source(name, path, "checkpoint"))
+    for path in dict.fromkeys(map(Path, checkpoints)):
+        sources.append(Source(unique_name(path, {s.name for s in sources}), path, "checkpoint"))
     return sources
+
+
+def unique_name(path: Path, taken: set[str]) -> str:
+    """The file's name, with as many of its folders as make it unique: users see names, and the folders
+    above them are the server's business."""
+    parts = path.parts[1:] if path.anchor else path.parts
+    for depth in range(1, len(parts) + 1):
+        if (name := "/".join(parts[-depth:])) not in taken:
+            return name
+    return next(name for k in itertools.count(2) if (name := f"{path.name} ({k})") not in taken)
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why a .pt file cannot be read as a checkpoint, or None. Cheap even for a large one: a weights-only
+    load that memory-maps the zip format reads little more than the index."""
+    try:
+        safe_load(path)
+    except Exception as err:  # noqa: BLE001 (a junk pickle can fail in ways safe_load does not translate)
+        return _reason(err)
+    return None
 
 
 def patch_trained(run: RunDir) -> bool:
@@ -87,18 +109,25 @@ def patch_trained(run: RunDir) -> bool:
     return any(row.get("patch_size", 1) > 1 for row in run.train_rows())
 
 
-def default_pair(sources: Sequence[Source]) -> tuple[str | None, str | None]:
-    """(left, right): the quickstart pair when present, else an NTP-trained and an NPP-trained run as
-    their metrics tell, else the first two sources (or the one source on both sides)."""
+def default_pair(sources: Sequence[Source], loads: Callable[[str], bool]) -> tuple[str | None, str | None]:
+    """(left, right), each the first candidate that `loads`: the quickstart pair, then NTP-trained runs on
+    the left and NPP-trained runs on the right as their metrics tell, then any source (the right one
+    different from the left, unless only one loads). When none loads, the first candidate still shows
+    why in its panel."""
     names = [s.name for s in sources]
     if not names:
         return None, None
     npp_runs = [s.name for s in sources if s.run is not None and patch_trained(s.run)]
     ntp_runs = [s.name for s in sources if s.run is not None and s.name not in npp_runs]
-    left = "quickstart-ntp" if "quickstart-ntp" in names else (ntp_runs or names)[0]
-    rest = [n for n in names if n != left] or names
-    right = "quickstart-npp" if "quickstart-npp" in names else ([n for n in npp_runs if n != left] or rest)[0]
-    return left, right
+    left = _first_loading(["quickstart-ntp", *ntp_runs, *names], names, loads)
+    others = [name for name in ("quickstart-npp", *npp_runs, *names) if name != left]
+    return left, _first_loading([*others, left], names, loads)
+
+
+def _first_loading(preferred: Sequence[str], offered: Sequence[str], loads: Callable[[str], bool]) -> str:
+    """The first name of `preferred` that is offered and loads, else the first offered one."""
+    candidates = [name for name in dict.fromkeys(preferred) if name in offered]
+    return next((name for name in candidates if loads(name)), candidates[0])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -181,13 +210,15 @@ class Backend:
         """Models kept loaded: the two on screen; more would only fill GPU memory with large models."""
         self._cache: OrderedDict[str, Loaded] = OrderedDict()
         self._lock = threading.Lock()
+        self._reported: set[str] = set()
 
     @property
     def names(self) -> list[str]:
         return list(self.sources)
 
     def load(self, name: str) -> Loaded:
-        """The named model, loaded once; any failure becomes a LoadError with a readable message."""
+        """The named model, loaded once; any failure becomes a LoadError with a readable message that names
+        the model and no path of the server (the full error goes to stderr)."""
         with self._lock:
             if name in self._cache:
                 self._cache.move_to_end(name)
@@ -203,9 +234,29 @@ class Backend:
                 # Our own errors name their fix; anything else on a run is most likely a damaged file.
                 hint = (f"; if its export is damaged, write it again with `npp export {source.path}`"
                         if source.kind == "run" and not isinstance(err, (ConfigError, CheckpointError)) else "")
-                raise LoadError(f"could not load {source.name} ({source.path}): {_reason(err)}{hint}") from None
+                reason = f"{_reason(err)}{hint}"
+                self._report(f"could not load {source.name} ({source.path}): {reason}", err)
+                raise LoadError(f"could not load {source.name}: {redact(reason, source)}") from None
             self._cache[name] = loaded
             return loaded
+
+    def loads(self, name: str) -> bool:
+        """Whether the named model loads (it stays loaded when it does)."""
+        try:
+            self.load(name)
+        except LoadError:
+            return False
+        return True
+
+    def _report(self, message: str, err: Exception) -> None:
+        """The full error on the server's console, once: every request loads both sides again, and a
+        broken model must not fill the log."""
+        if message in self._reported:
+            return
+        self._reported.add(message)
+        print(f"app: {message}", file=sys.stderr, flush=True)
+        if not _ours(err):  # a bug or a damaged file: where it failed is what the operator needs
+            traceback.print_exception(err, file=sys.stderr)
 
     def _load(self, source: Source) -> Loaded:
         if source.kind == "run":
@@ -231,8 +282,25 @@ class Backend:
 def _reason(err: Exception) -> str:
     """An exception's message in one paragraph, its type when the message alone says too little."""
     text = " ".join(str(err).split())[:400] or type(err).__name__
-    ours = isinstance(err, (LoadError, ConfigError, CheckpointError, FileNotFoundError))
-    return text if ours else f"{type(err).__name__}: {text}"
+    return text if _ours(err) else f"{type(err).__name__}: {text}"
+
+
+def _ours(err: Exception) -> bool:
+    """Whether the error's message alone says what is wrong."""
+    return isinstance(err, (LoadError, ConfigError, CheckpointError, FileNotFoundError))
+
+
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.:/~-])/(?:[^\s/'\"`()<>\[\]{},;:]+/)*([^\s/'\"`()<>\[\]{},;:]+)")
+"""A POSIX absolute path (not a URL, a fraction or a relative path), its last part captured."""
+
+
+def redact(text: str, source: Source) -> str:
+    """`text` without the server's paths: the source's own path becomes its name and any other absolute path
+    its last part. A remote user learns what is wrong, not how the server's disk is laid out."""
+    spellings = {str(source.path), str(source.path.absolute()), str(source.path.resolve())}
+    for spelling in sorted(spellings, key=len, reverse=True):  # the longest first: the others are inside it
+        text = text.replace(spelling, source.name)
+    return _ABSOLUTE_PATH.sub(r"\1", text)
 
 
 def shared_classes(sides: Sequence[Loaded]) -> list[str]:

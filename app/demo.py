@@ -28,13 +28,13 @@ from npp.config import SamplerConfig  # noqa: E402
 from npp.flags import field_docs  # noqa: E402
 
 if __package__:  # imported as app.demo (python -m app.demo)
-    from app.backend import (MAX_IMAGES, MAX_SEED, Backend, Frame, LoadError, Loaded, Settings,  # noqa: E402
-                             default_pair, find_sources, paper_sampler, parse_class, shared_classes, stream,
-                             training_plots)
+    from app.backend import (MAX_IMAGES, MAX_SEED, Backend, Frame, LoadError, Loaded, Settings, Source,  # noqa: E402
+                             checkpoint_problem, default_pair, find_sources, paper_sampler, parse_class,
+                             shared_classes, stream, training_plots)
 else:  # run as a script: python app/demo.py puts app/ first on the import path
-    from backend import (MAX_IMAGES, MAX_SEED, Backend, Frame, LoadError, Loaded, Settings,  # noqa: E402
-                         default_pair, find_sources, paper_sampler, parse_class, shared_classes, stream,
-                         training_plots)
+    from backend import (MAX_IMAGES, MAX_SEED, Backend, Frame, LoadError, Loaded, Settings, Source,  # noqa: E402
+                         checkpoint_problem, default_pair, find_sources, paper_sampler, parse_class, shared_classes,
+                         stream, training_plots)
 
 QUEUE_SIZE = 32
 """Requests waiting beyond this are turned away with a message rather than piling up."""
@@ -149,8 +149,8 @@ def build_demo(backend: Backend, sampler: type[SamplerConfig] = SamplerConfig) -
     """The page: two model panels over shared controls, streaming galleries, and a Training tab.
 
     The "Advanced" boxes are the fields of `sampler` (a SamplerConfig subclass adds its own)."""
-    left_default, right_default = default_pair(list(backend.sources.values()))
-    # Loading the default pair now makes the first page ready at once (and its classes known).
+    # Choosing the pair loads it, which makes the first page ready at once (and its classes known).
+    left_default, right_default = default_pair(list(backend.sources.values()), backend.loads)
     default_sides, _ = load_sides(backend, [left_default, right_default])
     first_classes = class_choices(default_sides, None)
     with gr.Blocks(title="NTP vs NPP", delete_cache=(3600, 3600)) as demo:
@@ -237,12 +237,22 @@ def main(argv: list[str] | None = None) -> int:
         print(f"app/demo.py: error: no exported runs under {args.runs} and no --checkpoint: train the quickstart "
               f"pair (make quickstart) or pass --checkpoint PATH --tokenizer PATH", file=sys.stderr)
         return 2
+    warn_unloadable(sources)
     backend = Backend(sources, tokenizer=args.tokenizer, device=args.device)
     print(f"models on {backend.device}: {', '.join(backend.names)}", flush=True)
     demo = build_demo(backend)
     demo.queue(max_size=QUEUE_SIZE, default_concurrency_limit=1)
-    demo.launch(server_name=args.host, server_port=args.port, show_error=False)
+    # The page asks for no file, yet Gradio serves its upload route anyway: without a limit, anyone who
+    # reaches the app could fill the server's disk through it.
+    demo.launch(server_name=args.host, server_port=args.port, show_error=False, max_file_size="1mb")
     return 0
+
+
+def warn_unloadable(sources: list[Source]) -> None:
+    """One line per --checkpoint that cannot be read: the operator hears at start-up, not from a user."""
+    for source in sources:
+        if source.kind == "checkpoint" and (problem := checkpoint_problem(source.path)):
+            print(f"app/demo.py: warning: {source.name} cannot be loaded: {problem}", file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

@@ -112,13 +112,13 @@ def test_a_cancelled_stream_stops_its_workers(runs_dir):
 def test_sources_defaults_classes_and_settings(runs_dir, tmp_path):
     sources = find_sources(runs_dir)
     assert [s.name for s in sources] == ["broken", "quickstart-npp", "quickstart-ntp"]
-    assert default_pair(sources) == ("quickstart-ntp", "quickstart-npp")
+    backend = Backend(sources, device="cpu")
+    assert default_pair(sources, backend.loads) == ("quickstart-ntp", "quickstart-npp")
     renamed = tmp_path / "runs"
     for name, new in [("quickstart-ntp", "b-plain"), ("quickstart-npp", "a-patches")]:
         shutil.copytree(runs_dir / name, renamed / new)
-    assert default_pair(find_sources(renamed)) == ("b-plain", "a-patches")  # read from the metrics
+    assert default_pair(find_sources(renamed), lambda name: True) == ("b-plain", "a-patches")  # from the metrics
 
-    backend = Backend(sources, device="cpu")
     with pytest.raises(LoadError, match="could not load broken"):
         backend.load("broken")
     names = shared_classes([backend.load("quickstart-ntp")])
@@ -145,6 +145,41 @@ def test_a_llamagen_checkpoint_loads_with_its_tokenizer(tmp_path):
     backend = Backend(find_sources(None, [tmp_path / "c2i-64.pt"]), tokenizer=ASSETS / "mnist-8x8", device="cpu")
     with pytest.raises(LoadError, match="has 256 codes but the model predicts 64: pass the tokenizer"):
         backend.load("c2i-64.pt")
+
+
+def test_the_default_pair_skips_models_that_do_not_load(runs_dir, tmp_path):
+    from app.demo import build_demo
+
+    runs = tmp_path / "runs"
+    shutil.copytree(runs_dir / "quickstart-ntp", runs / "plain")
+    shutil.copytree(runs_dir / "quickstart-npp", runs / "patches")
+    for name in ("quickstart-ntp", "quickstart-npp"):  # first in line, and their exports are damaged
+        shutil.copytree(runs_dir / "broken", runs / name)
+    backend = Backend(find_sources(runs), device="cpu")
+    assert default_pair(list(backend.sources.values()), backend.loads) == ("plain", "patches")
+    chosen = {c["props"]["elem_id"]: c["props"]["value"] for c in build_demo(backend).config["components"]
+              if c["props"].get("elem_id") in ("left-model", "right-model")}
+    assert chosen == {"left-model": "plain", "right-model": "patches"}
+
+    shutil.rmtree(runs / "plain")  # one model loads: it stands on both sides
+    assert default_pair(find_sources(runs), Backend(find_sources(runs), device="cpu").loads) == ("patches",) * 2
+
+
+def test_load_errors_name_the_model_and_leave_the_paths_to_the_console(tmp_path, capsys):
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        torch.save({"model": tiny_model(3).state_dict()}, tmp_path / folder / "c2i.pt")
+    sources = find_sources(None, [tmp_path / "a" / "c2i.pt", tmp_path / "b" / "c2i.pt"])
+    assert [s.name for s in sources] == ["c2i.pt", "b/c2i.pt"]  # told apart without the server's folders
+    backend = Backend(sources, tokenizer=tmp_path / "tokenizers" / "vq.pt", device="cpu")
+    for _ in range(2):
+        with pytest.raises(LoadError) as raised:
+            backend.load("b/c2i.pt")
+        message = str(raised.value)
+        assert message.startswith("could not load b/c2i.pt: ") and "vq.pt" in message and str(tmp_path) not in message
+    console = capsys.readouterr().err  # the full error, once however often it happens
+    assert console.count(f"could not load b/c2i.pt ({tmp_path / 'b' / 'c2i.pt'})") == 1
+    assert str(tmp_path / "tokenizers" / "vq.pt") in console
 
 
 @dataclasses.dataclass(frozen=True)
@@ -204,19 +239,23 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def server(runs_dir, tmp_path_factory):
-    """`python app/demo.py --runs RUNS --port PORT` as a user starts it (no --host)."""
+    """`python app/demo.py --runs RUNS --checkpoint c2i.pt junk.pt --tokenizer mnist-8x8 --port PORT` as a user
+    starts it (no --host); stdout goes to server.log, stderr to server.err."""
     folder = tmp_path_factory.mktemp("server")
+    torch.save({"model": tiny_model(3).state_dict()}, folder / "c2i.pt")
+    (folder / "junk.pt").write_text("<html>404 Not Found</html>")  # a download that went wrong
     port = free_port()
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "GRADIO_TEMP_DIR": str(folder / "gradio"),
            "OMP_NUM_THREADS": "1"}
-    log = open(folder / "server.log", "w")
-    process = subprocess.Popen([sys.executable, "app/demo.py", "--runs", str(runs_dir), "--port", str(port)],
-                               cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    log, err = open(folder / "server.log", "w"), open(folder / "server.err", "w")
+    command = [sys.executable, "app/demo.py", "--runs", str(runs_dir), "--checkpoint", str(folder / "c2i.pt"),
+               str(folder / "junk.pt"), "--tokenizer", str(ASSETS / "mnist-8x8"), "--port", str(port)]
+    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=err)
     url = f"http://127.0.0.1:{port}/"
     deadline = time.monotonic() + 120
     while True:
         if process.poll() is not None:
-            pytest.fail(f"the app exited with {process.returncode}:\n{(folder / 'server.log').read_text()}")
+            pytest.fail(f"the app exited with {process.returncode}:\n{(folder / 'server.err').read_text()}")
         try:
             with urllib.request.urlopen(url, timeout=5) as response:
                 if response.status == 200:
@@ -225,12 +264,13 @@ def server(runs_dir, tmp_path_factory):
             pass
         if time.monotonic() > deadline:
             process.kill()
-            pytest.fail(f"the app did not answer within 120 s:\n{(folder / 'server.log').read_text()}")
+            pytest.fail(f"the app did not answer within 120 s:\n{(folder / 'server.err').read_text()}")
         time.sleep(0.5)
     yield url, port, process, folder
     process.terminate()
     process.wait(timeout=30)
     log.close()
+    err.close()
 
 
 @pytest.fixture(scope="module")
@@ -271,6 +311,23 @@ def test_the_app_binds_loopback_only(server):
     assert process.poll() is None
     assert listening_addresses(port) == {"127.0.0.1"}
     assert f"http://127.0.0.1:{port}" in (folder / "server.log").read_text()
+
+
+def test_start_up_warns_of_each_checkpoint_that_cannot_be_loaded(server):
+    _, _, process, folder = server
+    warnings = [line for line in (folder / "server.err").read_text().splitlines()
+                if line.startswith("app/demo.py: warning: ")]
+    assert len(warnings) == 1 and warnings[0].startswith("app/demo.py: warning: junk.pt cannot be loaded: /")
+    assert process.poll() is None
+
+
+def test_uploads_are_refused_beyond_a_small_limit(server):
+    import httpx
+
+    upload = server[0] + "gradio_api/upload"
+    assert httpx.post(upload, files={"files": ("small.bin", b"0" * 1000)}).status_code == 200
+    refused = httpx.post(upload, files={"files": ("large.bin", b"0" * 2_000_000)})
+    assert refused.status_code == 413
 
 
 def test_browser_generates_both_galleries(server, tmp_path):
@@ -373,3 +430,19 @@ def test_a_broken_export_is_a_message_and_the_other_side_still_draws(client):
     assert "wall time" in left_stats
     described = client.predict("broken", "quickstart-npp", "3", api_name="/describe")
     assert "could not load broken" in described[0] and "quickstart-npp" in described[1]
+
+
+def test_load_errors_show_no_server_path_and_still_say_the_fix(client, server, runs_dir):
+    from gradio_client.exceptions import AppError
+
+    *_, right_stats, _, _ = client.predict(*request(right="broken", n=1), api_name="/generate")
+    described = client.predict("broken", "junk.pt", "3", api_name="/describe")
+    with pytest.raises(AppError) as raised:
+        client.predict(*request(left="broken", right="junk.pt", n=1), api_name="/generate")
+    for message in (right_stats, described[0], described[1], str(raised.value)):
+        assert str(runs_dir) not in message and str(server[3]) not in message and "/tmp/" not in message, message
+    assert "could not load broken: broken/export/model.safetensors" in right_stats  # what is wrong
+    assert "npp export" in right_stats  # and how to mend it
+    assert "could not load junk.pt: junk.pt" in described[1]
+    console = (server[3] / "server.err").read_text()  # the full error, once however often it happens
+    assert console.count(f"could not load broken ({runs_dir / 'broken'})") == 1
