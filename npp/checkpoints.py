@@ -19,7 +19,7 @@ from npp.errors import TrainingError
 from npp.files import atomic_dir, dump_json
 from npp.model import GPT
 from npp.runs import RunDir
-from npp.weights import load_strict
+from npp.weights import deepspeed_loads_weights_only, load_strict
 
 
 def checkpoint_tag(run: RunDir, tag: str | None) -> str:
@@ -71,10 +71,10 @@ def consolidated_state(run: RunDir, tag: str) -> dict[str, torch.Tensor]:
     if run.checkpoint_meta(tag)["zero_stage"] > 0:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        return get_fp32_state_dict_from_zero_checkpoint(str(run.checkpoints), tag=tag)
-    model_states = torch.load(run.checkpoints / tag / "mp_rank_00_model_states.pt", map_location="cpu",
-                              weights_only=False)
-    return model_states["module"]
+        with deepspeed_loads_weights_only():
+            return get_fp32_state_dict_from_zero_checkpoint(str(run.checkpoints), tag=tag)
+    with deepspeed_loads_weights_only():
+        return torch.load(run.checkpoints / tag / "mp_rank_00_model_states.pt", map_location="cpu")["module"]
 
 
 def to_universal(source: Path, target: Path) -> None:
@@ -86,5 +86,6 @@ def to_universal(source: Path, target: Path) -> None:
     args = argparse.Namespace(input_folder=str(source), output_folder=str(tmp), num_extract_workers=1,
                               num_merge_workers=1, keep_temp_folder=False, strict=True,
                               inject_missing_state=False)
-    ds_to_universal(args)
+    with deepspeed_loads_weights_only():
+        ds_to_universal(args)
     os.replace(tmp, target)

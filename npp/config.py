@@ -530,6 +530,15 @@ class TrainConfig:
             data["eval_sampler"] = {**data.get("eval_sampler", {}), "cfg_scale": data.pop("eval_cfg_scale")}
         return cls(**known_fields(cls, data))
 
+    def experiment_id(self) -> str:
+        """A short hash of what the run computes (every field but the RESUMABLE ones): checkpoints carry it,
+        so a checkpoint is never resumed into another experiment."""
+        import hashlib
+        import json
+
+        fields = {k: v for k, v in self.to_dict().items() if k not in RESUMABLE}
+        return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
+
     def changes_from(self, saved: dict[str, Any]) -> list[str]:
         """Fields in which this config would train something else than the run saved as `saved` (its
         config.json). Read back through TrainConfig, so that fields added since it was saved take their

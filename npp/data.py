@@ -337,11 +337,19 @@ def five_crops(square_HWC: np.ndarray, size: int) -> list[np.ndarray]:
     return [square_HWC[y:y + size, x:x + size] for y, x in corners]
 
 
+MAX_ASPECT_RATIO = 20
+"""Longer side over shorter side beyond which an image is skipped (and listed): the centre crop scales the
+short side to the crop size, so a 200,000×1 strip would need gigabytes on the way to one useless crop."""
+
+
 def crop_variants(image: Image.Image, crops: CropConfig) -> torch.Tensor:
     """Every crop variant of an image, uint8 (V, 3, size, size) in `crops.variant_names()` order.
 
-    Feed them to a tokenizer through `to_unit_range` (floats in [-1, 1]).
+    Feed them to a tokenizer through `to_unit_range` (floats in [-1, 1]). Raises ValueError for an image
+    too elongated to crop (see MAX_ASPECT_RATIO): extraction skips it with that reason.
     """
+    if max(image.size) > MAX_ASPECT_RATIO * min(image.size):
+        raise ValueError(f"{image.width}×{image.height} is more elongated than {MAX_ASPECT_RATIO}:1")
     image = image.convert("RGB")
     if crops.mode == "none":
         if image.size != (crops.size, crops.size):

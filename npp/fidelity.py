@@ -23,8 +23,9 @@ import torch
 from npp.classifier import EMBEDDED_CLASSIFIER, MnistClassifier, predict
 from npp.config import cache_dir
 from npp.data import mnist_images, to_unit_range
-from npp.errors import ConfigError, check, require
+from npp.errors import CheckpointError, ConfigError, check, require
 from npp.files import atomic_path, is_image, sha256_file
+from npp.weights import safe_load
 
 MNIST_EXTRACTOR = "npp-mnist-classifier"
 INCEPTION_EXTRACTOR = "inception-v3-compat"
@@ -32,6 +33,9 @@ INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
 """torch-fidelity's Inception weights (the TF FID network), as its downloader names them."""
 EMBEDDED_REFERENCES = ("mnist-test", "mnist-train")
 METRICS = ("fid", "isc", "prc", "kid")
+FEW_CORES = (os.cpu_count() or 1) < 4
+"""torch-fidelity's save_cpu_ram: its only effect is to read images in the main process instead of 4 loader
+workers, which on a machine of few cores are slower than none (and make torch warn)."""
 
 
 # ------------------------------------------------------------------------------------------------
@@ -90,10 +94,9 @@ def inception_weights_path(given: str | None) -> Path:
         raise ConfigError(f"no Inception weights at {path}: pass --inception-weights PATH "
                          f"(torch-fidelity's {INCEPTION_FILE}, downloaded once on a machine with internet)")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 (any unreadable file gets the same one-line answer)
-        raise ConfigError(f"{path} is not a weights file torch can read safely ({type(err).__name__}): "
-                         f"pass torch-fidelity's {INCEPTION_FILE}") from None
+        state = safe_load(path)
+    except CheckpointError as err:
+        raise ConfigError(f"{err} (--inception-weights wants torch-fidelity's {INCEPTION_FILE})") from None
     if not isinstance(state, dict) or "fc.weight" not in state or tuple(state["fc.weight"].shape) != (1008, 2048):
         raise ConfigError(f"{path} does not hold torch-fidelity's Inception-v3 weights (no fc.weight of "
                          f"shape 1008×2048): pass {INCEPTION_FILE}")
@@ -161,7 +164,7 @@ def resolve_reference(spec: str, mnist: bool) -> Reference:
     folder = Path(spec)
     if not folder.is_dir():
         raise ConfigError(f"reference {spec!r} is not an image folder nor one of {list(EMBEDDED_REFERENCES)}: "
-                         f"give a folder of real images (npp evaluate --reference, npp train --eval_reference)")
+                         f"give a folder of real images (npp evaluate --reference, npp train --eval-reference)")
     files = sorted(p for p in folder.rglob("*") if is_image(p.name))
     if not files:
         raise ConfigError(f"reference folder {folder} holds no images (.png, .jpg, .webp, …): point --reference at "
@@ -201,6 +204,14 @@ def _npz_reference(path: Path) -> Reference:
 def save_reference_statistics(reference: Reference, path: str | os.PathLike, *, extractor: str,
                               weights: Path | None = None) -> Path:
     """Write FID statistics (mu, sigma) of a reference's features, to use later as --reference FILE.npz."""
+    stats = _statistics(reference.input, extractor, weights)
+    with atomic_path(path) as tmp:
+        np.savez(tmp, mu=stats["mu"], sigma=stats["sigma"])
+    return Path(path)
+
+
+def _statistics(images: Any, extractor: str, weights: Path | None) -> dict[str, np.ndarray]:
+    """FID's mu and sigma of the extractor's features of some images (a torch-fidelity input)."""
     import torch_fidelity.metric_fid as metric_fid
     from torch_fidelity.utils import create_feature_extractor
 
@@ -210,12 +221,8 @@ def save_reference_statistics(reference: Reference, path: str | os.PathLike, *, 
     features = create_feature_extractor(extractor, [layer], cuda=torch.cuda.is_available(),
                                         feature_extractor_weights_path=None if weights is None else str(weights),
                                         verbose=False)
-    stats = metric_fid.fid_input_id_to_statistics(1, features, layer, input1=reference.input,
-                                                  cuda=torch.cuda.is_available(), verbose=False,
-                                                  samples_find_deep=True)
-    with atomic_path(path) as tmp:
-        np.savez(tmp, mu=stats["mu"], sigma=stats["sigma"])
-    return Path(path)
+    return metric_fid.fid_input_id_to_statistics(1, features, layer, input1=images, cuda=torch.cuda.is_available(),
+                                                 verbose=False, samples_find_deep=True, save_cpu_ram=FEW_CORES)
 
 
 def _fid_layer(extractor: str) -> str:
@@ -257,7 +264,8 @@ def fidelity_metrics(samples: str | torch.Tensor, reference: Reference, metrics:
         kid_subset_size=min(kid_subset_size, num_samples, reference.count),
         isc_splits=min(10, num_samples),  # the standard 10 splits, fewer only for tiny test runs
         cache=True, cache_root=str(cache_dir() / "fidelity"), input1_cache_name=None,
-        input2_cache_name=f"ref-{key.hexdigest()[:20]}", samples_find_deep=True, verbose=verbose)
+        input2_cache_name=f"ref-{key.hexdigest()[:20]}", samples_find_deep=True, save_cpu_ram=FEW_CORES,
+        verbose=verbose)
     names = {"frechet_inception_distance": "fid", "inception_score_mean": "is", "inception_score_std": "is_std",
              "precision": "precision", "recall": "recall", "kernel_inception_distance_mean": "kid",
              "kernel_inception_distance_std": "kid_std"}
@@ -267,16 +275,10 @@ def fidelity_metrics(samples: str | torch.Tensor, reference: Reference, metrics:
 def _fid_against_statistics(samples: Any, reference: Reference, metrics: Sequence[str], extractor: str,
                             weights: Path | None) -> dict[str, float]:
     import torch_fidelity.metric_fid as metric_fid
-    from torch_fidelity.utils import create_feature_extractor
 
     check(set(metrics) == {"fid"}, f"a statistics reference ({reference.identity['path']}) gives FID only: "
                                    f"pass --metrics fid, or give reference images")
-    layer = _fid_layer(extractor)
-    features = create_feature_extractor(extractor, [layer], cuda=torch.cuda.is_available(),
-                                        feature_extractor_weights_path=None if weights is None else str(weights),
-                                        verbose=False)
-    stats = metric_fid.fid_input_id_to_statistics(1, features, layer, input1=samples, cuda=torch.cuda.is_available(),
-                                                  verbose=False, samples_find_deep=True)
+    stats = _statistics(samples, extractor, weights)
     check(stats["mu"].shape == reference.statistics["mu"].shape,
           f"the reference statistics have {reference.statistics['mu'].shape[0]} features but {extractor} gives "
           f"{stats['mu'].shape[0]}: use statistics made with the same feature extractor")

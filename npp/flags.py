@@ -37,11 +37,15 @@ def fail(prog: str, err: BaseException) -> int:
 
 
 def run_command(prog: str, body) -> int:
-    """Run body() and turn every user error (bad config, checkpoint, data, missing extra) into one line."""
+    """Run body() and turn every user error (bad config, checkpoint, data, missing extra) and every file the
+    system refused (a folder one cannot write to, a full disk) into one line."""
     try:
         return body() or 0
     except USER_ERRORS as err:
         return fail(prog, err)
+    except OSError as err:
+        where = f"{err.filename}: " if err.filename else ""
+        return fail(prog, OSError(f"{where}{err.strerror or err}: choose another path, or make room or permission there"))
 
 
 # ------------------------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ OUTPUTS = ("uint8", "pil", "codes")
 
 
 def tokenizer_from_reference(info: dict[str, Any], *, override: str | os.PathLike | None = None,
-                             where: str = "the run") -> VQModel:
+                             where: str = "the run", fix: str = "pass the right --tokenizer") -> VQModel:
     """The tokenizer named by a tokenizer reference (an export's tokenizer.json: {"data", "fingerprint",
     "path", "config"}): an embedded one by name, else the path the codes were extracted with. `override`
     replaces that path (codes extracted on another machine); the weights' fingerprint must still match."""
@@ -43,8 +43,8 @@ def tokenizer_from_reference(info: dict[str, Any], *, override: str | os.PathLik
                           f"PATH (the folder or LlamaGen .pt its training codes were extracted with)")
     expected = info.get("fingerprint")
     if expected and vq.fingerprint() != expected:
-        raise ConfigError(f"the tokenizer's weights differ from those the training codes were extracted with "
-                          f"(fingerprint {vq.fingerprint()[:12]} ≠ {expected[:12]}): pass the right --tokenizer")
+        raise ConfigError(f"the tokenizer at {path} is not the one the codes of {where} were extracted with "
+                          f"(fingerprint {vq.fingerprint()[:12]} ≠ {expected[:12]}): {fix}")
     return vq
 
 

@@ -22,11 +22,12 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 from npp.config import TrainConfig
-from npp.errors import ConfigError
+from npp.errors import CheckpointError, ConfigError
 from npp.schedule import Stage, plan_stages
 from npp.files import dump_json, write_text
 
@@ -73,6 +74,20 @@ class RunDir:
         """Exported, and trained as `config` says (how it is logged or evaluated may differ)."""
         return self.exported and self.config.is_file() and not config.changes_from(self.read_config())
 
+    def set_aside(self) -> Path | None:
+        """Move what a previous training left here (checkpoints, export, metrics, samples, evaluations) into
+        previous-<time>/ and return that folder; None when there is nothing worth keeping."""
+        owned = [self.config, self.metrics, self.checkpoints, self.export, self.samples, self.tensorboard,
+                 self.path / "eval"]
+        if not (self.checkpoint_tags() or self.exported):
+            return None
+        target = self.path / time.strftime("previous-%Y%m%d-%H%M%S")
+        target.mkdir()
+        for entry in owned:
+            if entry.exists():
+                os.replace(entry, target / entry.name)
+        return target
+
     # ---- checkpoints -----------------------------------------------------------------------
 
     @staticmethod
@@ -108,7 +123,10 @@ class RunDir:
 
     def checkpoint_meta(self, tag: str) -> dict[str, Any]:
         """meta.json of a checkpoint: step, world_size, zero_stage, stage, model (ModelConfig), tokenizer."""
-        return json.loads((self.checkpoints / tag / "meta.json").read_text())
+        try:
+            return json.loads((self.checkpoints / tag / "meta.json").read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError, OSError) as err:
+            raise CheckpointError(f"{self.checkpoints / tag / 'meta.json'} is damaged ({err})") from None
 
     # ---- metrics ---------------------------------------------------------------------------
 

@@ -33,6 +33,7 @@ from npp.data import mnist_images, to_unit_range
 from npp.errors import check
 from npp.files import dump_json
 from npp.tokenizer import Quantized, VQModel
+from npp.weights import safe_load
 
 
 @dataclass
@@ -410,7 +411,7 @@ class TokenizerTrainer:
         if not self.checkpoint_path.is_file():
             self._truncate_log()
             return False
-        state = torch.load(self.checkpoint_path, map_location=self.config.device, weights_only=True)
+        state = safe_load(self.checkpoint_path, map_location=self.config.device)
         self._check_same_recipe(state["config"])
         self.load_state_dict(state)
         self._truncate_log()

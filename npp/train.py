@@ -27,6 +27,7 @@ npp.checkpoints (export), npp.trainlog (metrics rows, TensorBoard, progress bar)
 from __future__ import annotations
 
 import argparse
+import errno
 import gc
 import json
 import math
@@ -45,7 +46,7 @@ from npp.batches import GlobalOrder, data_facts, micro_batches, model_for, open_
 from npp.checkpoints import export_run, to_universal
 from npp.config import TrainConfig
 from npp.distributed import deepspeed_config, init_distributed, offloads_optimizer, zero_stage
-from npp.errors import USER_ERRORS, ConfigError, TrainingError, require
+from npp.errors import USER_ERRORS, CheckpointError, ConfigError, TrainingError, require
 from npp.files import atomic_path, dump_json
 from npp.flags import Parser, add_flags, fail, given, overlay
 from npp.model import GPT
@@ -54,7 +55,24 @@ from npp.preflight import check_run
 from npp.recipes import resolve
 from npp.runs import RunDir
 from npp.schedule import Stage, lr_at, plan_stages, stage_at
+from npp.tokenizer import EMBEDDED_TOKENIZERS
 from npp.trainlog import MetricsLogger
+from npp.weights import deepspeed_loads_weights_only
+
+
+def save_failure(err: BaseException, folder: Path) -> str:
+    """Why a checkpoint could not be written, in words: a full disk, a folder one cannot write to, or the error."""
+    code = getattr(err, "errno", None)
+    try:
+        free = shutil.disk_usage(folder.parent if folder.parent.exists() else folder.parent.parent).free
+    except OSError:
+        free = None
+    # torch's zip writer reports a full disk as "unexpected pos …", without an errno.
+    if code == errno.ENOSPC or "unexpected pos" in str(err) or (free is not None and free < 2**26):
+        return f"the disk is full ({free / 2**20:.0f} MiB free)" if free is not None else "the disk is full"
+    if code in (errno.EACCES, errno.EPERM, errno.EROFS) or "Parent directory" in str(err):
+        return "the folder cannot be written to (read-only, or no permission)"
+    return " ".join(str(err).split())[:300] or type(err).__name__
 
 
 class Trainer:
@@ -74,6 +92,7 @@ class Trainer:
         # Everything that can be refused is checked from the data's manifest, before its codes are read.
         facts = data_facts(config.data)
         self.model_config, self.tokenizer = model_for(config, facts), facts.tokenizer
+        self._check_tokenizer()
         self.stages = plan_stages(config.schedule, grid=facts.grid)
         self.flops_per_image = {s.index: self.model_config.flops_per_sample(s.patch_size) for s in self.stages}
         self.ds_config = deepspeed_config(config, self.world, bf16=self.precision == "bf16")
@@ -91,14 +110,15 @@ class Trainer:
 
         self.data = open_data(config.data, config.seed)
         self.order = GlobalOrder(len(self.data), config.batch_size, config.seed)
-        if resume_tag is None and self.rank == 0:  # a new run, or one that died before its first checkpoint
-            self.run.write_config(config.to_dict())
-            self.run.metrics.unlink(missing_ok=True)
+        if resume_tag is None:  # a new run, a run started again, or one that died before its first checkpoint
+            if self.rank == 0:
+                self._start_afresh()
+            torch.distributed.barrier()
         if resume_tag is not None:
-            self._prepare_resume(resume_tag)
+            self._prepare_resume()
         self._build_engine()
         if resume_tag is not None:
-            self._load_checkpoint(resume_tag)
+            self._resume()
         self._stop_signal: int | None = None
 
     # ---- building ------------------------------------------------------------------------
@@ -129,6 +149,22 @@ class Trainer:
         self.ema: dict[str, torch.Tensor] | None = None
         if self.config.ema_decay:
             self.ema = {k: v.detach().float().clone() for k, v in self.engine.module.state_dict().items()}
+
+    def _check_tokenizer(self) -> None:
+        """The tokenizer the codes were extracted with must still be the one at its path: a model trained on
+        codes no tokenizer can decode would be found out only at evaluation, hours later."""
+        from npp.pipeline import tokenizer_from_reference
+
+        path = self.tokenizer.get("path")
+        if not path and self.tokenizer.get("fingerprint") and self.config.data not in EMBEDDED_TOKENIZERS:
+            return  # codes extracted in memory: no tokenizer file to check (evaluation will ask for --tokenizer)
+        if path and not Path(path).exists():
+            if self.rank == 0:
+                print(f"npp train: warning: {path}, the tokenizer {self.config.data} was extracted with, is not on this "
+                      f"machine: evaluation will need `npp evaluate --tokenizer`", file=sys.stderr, flush=True)
+            return
+        tokenizer_from_reference(self.tokenizer, where=self.config.data, fix="put the tokenizer the codes were "
+                                 "extracted with back at that path, or extract the codes again")
 
     def _build_quick_eval(self) -> Any:
         """Resolved before the engine exists, so a missing reference or weights file fails at once."""
@@ -308,46 +344,113 @@ class Trainer:
         from deepspeed.checkpoint.constants import (UNIVERSAL_CHECKPOINT_INFO, UNIVERSAL_CHECKPOINT_VERSION_KEY,
                                                     UNIVERSAL_CHECKPOINT_VERSION_VALUE)
 
-        self.engine.save_checkpoint(str(self.run.checkpoints), tag=tag, save_latest=False, client_state={
-            "step": step, UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}})
-        if self.rank == 0:
-            folder = self.run.checkpoints / tag
-            if self.ema is not None:
-                from safetensors.torch import save_file
-
-                with atomic_path(folder / "ema.safetensors") as tmp:
-                    save_file({k: v.contiguous().cpu() for k, v in self.ema.items()}, str(tmp))
-            # Last: a folder with meta.json is a complete checkpoint that loads without the data.
-            dump_json({"step": step, "world_size": self.world, "zero_stage": zero_stage(self.ds_config),
-                       "stage": stage_at(self.stages, max(step - 1, 0)).index, "model": self.model_config.to_dict(),
-                       "tokenizer": self.tokenizer, "tokens_seen": self.tokens_seen, "flops_seen": self.flops_seen},
-                      folder / "meta.json")
-            self.run.set_latest(tag)
-            # Stage ends stay: they are the models each stage produced (a few at most).
-            stage_ends = {RunDir.tag(s.end) for s in self.stages}
-            for old in self.run.checkpoint_tags()[:-self.config.keep_last]:
-                if old not in stage_ends:
-                    shutil.rmtree(self.run.checkpoints / old, ignore_errors=True)
+        folder = self.run.checkpoints / tag
+        try:
+            self.engine.save_checkpoint(str(self.run.checkpoints), tag=tag, save_latest=False, client_state={
+                "step": step, UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}})
+            if self.rank == 0:
+                self._finish_checkpoint(step, folder)
+        except (OSError, RuntimeError) as err:
+            # A half-written folder has no meta.json, so nothing would load it; remove it all the same.
+            shutil.rmtree(folder, ignore_errors=True)
+            raise TrainingError(f"could not save checkpoint {tag} in {self.run.checkpoints}: {save_failure(err, folder)}; "
+                                f"the partial folder was removed and {self.run.latest_tag() or 'no earlier checkpoint'} "
+                                f"is the last complete one: make room or fix the folder, then resume with the same "
+                                f"command") from None
         torch.distributed.barrier()
 
-    def _prepare_resume(self, tag: str) -> None:
-        meta = self.run.checkpoint_meta(tag)
+    def _finish_checkpoint(self, step: int, folder: Path) -> None:
+        """Rank 0's part of a checkpoint: the EMA, meta.json (last: it marks the folder complete), the
+        pointer, and pruning (stage ends stay: they are the models each stage produced, a few at most)."""
+        if self.ema is not None:
+            from safetensors.torch import save_file
+
+            with atomic_path(folder / "ema.safetensors") as tmp:
+                save_file({k: v.contiguous().cpu() for k, v in self.ema.items()}, str(tmp))
+        dump_json({"step": step, "world_size": self.world, "zero_stage": zero_stage(self.ds_config),
+                   "stage": stage_at(self.stages, max(step - 1, 0)).index, "model": self.model_config.to_dict(),
+                   "tokenizer": self.tokenizer, "tokens_seen": self.tokens_seen, "flops_seen": self.flops_seen,
+                   "experiment": self.config.experiment_id()}, folder / "meta.json")
+        self.run.set_latest(folder.name)
+        stage_ends = {RunDir.tag(s.end) for s in self.stages}
+        for old in self.run.checkpoint_tags()[:-self.config.keep_last]:
+            if old not in stage_ends:
+                shutil.rmtree(self.run.checkpoints / old, ignore_errors=True)
+
+    def _start_afresh(self) -> None:
+        """Write the run's config; what an earlier experiment left in the folder is moved aside first, so
+        that no later resume can mistake its checkpoints for this run's (nothing is deleted)."""
+        moved = self.run.set_aside()
+        if moved is not None:
+            print(f"npp train: starting {self.run.path} again; the files of its previous run are in {moved} "
+                  f"(delete that folder when you no longer need them)", flush=True)
+        self.run.write_config(self.config.to_dict())
+        self.run.metrics.unlink(missing_ok=True)
+
+    def _prepare_resume(self) -> None:
+        """Checks before the engine exists: the checkpoint belongs to this experiment, and whether it must be
+        re-sharded for another number of processes (DeepSpeed's universal checkpoint, chosen at init)."""
+        meta = next(filter(None, map(self._meta_if_readable, reversed(self.run.checkpoint_tags()))), None)
+        if meta is None:
+            raise TrainingError(f"no checkpoint of {self.run.path} has a readable meta.json: start the run again "
+                                f"with --no-resume (its files are then set aside, not deleted)")
+        if meta.get("experiment") not in (None, self.config.experiment_id()):
+            raise ConfigError(f"{self.run.checkpoints / RunDir.tag(meta['step'])} was written by another experiment than "
+                              f"{self.run.config} describes: move the checkpoints folder away, or pass --no-resume")
         self._resume_universal = meta["world_size"] != self.world and meta["zero_stage"] > 0
         if self._resume_universal:
-            universal = self.run.checkpoints / f"{tag}-universal"
-            if self.rank == 0 and not universal.is_dir():
-                to_universal(self.run.checkpoints / tag, universal)
-            torch.distributed.barrier()
             self.ds_config["checkpoint"] = {"load_universal": True}
 
+    def _meta_if_readable(self, tag: str) -> dict[str, Any] | None:
+        try:
+            return self.run.checkpoint_meta(tag)
+        except CheckpointError:
+            return None
+
+    def _resume(self) -> None:
+        """Load the latest complete checkpoint; one that cannot be loaded (damaged, truncated, or holding more
+        than tensors) is skipped with a warning for the one before it, so a crash while a file was being
+        copied costs the steps since that checkpoint, not the run. Every rank moves on together."""
+        failures = []
+        for tag in reversed(self.run.checkpoint_tags()):
+            try:
+                self._load_checkpoint(tag)
+                error = None
+            except (CheckpointError, TrainingError, RuntimeError, OSError, KeyError, ValueError) as err:
+                error = " ".join(str(err).split())[:300] or type(err).__name__
+            if self._everywhere(error is None):
+                return
+            failures.append(f"{tag}: {error or 'another process could not load it'}")
+            if self.rank == 0:
+                print(f"npp train: warning: checkpoint {self.run.checkpoints / tag} could not be loaded "
+                      f"({error or 'another process could not load it'}); trying the one before it",
+                      file=sys.stderr, flush=True)
+        raise TrainingError(f"no checkpoint of {self.run.path} could be loaded ({'; '.join(failures)}): start the run "
+                            f"again with --no-resume (its files are then set aside, not deleted)")
+
+    def _everywhere(self, ok: bool) -> bool:
+        """Whether `ok` holds on every rank (one all-reduce)."""
+        flag = torch.tensor([float(ok)], device=self.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+        return bool(flag.item())
+
     def _load_checkpoint(self, tag: str) -> None:
-        load_tag = f"{tag}-universal" if self._resume_universal else tag
-        _, client = self.engine.load_checkpoint(str(self.run.checkpoints), tag=load_tag,
-                                                load_optimizer_states=True, load_lr_scheduler_states=False)
-        if client is None:
-            raise TrainingError(f"{self.run.checkpoints / tag} could not be loaded: delete that folder "
-                                f"(the previous checkpoint is then used) or start with --no-resume")
         meta = self.run.checkpoint_meta(tag)
+        if self._resume_universal and not (self.run.checkpoints / f"{tag}-universal").is_dir():
+            converted = None
+            if self.rank == 0:
+                try:
+                    to_universal(self.run.checkpoints / tag, self.run.checkpoints / f"{tag}-universal")
+                except (CheckpointError, RuntimeError, OSError) as err:
+                    converted = err
+            if not self._everywhere(converted is None):
+                raise converted or CheckpointError(f"rank 0 could not convert {tag} for {self.world} processes")
+        load_tag = f"{tag}-universal" if self._resume_universal else tag
+        with deepspeed_loads_weights_only():
+            _, client = self.engine.load_checkpoint(str(self.run.checkpoints), tag=load_tag,
+                                                    load_optimizer_states=True, load_lr_scheduler_states=False)
+        if client is None:
+            raise TrainingError(f"DeepSpeed found no checkpoint files in {self.run.checkpoints / load_tag}")
         self.start_step, self.tokens_seen, self.flops_seen = meta["step"], meta["tokens_seen"], meta["flops_seen"]
         ema_file = self.run.checkpoints / tag / "ema.safetensors"
         if self.ema is not None and ema_file.is_file():
@@ -423,7 +526,7 @@ def main(argv: list[str] | None = None) -> int:
         if trainer.rank == 0:
             fail("npp train", err)
         trainer.close()
-        return 1
+        return 2
     if trainer.rank == 0 and export is not None:
         print(f"done: {config.run_dir} (export: {export})", flush=True)
     stopped = trainer._stop_signal

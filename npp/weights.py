@@ -10,8 +10,12 @@ import argparse
 import hashlib
 import json
 import os
+import pickle
+import re
+import zipfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 import torch.nn as nn
@@ -22,11 +26,74 @@ from npp.files import atomic_path, dump_json
 
 _WRAPPER_KEYS = ("model", "module", "state_dict")
 
+DEEPSPEED_STATE_CLASSES = ("deepspeed.runtime.fp16.loss_scaler.LossScaler",
+                           "deepspeed.runtime.zero.config.ZeroStageEnum",
+                           "deepspeed.utils.tensor_fragment.fragment_address")
+"""The only non-tensor objects DeepSpeed's checkpoints hold (read off ZeRO-0, -2 and -3 checkpoints of
+0.19.8): plain state classes, allowed by name when a training checkpoint is read."""
+
+
+def safe_load(path: str | os.PathLike, *, map_location: Any = "cpu", allow: Sequence[Any] = ()) -> Any:
+    """torch.load with weights_only=True: tensors, numbers, strings and containers, plus the classes in
+    `allow`; a pickle that asks for anything else (a function to call, a class to build) is refused before
+    any of it runs. Every failure is one CheckpointError naming the file and what is wrong with it."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: no such file; give the path of a .pt checkpoint")
+    if os.path.getsize(path) == 0:
+        raise CheckpointError(f"{path} is empty: it was cut off while being written or copied; copy or export it again")
+    # Memory-map the zip format (new files: no copy of a large checkpoint in RAM); the legacy format cannot be.
+    mmap = zipfile.is_zipfile(path)
+    try:
+        with torch.serialization.safe_globals(list(allow)):
+            return _original_torch_load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as err:
+        blocked = re.search(r"GLOBAL ([\w.]+)", str(err))
+        if blocked:
+            raise CheckpointError(f"{path} asks to run or build {blocked.group(1)}, which a weights-only load "
+                                  f"refuses: a checkpoint holds tensors, not code, so this file is not one or was "
+                                  f"tampered with; do not load it, get it again from its source") from None
+        raise CheckpointError(f"{path} is not a PyTorch checkpoint ({_first_line(err)}); get it again from its "
+                              f"source") from None
+    except Exception as err:  # noqa: BLE001 (damaged bytes reach torch's unpickler as every kind of error)
+        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({_first_line(err)}): it is damaged or "
+                              f"cut off; get it again from its source") from None
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0][:200] if text else type(err).__name__
+
+
+_original_torch_load = torch.load
+
+
+@contextmanager
+def deepspeed_loads_weights_only() -> Iterator[None]:
+    """Every torch.load in the block, DeepSpeed's own included (it passes weights_only=False), goes through
+    safe_load with DeepSpeed's state classes allowed: a run folder can be shared like a checkpoint, and
+    resuming, exporting or converting it never runs code planted in it."""
+    import importlib
+
+    classes = []
+    for name in DEEPSPEED_STATE_CLASSES:
+        module, _, attr = name.rpartition(".")
+        classes.append(getattr(importlib.import_module(module), attr))
+
+    def load(f: Any, map_location: Any = None, *args: Any, **kwargs: Any) -> Any:
+        return safe_load(f, map_location=map_location, allow=classes)
+
+    torch.load = load
+    try:
+        yield
+    finally:
+        torch.load = _original_torch_load
+
 
 def load_foreign_state_dict(path_or_state_dict) -> tuple[dict[str, torch.Tensor], str]:
     """The bare state dict of a .pt file (or mapping) saved by DDP, DeepSpeed, FSDP or by hand.
 
-    Unpickling uses weights_only=True: a malicious file cannot run code. argparse.Namespace is
+    Unpickling uses weights_only=True (safe_load): a malicious file cannot run code. argparse.Namespace is
     allowed because LlamaGen's training script stores its arguments in the checkpoint.
     Returns the state dict and a name for it to use in messages.
     """
@@ -34,15 +101,7 @@ def load_foreign_state_dict(path_or_state_dict) -> tuple[dict[str, torch.Tensor]
         obj, source = path_or_state_dict, "the given state dict"
     else:
         source = os.fspath(path_or_state_dict)
-        if not os.path.isfile(source):
-            raise CheckpointError(f"{source}: no such file; give the path of a .pt checkpoint")
-        try:
-            with torch.serialization.safe_globals([argparse.Namespace]):
-                obj = torch.load(source, map_location="cpu", weights_only=True, mmap=True)
-        except Exception as err:  # truncated zip, plain text, unsafe pickle: all mean "not usable"
-            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise CheckpointError(f"{source} is not a readable PyTorch checkpoint ({reason}); "
-                                  f"re-download or re-export it") from None
+        obj = safe_load(source, allow=[argparse.Namespace])
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"{source} holds a {type(obj).__name__}, not a state dict")
     for key in _WRAPPER_KEYS:
@@ -136,12 +195,20 @@ def read_safetensors(directory: str | os.PathLike, architecture: str, writer: st
     for name in ("config.json", "model.safetensors"):
         if not (directory / name).is_file():
             raise CheckpointError(f"{directory} has no {name}: point at a folder written by {writer}")
-    config = json.loads((directory / "config.json").read_text())
-    found = config.pop("architecture", None)
+    try:
+        config = json.loads((directory / "config.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{directory}/config.json is damaged ({_first_line(err)}): write the folder again "
+                              f"(npp export RUN for a run's export) or copy it again") from None
+    found = config.pop("architecture", None) if isinstance(config, dict) else None
     if found != architecture:
         raise CheckpointError(f"{directory}/config.json describes {found!r}, not {architecture!r}: "
                               f"load it with the matching class")
-    return config, load_file(str(directory / "model.safetensors"), device=str(device))
+    try:
+        return config, load_file(str(directory / "model.safetensors"), device=str(device))
+    except Exception as err:  # noqa: BLE001 (safetensors raises its own error types for every kind of damage)
+        raise CheckpointError(f"{directory}/model.safetensors is damaged ({_first_line(err)}): write the folder "
+                              f"again (npp export RUN for a run's export) or copy it again") from None
 
 
 def fingerprint(model: nn.Module) -> str:
