@@ -448,20 +448,32 @@ class Frame:
     """CUDA max_memory_allocated over its turns (both models resident); None on the CPU."""
     tokens: int = 0
     """Tokens sampled so far, over all its images."""
+    first_row_s: float = 0.0
+    """Its first turn's sampling time: it pays one-time costs (the KV cache, the first calls of each kernel,
+    the thread pool), the more so on the side that samples first."""
+    first_row_tokens: int = 0
 
     @property
     def wall_s(self) -> float:
         return self.sampling_s + self.decoding_s
+
+    @property
+    def tokens_per_s(self) -> float:
+        """The speed after the first row: two models of the same architecture and sampler sample at the same
+        speed (NPP changes training only), whichever side goes first."""
+        steady_s = self.sampling_s - self.first_row_s
+        if steady_s <= 0:  # one row in all: nothing but the first
+            return self.tokens / self.sampling_s if self.sampling_s > 0 else float("inf")
+        return (self.tokens - self.first_row_tokens) / steady_s
 
     def stats(self, settings: Settings) -> str:
         """The line under a gallery: progress while sampling, cost and model facts when done."""
         grid = self.side.pipe.grid
         if not self.done:
             return f"**{self.side.source.name}**: row {self.rows}/{grid} · {self.wall_s:.2f} s so far"
-        rate = self.tokens / self.sampling_s if self.sampling_s > 0 else float("inf")
         return (f"**{self.side.source.name}** · {settings.num_images} images · wall time {self.wall_s:.2f} s "
                 f"(sampling {self.sampling_s:.2f} s, previews and decoding {self.decoding_s:.2f} s) · "
-                f"{rate:,.0f} tokens/s · {memory_text(self.peak_bytes)} · "
+                f"{self.tokens_per_s:,.0f} tokens/s after the first row · {memory_text(self.peak_bytes)} · "
                 f"{format_count(self.side.pipe.model.num_params())} parameters · "
                 f"training {format_flops(self.side.train_flops)}")
 
@@ -510,6 +522,8 @@ def _turn(frame: Frame, sampler: SteppedSampler) -> None:
     frame.images_BHW3 = frame.side.pipe.decode_rows(tokens_BT)
     frame.sampling_s += sampled - started
     frame.decoding_s += time.perf_counter() - sampled
+    if frame.rows == 0:
+        frame.first_row_s, frame.first_row_tokens = sampled - started, tokens_BT.numel()
     frame.rows = tokens_BT.shape[1] // frame.side.pipe.grid
     frame.tokens, frame.done = tokens_BT.numel(), sampler.done
     if cuda:

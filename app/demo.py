@@ -39,7 +39,9 @@ else:  # run as a script: python app/demo.py puts app/ first on the import path
 QUEUE_SIZE = 32
 """Requests waiting beyond this are turned away with a message rather than piling up."""
 INTRO = ("Both panels sample the **same class with the same seeds** (image i uses seed + i) and the same "
-         "sampler; NPP changes only training, so both draw one token at a time, in turns, row by row.")
+         "sampler; NPP changes only training, so both draw one token at a time, in turns, row by row, and two "
+         "models of the same size sample at the same speed (shown after each side's first row, which pays "
+         "one-time warm-ups).")
 
 
 def load_sides(backend: Backend, names: list[str | None]) -> tuple[list[Loaded | None], list[str]]:

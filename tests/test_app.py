@@ -446,3 +446,14 @@ def test_load_errors_show_no_server_path_and_still_say_the_fix(client, server, r
     assert "could not load junk.pt: junk.pt" in described[1]
     console = (server[3] / "server.err").read_text()  # the full error, once however often it happens
     assert console.count(f"could not load broken ({runs_dir / 'broken'})") == 1
+
+
+def test_the_speed_shown_leaves_out_the_first_row_that_pays_the_warm_ups():
+    from app.backend import Frame
+
+    frame = Frame(side=None, images_BHW3=np.zeros((1, 1, 1, 3), np.uint8))
+    # First row: 16 tokens in 1 s (warm-up); then 48 tokens in 0.5 s: 96 tokens/s, not 64 / 1.5 = 43.
+    frame.first_row_s, frame.first_row_tokens, frame.sampling_s, frame.tokens = 1.0, 16, 1.5, 64
+    assert frame.tokens_per_s == 96.0
+    frame.first_row_s, frame.first_row_tokens, frame.sampling_s, frame.tokens = 0.5, 16, 0.5, 16  # one row only
+    assert frame.tokens_per_s == 32.0

@@ -1,0 +1,103 @@
+"""The statistics of NTP-vs-NPP comparisons: paired differences over seeds, their intervals, the tables.
+
+Two runs of the same seed share their initial weights and data order, so the difference of a metric
+between them removes the seed's own luck; over n seeds the mean difference gets a 95% interval from
+Student's t with n − 1 degrees of freedom (the differences assumed roughly normal; with 3–8 seeds a
+bootstrap would be less honest, not more), and a sign count says how many seeds went each way.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass
+
+# Student's t, 0.975 quantile, by degrees of freedom (the two-sided 95% interval); beyond 30 the
+# Cornish-Fisher expansion around the normal quantile is exact to 1e-4.
+T_975 = (12.7062, 4.3027, 3.1824, 2.7764, 2.5706, 2.4469, 2.3646, 2.3060, 2.2622, 2.2281, 2.2010, 2.1788,
+         2.1604, 2.1448, 2.1314, 2.1199, 2.1098, 2.1009, 2.0930, 2.0860, 2.0796, 2.0739, 2.0687, 2.0639,
+         2.0595, 2.0555, 2.0518, 2.0484, 2.0452, 2.0423)
+
+
+def t_975(df: int) -> float:
+    if df <= len(T_975):
+        return T_975[df - 1]
+    z = 1.959964
+    return z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
+
+
+@dataclass(frozen=True)
+class Paired:
+    """Per-seed differences (run − its baseline) and what they say together."""
+
+    diffs: tuple[float, ...]
+
+    @property
+    def n(self) -> int:
+        return len(self.diffs)
+
+    @property
+    def mean(self) -> float:
+        return statistics.fmean(self.diffs)
+
+    @property
+    def half_width(self) -> float:
+        """Half the 95% t-interval of the mean; infinite with one seed."""
+        if self.n < 2:
+            return math.inf
+        return t_975(self.n - 1) * statistics.stdev(self.diffs) / math.sqrt(self.n)
+
+    @property
+    def interval(self) -> tuple[float, float]:
+        return self.mean - self.half_width, self.mean + self.half_width
+
+    @property
+    def below(self) -> int:
+        """Seeds with a negative difference (for FID: the run was better)."""
+        return sum(d < 0 for d in self.diffs)
+
+    @property
+    def above(self) -> int:
+        return sum(d > 0 for d in self.diffs)
+
+    def excludes_zero(self) -> bool:
+        low, high = self.interval
+        return low > 0 or high < 0
+
+    def verdict(self, lower_is_better: bool = True) -> str:
+        """What the interval says: better, worse, or not significant at 95%."""
+        if not self.excludes_zero():
+            return "not significant"
+        return "better" if (self.mean < 0) == lower_is_better else "worse"
+
+    def shown(self, digits: int = 3) -> str:
+        """'-15.4 [-36.1, 5.3], 6 of 8 lower' (one seed: the value alone)."""
+        if self.n < 2:
+            return f"{self.mean:.{digits}g} (1 seed)"
+        low, high = self.interval
+        return (f"{self.mean:+.{digits}g} [{low:+.{digits}g}, {high:+.{digits}g}], "
+                f"{self.below} of {self.n} lower")
+
+    def to_dict(self) -> dict:
+        low, high = self.interval
+        return {"diffs": list(self.diffs), "n": self.n, "mean": self.mean, "ci95": [low, high],
+                "seeds_lower": self.below, "seeds_higher": self.above, "interval": "Student's t, 95%, two-sided"}
+
+
+def paired(runs: list[float], baselines: list[float]) -> Paired:
+    """The paired differences of a metric, run − baseline, seed by seed (the lists in seed order)."""
+    if len(runs) != len(baselines):
+        raise ValueError(f"{len(runs)} runs against {len(baselines)} baselines: pair them seed by seed")
+    return Paired(tuple(r - b for r, b in zip(runs, baselines)))
+
+
+def relative(runs: list[float], baselines: list[float]) -> Paired:
+    """Paired differences as a fraction of the baseline's value (FID gains across model sizes)."""
+    return Paired(tuple((r - b) / b for r, b in zip(runs, baselines)))
+
+
+def spread(values: list[float]) -> str:
+    """'mean ± standard deviation' over seeds (the value alone for one)."""
+    if len(values) == 1:
+        return f"{values[0]:.3g}"
+    return f"{statistics.fmean(values):.3g} ± {statistics.stdev(values):.2g}"

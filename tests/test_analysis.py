@@ -1,0 +1,44 @@
+"""The paired statistics of benchmarks/analysis.py on made-up numbers with known answers."""
+
+import math
+
+import pytest
+
+from analysis import paired, relative, spread
+
+
+def test_the_paired_interval_is_students_t_on_the_differences():
+    result = paired([11.0, 12.0, 13.0, 14.0, 15.0], [10.0] * 5)  # differences 1 … 5
+    assert result.diffs == (1.0, 2.0, 3.0, 4.0, 5.0) and result.mean == 3.0
+    # sd 1.5811, se 0.7071, t(0.975, 4) = 2.7764: 3 ± 1.9632
+    assert result.half_width == pytest.approx(2.776445 * math.sqrt(2.5) / math.sqrt(5), rel=1e-4)
+    assert result.interval == pytest.approx((1.036757, 4.963243), rel=1e-4)
+    assert (result.below, result.above) == (0, 5)
+    assert result.excludes_zero() and result.verdict() == "worse" and result.verdict(lower_is_better=False) == "better"
+    assert result.shown() == "+3 [+1.04, +4.96], 0 of 5 lower"
+
+
+def test_an_interval_that_straddles_zero_is_not_significant():
+    result = paired([-10.0, 5.0, -3.0], [0.0, 0.0, 0.0])
+    assert result.mean == pytest.approx(-8 / 3) and result.below == 2 and result.above == 1
+    # variance 56.333 (sd 7.5056), se 4.3333, t(0.975, 2) = 4.3027: -2.667 ± 18.645
+    assert result.interval == pytest.approx((-21.3117, 15.9783), rel=1e-4)
+    assert result.verdict() == "not significant"
+
+
+def test_one_seed_has_no_interval_and_pairs_must_match():
+    assert paired([2.0], [1.0]).half_width == math.inf and paired([2.0], [1.0]).shown() == "1 (1 seed)"
+    with pytest.raises(ValueError, match="pair them seed by seed"):
+        paired([1.0, 2.0], [1.0])
+
+
+def test_the_t_quantile_beyond_the_table_meets_it():
+    from analysis import T_975, t_975
+
+    assert t_975(4) == 2.7764 and abs(t_975(31) - 2.0395) < 1e-3 and abs(t_975(120) - 1.9799) < 1e-3
+    assert t_975(30) == T_975[-1]
+
+
+def test_relative_differences_and_spread():
+    assert relative([90.0, 45.0], [100.0, 50.0]).diffs == pytest.approx((-0.1, -0.1))
+    assert spread([1.0, 3.0]) == "2 ± 1.4" and spread([5.0]) == "5"
