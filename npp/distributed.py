@@ -10,8 +10,10 @@ DeepSpeed is imported only inside the functions that need it.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
+import sys
 from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +42,13 @@ def init_distributed() -> tuple[int, int, torch.device]:
     """
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # must precede the deepspeed import
+        # A CUDA toolkit without a GPU makes torch warn on DeepSpeed's import that it found no CUDA runtime:
+        # true, expected here, and the one line a user would read before our own messages.
+        logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+    # DeepSpeed compiles a C++ op at start-up (its CPU all-reduce) with the first `ninja` on PATH and keeps it
+    # in ~/.cache/torch_extensions; a different ninja version (a system one, or an activated environment's)
+    # rebuilds it every time the other starts, minutes each. This environment's own ninja goes first.
+    os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=os.environ.get("MASTER_PORT", str(free_port())))

@@ -22,6 +22,7 @@ from npp.config import SamplerConfig
 from npp.errors import ConfigError, check, require
 from npp.files import sha256_file
 from npp.model import GPT
+from npp.runs import RunDir
 from npp.sampling import StepCallback, generate
 from npp.tokenizer import EMBEDDED_TOKENIZERS, VQModel, load_embedded_tokenizer, load_tokenizer, to_uint8
 
@@ -55,8 +56,8 @@ def on_embedded_data(info: dict[str, Any]) -> bool:
 
 def export_folder(path: str | os.PathLike) -> Path:
     """The export folder of a run directory (runs/<name>/export) or the folder itself, or a one-line error."""
-    path = Path(path)
-    export = path / "export" if (path / "export" / "model.safetensors").is_file() else path
+    path, run = Path(path), RunDir(path)
+    export = run.export if run.exported else path
     if not (export / "model.safetensors").is_file():
         hint = (f" (a run without export: run `npp export {path}` first)"
                 if (path / "config.json").is_file() and (path / "checkpoints").is_dir() else "")

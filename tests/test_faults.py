@@ -31,7 +31,9 @@ NPP = str(Path(sys.executable).with_name("npp"))
 def codes(tmp_path_factory) -> str:
     torch.manual_seed(0)
     vq = npp.VQModel(npp.VQConfig.preset("mnist-8x8", codebook_size=64)).eval()
-    return str(mnist_codes(vq, tmp_path_factory.mktemp("cache"), "train", limit=256).directory)
+    directory = mnist_codes(vq, tmp_path_factory.mktemp("cache"), "train", limit=256).directory
+    vq.save_pretrained(directory.parent / "vq")  # what decodes them: `--tokenizer` of the commands that sample
+    return str(directory)
 
 
 def env(tmp: Path, **extra: str) -> dict[str, str]:
@@ -136,14 +138,16 @@ def test_a_universal_checkpoint_resume_refuses_a_planted_pickle(codes, tmp_path)
 
 def test_no_resume_then_a_crash_then_a_rerun_trains_the_new_experiment_from_scratch(codes, tmp_path):
     runs = tmp_path / "runs"
-    assert npp_train(codes, runs, "s").returncode == 0  # 20 steps, checkpoints at 7, 14, 20
+    assert npp_train(codes, runs, "s").returncode == 0  # 20 steps, checkpoints at 7, 10 (stage end), 14, 20
     new = train_argv(codes, runs, "s", **{"schedule.total-steps": 40, "schedule.lr": 3e-4})
     process = subprocess.Popen([NPP, "train", *new, "--no-resume"], cwd=ROOT, env=env(tmp_path),
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     metrics = runs / "s" / "metrics.jsonl"
     deadline = time.time() + 300
+    # The finished run's metrics are there from the start: wait until they were set aside and new ones written.
     while time.time() < deadline and process.poll() is None and not (
-            metrics.is_file() and len(metrics.read_text().splitlines()) >= 2):
+            any((runs / "s").glob("previous-*")) and metrics.is_file()
+            and len(metrics.read_text().splitlines()) >= 2):
         time.sleep(0.05)
     process.send_signal(signal.SIGKILL)  # before its first checkpoint at step 7
     process.wait()
@@ -253,7 +257,7 @@ def test_bad_flags_are_one_line(codes, tmp_path, extra, message):
     ("{not json", "is not valid JSON"),
     ("[1, 2]", "holds a JSON list, not an object"),
     ('{"weight_decay": "x"}', "TrainConfig.weight_decay='x'"),
-    ('{"ckpt_every": true}', "TrainConfig.ckpt_every=True"),
+    ('{"keep_last": true}', "TrainConfig.keep_last=True"),  # a bool is not a count
 ])
 def test_bad_config_files_are_one_line(codes, tmp_path, content, message):
     (tmp_path / "run.json").write_text(content)
@@ -339,11 +343,12 @@ sys.exit(main(sys.argv[1:]))
     ("PermissionError(errno.EACCES, 'Permission denied')", "cannot be written to"),
 ])
 def test_a_checkpoint_that_cannot_be_written_is_one_line_and_leaves_no_partial_folder(codes, tmp_path, error, reason):
-    script = FAULTY_SAVE.format(after=1, error=error)  # the first checkpoint (step 7) saves, the second fails
+    # The quickstart recipe's 2×2 stage ends at step 10: checkpoints at 7, 10, 14, 20; the save at 10 fails.
+    script = FAULTY_SAVE.format(after=1, error=error)
     result = subprocess.run([sys.executable, "-c", script, *train_argv(codes, tmp_path / "runs", "f")], cwd=ROOT,
                             env=env(tmp_path), capture_output=True, text=True, timeout=600)
     message = one_line(result, "npp train")
-    assert reason in message and "step-00000014" in message and "step-00000007 is the last complete one" in message
+    assert reason in message and "step-00000010" in message and "step-00000007 is the last complete one" in message
     run = RunDir(tmp_path / "runs" / "f")
     assert [p.name for p in run.checkpoints.iterdir() if p.name.startswith("step-")] == ["step-00000007"]
     assert run.latest_tag() == "step-00000007"
@@ -382,9 +387,9 @@ def test_an_extremely_elongated_image_is_skipped_and_listed(tmp_path):
     assert [s["file"] for s in skipped] == ["strip/long.png"] and "more elongated than 20:1" in skipped[0]["reason"]
 
 
-def test_evaluation_on_two_cores_starts_no_data_loader_workers(exported, tmp_path):
+def test_evaluation_on_two_cores_starts_no_data_loader_workers(codes, exported, tmp_path):
     result = subprocess.run([NPP, "evaluate", str(exported.path), "--num-samples", "8", "--no-progress",
-                             "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=600,
-                            env=env(tmp_path))
+                             "--tokenizer", str(Path(codes).parent / "vq"), "--out", str(tmp_path / "out")],
+                            capture_output=True, text=True, timeout=600, env=env(tmp_path))
     assert result.returncode == 0, result.stderr[-2000:]
     assert "worker processes" not in result.stderr

@@ -115,6 +115,7 @@ COMMANDS: dict[str, Check] = {
     "torchrun --nproc_per_node 8 -m npp.evaluate runs/npp-l --num-samples 50000 --reference imagenet/val ...":
         Check("help", ("python -m npp.evaluate --help",), "needs 8 GPUs, a trained GPT-L and ImageNet"),
     # Notebooks
+    "mkdir -p out": Check("run"),
     "papermill notebooks/train.ipynb out/train.ipynb":
         Check("heavy", ("papermill --help-notebook notebooks/train.ipynb",),
               "reuses the 1,200-step quickstart pair only: trains it otherwise", after_quickstart=True),
