@@ -1,28 +1,29 @@
 """Does next-patch prediction beat next-token prediction at lower cost? NTP and NPP on the embedded data.
 
-    make reproduce                  # the default: 8×8 grid, #L2 and #L3 λ½, 3 seeds (~50 min on 2 cores)
-    python benchmarks/reproduce.py --data mnist-16x16 --steps 600 --eval-every 200 --eval-samples 250 \
-        --final-samples 1000 --seeds 0 1                              # the 16×16 grid (~65 min on 2 cores)
-    python benchmarks/reproduce.py --schedules l2 l2-peak-switch l2-centre-rope l2-no-rewarm --seeds 0 1
-    python benchmarks/reproduce.py --schedules l2 l3 l2-2/3 --seeds 0 1 2 3 4
+    make reproduce          # the default: 8×8 grid, NTP, #L2 λ½ and NTP for #L2's budget, seeds 0–2
+    python benchmarks/reproduce.py --schedules l2 ntp-l2-budget --seeds 0 1 2 3 4 5 6 7   # 8 seeds
+    python benchmarks/reproduce.py --schedules l2 l3 ntp-l2-budget ntp-l3-budget --seeds 0 1 2
+    python benchmarks/reproduce.py --width 96 --schedules l2 ntp-l2-budget --seeds 0 1 2 3   # a smaller model
     python benchmarks/reproduce.py --model B --steps 20000 --batch 256 --eval-samples 5000   # on a GPU
 
-For every data set, seed and schedule it trains one run with the same steps, batch and learning rate
-(`python -m npp.train`, the schedule being the only difference), evaluating every `--eval-every` steps
-(FID, IS, precision/recall, class accuracy on `--eval-samples` samples against the test digits, with
-the MNIST classifier's features: domain metrics, not comparable to ImageNet FID). It then compares
-each NPP schedule with NTP at matched points:
+For every data set, seed and arm it trains one run (`python -m npp.train`; the quickstart's recipe, the
+arm's schedule or recipe change the only difference), evaluating every `--eval-every` steps, and when it
+has finished on `--final-samples` samples (FID, IS, precision/recall, class accuracy against the test
+digits, with the MNIST classifier's features: domain metrics, not comparable to ImageNet FID; sample i
+drawn with seed i in every run). It then pairs runs by seed (same initial weights, same data order) and
+compares each NPP arm with NTP:
 
-- same step: the evaluation of both finished runs on `--final-samples` samples (same steps, same images
-  seen, same sampling seeds);
-- same FLOPs: the NPP run's last periodic evaluation against NTP's periodic curve interpolated at the
-  NPP run's total training FLOPs (both on `--eval-samples` samples: FID depends on the sample count).
+- same step: NTP trained for the same steps on the same images;
+- same FLOPs: NTP trained for as many FLOPs as the NPP run (`ntp-l2-budget`: 0.625× the steps, with its
+  own warm-up and decay), where that arm was asked for.
 
-Outputs in `--out` (default docs/results/<data>): results.json (every run, every number), results.md
-(the quality and cost tables), fid_vs_step.png / fid_vs_flops.png (and .html); with `--readme` the
-README's block for that folder (<!-- results:<folder>:begin --> … end) is replaced by results.md.
-Finished runs are reused (their wall time is kept in the run folder), so an interrupted reproduction
-resumes and a rerun with new tables costs nothing.
+Each comparison is the per-seed difference, its mean with a 95% Student-t interval and the sign count
+(benchmarks/analysis.py). Outputs in `--out` (default docs/results/<data>): results.json (every run,
+every per-seed number, the paired comparisons, the command and the cost), results.md (the tables),
+fid_vs_step.png / fid_vs_flops.png (and .html, the periodic evaluations); with `--readme` the README's
+block for that folder (<!-- results:<folder>:begin --> … end) is replaced by results.md. Finished runs
+are reused (their wall time is kept in the run folder), so an interrupted reproduction resumes and a
+rerun with new tables costs nothing. benchmarks/study.py gathers several of these commands' runs.
 """
 
 from __future__ import annotations
@@ -31,7 +32,6 @@ import argparse
 import dataclasses
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -39,7 +39,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import plotly.graph_objects as go
 import torch
 
@@ -51,6 +50,7 @@ from npp.quickstart import quickstart_config
 from npp.runs import RunDir, launch
 from npp.schedule import relative_cost
 
+from analysis import Paired, paired, spread
 from common import command_line, describe_machine, machine_line
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -196,32 +196,17 @@ def summarise(run: RunDir, seconds: float | None, final: dict[str, float] | None
                       for r in evals]}
 
 
-def at_flops(curve: list[dict], flops: float, metric: str) -> float:
-    """A run's metric interpolated at a FLOP count (its curve is monotone in FLOPs)."""
-    xs = [p["flops"] for p in curve]
-    return float(np.interp(flops, xs, [p[metric] for p in curve]))
-
-
-def spread(values: list[float]) -> str:
-    if len(values) == 1:
-        return f"{values[0]:.3g}"
-    return f"{statistics.mean(values):.3g} ± {statistics.stdev(values):.2g}"
-
-
 def compare(runs: dict[tuple[str, str, int], dict], data_sets: list[str], schedules: list[str],
             seeds: list[int]) -> list[dict]:
-    """One row per (data, schedule): quality at the same step and at the same FLOPs, and cost."""
+    """One row per (data, arm): every seed's final numbers and cost, in seed order."""
     rows = []
     for data in data_sets:
-        for schedule in dict.fromkeys(a for s in schedules for a in (ARMS[s].baseline, ARMS[s].budget_of or s, s)):
-            per_seed = [(runs[(data, ARMS[schedule].baseline, s)], runs[(data, schedule, s)]) for s in seeds]
-            row = {"data": data, "schedule": ARMS[schedule].label, "seeds": len(seeds)}
+        for arm in arms_of(schedules):
+            per_seed = [(runs[(data, ARMS[arm].baseline, s)], runs[(data, arm, s)]) for s in seeds]
+            row = {"data": data, "arm": arm, "schedule": ARMS[arm].label, "seeds": len(seeds)}
             for metric in METRICS:
-                row[f"{metric}"] = [b["final"][metric] for _, b in per_seed]
-                if schedule != ARMS[schedule].baseline:
-                    row[f"{metric}_periodic"] = [b["curve"][-1][metric] for _, b in per_seed]
-                    row[f"ntp_{metric}_same_flops"] = [at_flops(a["curve"], b["flops"], metric) for a, b in per_seed]
-            row["fid_minus_ntp"] = [b["final"]["fid"] - a["final"]["fid"] for a, b in per_seed]
+                row[metric] = [b["final"][metric] for _, b in per_seed]
+            row["final_loss"] = [b["final_loss"] for _, b in per_seed]
             row["flops"] = [b["flops"] for _, b in per_seed]
             row["flops_ratio"] = [b["flops"] / a["flops"] for a, b in per_seed]
             row["loop_s"] = [b["loop_s"] for _, b in per_seed]
@@ -231,36 +216,64 @@ def compare(runs: dict[tuple[str, str, int], dict], data_sets: list[str], schedu
     return rows
 
 
+def arms_of(schedules: list[str]) -> list[str]:
+    """The arms the schedules need, each once: its NTP baseline, the arm whose budget it takes, itself."""
+    return list(dict.fromkeys(a for s in schedules for a in (ARMS[s].baseline, ARMS[s].budget_of or s, s)))
+
+
+def comparisons(rows: list[dict]) -> list[dict]:
+    """Every NPP arm against NTP, seed by seed (same initial weights, same data order): at the same step, and
+    at the same training FLOPs where the NTP arm trained for its budget ran too."""
+    by_arm = {(r["data"], r["arm"]): r for r in rows}
+    found = []
+    for row in rows:
+        if ARMS[row["arm"]].levels == 1:
+            continue
+        budget = next((a for a, arm in ARMS.items() if arm.budget_of == row["arm"]), None)
+        for kind, other in (("same step", ARMS[row["arm"]].baseline), ("same FLOPs", budget)):
+            against = by_arm.get((row["data"], other))
+            if against is None:
+                continue
+            found.append({"data": row["data"], "arm": row["arm"], "schedule": row["schedule"], "kind": kind,
+                          "against": against["schedule"], "seeds": row["seeds"],
+                          **{key: paired(row[key], against[key]).to_dict() for key in (*METRICS, "final_loss")}})
+    return found
+
+
 def markdown(rows: list[dict], header: str) -> str:
-    """The quality table (with the cost ratios beside it) and the training-cost table."""
-    lines = [header, "",
-             "| data | schedule | seeds | FID ↓ (same step) | FID − NTP's, same seed | FID at the same FLOPs: run vs "
-             "NTP | IS ↑ | precision | recall | class acc. | FLOPs vs NTP | wall time vs NTP |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        same_flops = (f"{spread(r['fid_periodic'])} vs {spread(r['ntp_fid_same_flops'])}"
-                      if "ntp_fid_same_flops" in r else "—")
-        delta = spread(r["fid_minus_ntp"]) if "ntp_fid_same_flops" in r else "—"
-        lines.append(f"| {r['data']} | {r['schedule']} | {r['seeds']} | {spread(r['fid'])} | {delta} | {same_flops} | "
-                     f"{spread(r['is'])} | {spread(r['precision'])} | {spread(r['recall'])} | "
-                     f"{spread(r['class_accuracy'])} | {spread(r['flops_ratio'])} | "
-                     f"{spread(r['wall_ratio']) if r['wall_ratio'] else '—'} |")
-    lines += ["", "Mean ± standard deviation over seeds. Domain metrics (MNIST classifier features against "
-              "the 10,000 test digits), not comparable to ImageNet FID. \"Same step\": every run trained the same "
-              "steps on the same images, evaluated when finished; all columns but \"same FLOPs\" are from that "
-              "evaluation. \"FID − NTP's\": the difference to the NTP run of the same seed (same initial "
-              "weights and data order), which removes part of the seed-to-seed spread. \"Same FLOPs\": the run's last periodic evaluation against the NTP run's periodic FID "
-              "curve interpolated at this run's total training FLOPs (both on fewer samples, hence higher FIDs).", "",
+    """The per-arm table (mean ± standard deviation over seeds), the paired comparisons with their
+    intervals, and the training cost."""
+    def line(cells: list) -> str:
+        return "| " + " | ".join(str(c) for c in cells) + " |"
+
+    lines = [header, "", line(["data", "schedule", "seeds", "FID ↓", "IS ↑", "precision", "recall", "class acc.",
+                               "final loss", "FLOPs vs NTP"]), line(["---"] * 10)]
+    lines += [line([r["data"], r["schedule"], r["seeds"], *(spread(r[m]) for m in METRICS), spread(r["final_loss"]),
+                    spread(r["flops_ratio"])]) for r in rows]
+    lines += ["", "Mean ± standard deviation over seeds, every run evaluated when finished. Domain metrics (MNIST "
+              "classifier features against the 10,000 test digits), not comparable to ImageNet FID.", "",
+              "Paired by seed, the run minus the run it is compared with:", "",
+              line(["data", "schedule", "against", "seeds", "FID difference [95% CI], seeds lower", "FID",
+                    "class acc. difference", "recall difference", "final-loss difference"]), line(["---"] * 9)]
+    for c in comparisons(rows):
+        fid = Paired(tuple(c["fid"]["diffs"]))
+        lines.append(line([c["data"], c["schedule"], f"{c['against']} ({c['kind']})", c["seeds"], fid.shown(),
+                           fid.verdict(), *(Paired(tuple(c[k]["diffs"])).shown(2)
+                                            for k in ("class_accuracy", "recall", "final_loss"))]))
+    lines += ["", "Two runs of one seed share their initial weights and data order, so their difference removes "
+              "the seed's own luck. The interval is Student's t at 95% over the seeds (one seed: no interval); "
+              "\"seeds lower\" counts the seeds whose difference is negative (for FID, the first run was better). "
+              "Same step: both runs trained the same steps on the same images. Same FLOPs: against an NTP run "
+              "trained for as many FLOPs as the NPP run, with its own warm-up and decay.", "",
               "Training cost per run:", "",
-              "| data | schedule | training FLOPs (TFLOP) | training loop (min) | whole run (min) | FLOPs vs NTP "
-              "| loop time vs NTP |",
-              "|---|---|---|---|---|---|---|"]
+              line(["data", "schedule", "training FLOPs (TFLOP)", "training loop (min)", "whole run (min)",
+                    "FLOPs vs NTP", "loop time vs NTP"]), line(["---"] * 7)]
     for r in rows:
-        minutes = lambda seconds: [s / 60 for s in seconds]  # noqa: E731
-        lines.append(f"| {r['data']} | {r['schedule']} | {spread([f / 1e12 for f in r['flops']])} | "
-                     f"{spread(minutes(r['loop_s'])) if all(r['loop_s']) else '—'} | "
-                     f"{spread(minutes(r['wall_s'])) if r['wall_s'] else '—'} | {spread(r['flops_ratio'])} | "
-                     f"{spread(r['wall_ratio']) if r['wall_ratio'] else '—'} |")
+        minutes = [s / 60 for s in r["loop_s"]] if all(r["loop_s"]) else None
+        lines.append(line([r["data"], r["schedule"], spread([f / 1e12 for f in r["flops"]]),
+                           spread(minutes) if minutes else "—",
+                           spread([s / 60 for s in r["wall_s"]]) if r["wall_s"] else "—", spread(r["flops_ratio"]),
+                           spread(r["wall_ratio"]) if r["wall_ratio"] else "—"]))
     lines += ["", "FLOPs: forward and backward of every optimizer step (model FLOPs, attention included). Training "
               "loop: first to last logged step, periodic evaluations excluded (NPP runs evaluate once more, at "
               "every stage end). Whole run: the training process, start-up, evaluations and export included."]
@@ -309,7 +322,7 @@ def update_readme(table: str, block: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", nargs="+", default=["mnist-8x8"], help="mnist-8x8 and/or mnist-16x16")
-    parser.add_argument("--schedules", nargs="+", default=["l2", "l3"], choices=[a for a in ARMS if a != "ntp"],
+    parser.add_argument("--schedules", nargs="+", default=["l2", "ntp-l2-budget"], choices=[a for a in ARMS if a != "ntp"],
                         help="NPP schedules (and #L2 variants) compared with NTP, which always runs")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--model", default="tiny", help="preset; tiny uses the quickstart's overrides")
@@ -335,7 +348,7 @@ def main() -> None:
     args.out = args.out or ROOT / "docs" / "results" / "+".join(args.data)
     if args.readme:
         readme_block(args.out.name)  # before hours of training, not after
-    arms = list(dict.fromkeys(a for s in args.schedules for a in (ARMS[s].baseline, ARMS[s].budget_of or s, s)))
+    arms = arms_of(args.schedules)
     configs = {(d, a, seed): run_config(args, d, a, seed) for d in args.data for a in arms for seed in args.seeds}
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         jobs = {key: pool.submit(run_job, config, args.final_samples) for key, config in configs.items()}
@@ -355,6 +368,7 @@ def main() -> None:
     table = markdown(rows, header)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps({"command": command, "machine": machine, "rows": rows,
+                                                       "comparisons": comparisons(rows),
                                                        "runs": {"/".join(map(str, k)): v for k, v in runs.items()}},
                                                       indent=1))
     (args.out / "results.md").write_text(table + "\n")

@@ -12,6 +12,7 @@ import json
 import os
 import pickle
 import re
+import warnings
 import zipfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -45,7 +46,9 @@ def safe_load(path: str | os.PathLike, *, map_location: Any = "cpu", allow: Sequ
     # Memory-map the zip format (new files: no copy of a large checkpoint in RAM); the legacy format cannot be.
     mmap = zipfile.is_zipfile(path)
     try:
-        with torch.serialization.safe_globals(list(allow)):
+        with torch.serialization.safe_globals(list(allow)), warnings.catch_warnings():
+            # A plain pickle of protocol > 2 makes torch warn before it refuses it; the refusal says enough.
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
             return _original_torch_load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as err:
         blocked = re.search(r"GLOBAL ([\w.]+)", str(err))
@@ -53,16 +56,25 @@ def safe_load(path: str | os.PathLike, *, map_location: Any = "cpu", allow: Sequ
             raise CheckpointError(f"{path} asks to run or build {blocked.group(1)}, which a weights-only load "
                                   f"refuses: a checkpoint holds tensors, not code, so this file is not one or was "
                                   f"tampered with; do not load it, get it again from its source") from None
-        raise CheckpointError(f"{path} is not a PyTorch checkpoint ({_first_line(err)}); get it again from its "
-                              f"source") from None
+        raise _unreadable(path, err) from None
     except Exception as err:  # noqa: BLE001 (damaged bytes reach torch's unpickler as every kind of error)
-        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({_first_line(err)}): it is damaged or "
-                              f"cut off; get it again from its source") from None
+        raise _unreadable(path, err) from None
 
 
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0][:200] if text else type(err).__name__
+def _unreadable(path: str, err: BaseException) -> CheckpointError:
+    return CheckpointError(f"{path} is not a readable PyTorch checkpoint ({_reason(err)}): it is damaged, cut off "
+                           f"or another kind of file; get it again from its source")
+
+
+def _reason(err: BaseException) -> str:
+    """The cause in torch's error, without its advice: torch suggests retrying with weights_only=False, which
+    would run whatever the file asks, and that is never the fix for a file we refuse."""
+    text = str(err)
+    cause = re.search(r"WeightsUnpickler error:\s*(.+?)\s*(?:\n\s*\n|Check the documentation|$)", text, re.S)
+    if cause:
+        text = cause.group(1)
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip() and "weights_only" not in line]
+    return lines[0][:200] if lines else type(err).__name__
 
 
 _original_torch_load = torch.load

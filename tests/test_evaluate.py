@@ -240,7 +240,7 @@ def test_bad_inputs_give_one_line_errors_that_name_the_fix(export, tmp_path, cap
                         "--inception-weights", str(tmp_path / "none.pth"))
     assert "no Inception weights" in missing and "--inception-weights PATH" in missing
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
-    assert "is not a PyTorch checkpoint" in cli_error(capsys, out, str(export), "--feature-extractor", INCEPTION_EXTRACTOR,
+    assert "is not a readable PyTorch checkpoint" in cli_error(capsys, out, str(export), "--feature-extractor", INCEPTION_EXTRACTOR,
                                              "--inception-weights", str(tmp_path / "junk.pth"))
     assert "use 'balanced' or 'random'" in cli_error(capsys, out, str(export), "--labels", "uniform")
     assert not out.exists()  # refused before the first sample

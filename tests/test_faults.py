@@ -224,7 +224,7 @@ def test_unloadable_pt_files_are_one_line_and_a_legacy_checkpoint_loads(kind, ex
         assert torch.equal(npp.GPT.from_pretrained(tmp_path / "out").output.weight, state["output.weight"])
         return
     error = one_line(result, "npp convert")
-    assert {"random": "is not a PyTorch checkpoint", "empty": "is empty",
+    assert {"random": "is not a readable PyTorch checkpoint", "empty": "is empty",
             "planted": "asks to run or build posix.system"}[kind] in error
     assert "weights_only=False" not in error and not (tmp_path / "CODE-RAN").exists()
 

@@ -18,27 +18,42 @@ def reproduce():
     return importlib.import_module("reproduce")
 
 
-def fake_run(flops_per_step: float, fids: list[float], loop_s: float, wall_s: float) -> dict:
-    curve = [{"step": 10 * (i + 1), "flops": flops_per_step * 10 * (i + 1), "fid": f, "is": 2.0, "precision": 0.5,
-              "recall": 0.5, "class_accuracy": 0.9} for i, f in enumerate(fids)]
-    return {"flops": curve[-1]["flops"], "final": {k: v for k, v in curve[-1].items() if k not in ("step", "flops")},
-            "curve": curve, "loop_s": loop_s, "wall_s": wall_s}
+def fake_run(flops: float, fid: float, loss: float, loop_s: float = 100.0, wall_s: float = 150.0) -> dict:
+    final = {"fid": fid, "is": 2.0, "precision": 0.5, "recall": 0.5, "class_accuracy": 0.9}
+    return {"flops": flops, "final": final, "final_loss": loss, "curve": [{"step": 10, "flops": flops, **final}],
+            "loop_s": loop_s, "wall_s": wall_s}
 
 
-def test_npp_is_compared_with_ntp_at_the_same_step_and_at_the_same_flops(reproduce):
-    runs = {("d", "ntp", 0): fake_run(4.0e12, [90.0, 70.0, 50.0, 40.0], 120.0, 180.0),
-            ("d", "l2", 0): fake_run(2.5e12, [80.0, 60.0, 45.0, 30.0], 76.8, 150.0)}
-    ntp, l2 = reproduce.compare(runs, ["d"], ["l2"], [0])
-    assert ntp["schedule"] == "NTP" and ntp["flops_ratio"] == [1.0]
-    assert l2["fid"] == [30.0] and l2["flops_ratio"] == [pytest.approx(0.625)]
-    # NPP ends at 100 TFLOP; NTP's curve passes 80 at step 20 and 120 at step 30: FID 70 → 50.
-    assert l2["ntp_fid_same_flops"] == [pytest.approx(60.0)]
-    assert l2["wall_ratio"] == [pytest.approx(0.64)]
-    table = reproduce.markdown([ntp, l2], "header")
-    assert "| d | NPP #L2 λ½ | 1 | 30 | -10 | 30 vs 60 | " in table
+def test_npp_is_paired_with_ntp_by_seed_at_the_same_step_and_the_same_flops(reproduce):
+    # Three seeds; #L2 costs 0.625 of NTP, and the budget arm trains as many FLOPs as #L2.
+    ntp = [fake_run(160e12, f, 1.0, loop_s=120.0) for f in (50.0, 60.0, 70.0)]
+    l2 = [fake_run(100e12, f, 1.2, loop_s=76.8) for f in (40.0, 55.0, 61.0)]  # NTP − 10, − 5, − 9
+    budget = [fake_run(100e12, f, 1.1) for f in (45.0, 56.0, 64.0)]  # #L2 − 5, − 1, − 3
+    runs = {("d", arm, seed): group[seed] for arm, group in (("ntp", ntp), ("l2", l2), ("ntp-l2-budget", budget))
+            for seed in range(3)}
+    rows = reproduce.compare(runs, ["d"], ["l2", "ntp-l2-budget"], [0, 1, 2])
+    assert [r["arm"] for r in rows] == ["ntp", "l2", "ntp-l2-budget"]
+    assert rows[1]["flops_ratio"] == [pytest.approx(0.625)] * 3 and rows[1]["wall_ratio"] == [pytest.approx(0.64)] * 3
+    same_step, same_flops = reproduce.comparisons(rows)
+    assert (same_step["kind"], same_step["against"]) == ("same step", "NTP")
+    assert same_step["fid"]["diffs"] == [-10.0, -5.0, -9.0] and same_step["fid"]["seeds_lower"] == 3
+    # mean −8, sd 2.6458, t(0.975, 2) = 4.3027: −8 ± 6.5725
+    assert same_step["fid"]["ci95"] == pytest.approx([-14.5725, -1.4275], rel=1e-4)
+    assert same_step["final_loss"]["diffs"] == [pytest.approx(0.2)] * 3
+    assert same_flops["kind"] == "same FLOPs" and same_flops["fid"]["diffs"] == [-5.0, -1.0, -3.0]
+    table = reproduce.markdown(rows, "header")
+    assert "| d | NPP #L2 λ½ | NTP (same step) | 3 | -8 [-14.6, -1.43], 3 of 3 lower | better |" in table
+    assert "| d | NPP #L2 λ½ | NTP for #L2 λ½'s budget (0.625× steps) (same FLOPs) | 3 | -3 [-7.97, +1.97], 3 of 3 " \
+           "lower | not significant |" in table
     # cost table: TFLOP, loop minutes, whole-run minutes, ratios
-    assert "| d | NTP | 160 | 2 | 3 | 1 | 1 |" in table
-    assert "| d | NPP #L2 λ½ | 100 | 1.28 | 2.5 | 0.625 | 0.64 |" in table
+    assert "| d | NTP | 160 ± 0 | 2 ± 0 | 2.5 ± 0 | 1 ± 0 | 1 ± 0 |" in table
+
+
+def test_an_npp_arm_without_its_budget_arm_is_compared_at_the_same_step_only(reproduce):
+    runs = {("d", "ntp", 0): fake_run(160e12, 50.0, 1.0), ("d", "l2", 0): fake_run(100e12, 40.0, 1.2)}
+    rows = reproduce.compare(runs, ["d"], ["l2"], [0])
+    assert [c["kind"] for c in reproduce.comparisons(rows)] == ["same step"]
+    assert "| d | NPP #L2 λ½ | NTP (same step) | 1 | -10 (1 seed) | not significant |" in reproduce.markdown(rows, "")
 
 
 @pytest.mark.heavy
@@ -53,6 +68,7 @@ def test_a_small_reproduction_writes_tables_and_plots_and_reuses_its_runs(tmp_pa
     first = json.loads((out / "results.json").read_text())
     rows = first["rows"]
     assert [r["schedule"] for r in rows] == ["NTP", "NPP #L2 λ½"]
+    assert [c["kind"] for c in first["comparisons"]] == ["same step"]
     assert rows[1]["flops_ratio"][0] < 0.7 and len(rows[1]["wall_s"]) == 1
     finals = sorted((tmp_path / "runs").glob("*/eval/n30-*/results.json"))
     assert len(finals) == 2  # each finished run evaluated on --final-samples
