@@ -4,8 +4,8 @@
 # make test-heavy  the slow end-to-end tests as well
 # make app         the browser demo: NTP vs NPP side by side (http://127.0.0.1:7860)
 # make bench       CPU throughput benchmarks (figures go in docs/benchmarks.md)
-# make reproduce   NTP vs NPP on the embedded data, schedules × seeds (~50 min; tables and plots in
-#                  docs/results/mnist-8x8); other grids, schedules, seeds: REPRODUCE_ARGS="--help"
+# make reproduce   NTP vs #L2 λ½ on the embedded data, same step and same FLOPs, seeds 0-2 (tables and
+#                  plots in docs/results/mnist-8x8); the study's other sets: REPRODUCE_ARGS (README, Results)
 # make gpu-check   benchmarks/gpu_check.sh: the GPU path in one run (on a GPU machine; --dry-run on a CPU)
 # make gpu-wheels  the wheels a lent GPU machine lacks, into .whl/ (carry it with gpu_check.sh)
 

@@ -88,6 +88,19 @@ COMMANDS: dict[str, Check] = {
     "make quickstart": Check("heavy", ("make -n quickstart",), "trains the 1,200-step pair (~10 min on 2 cores)"),
     # Set-up and tests
     "make test": Check("help", ("make -n test",), "runs the whole suite, this module included"),
+    # Results: the study's sets of runs (hours each on 2 cores; finished runs are reused)
+    "make reproduce": Check("help", ("make -n reproduce", "python benchmarks/reproduce.py --help"),
+                            "the default set: 9 runs of the quickstart's size"),
+    **{f"python benchmarks/reproduce.py {args}": Check("help", ("python benchmarks/reproduce.py --help",),
+                                                         "a set of the study: hours on 2 cores")
+       for args in ("--schedules l2 ntp-l2-budget --seeds 0 1 2 3 4 5 6 7",
+                    "--width 96 --schedules l2 ntp-l2-budget --seeds 0 1 2 3",
+                    "--width 320 --schedules l2 ntp-l2-budget --seeds 0 1 2 3",
+                    "--steps 4800 --eval-every 1200 --schedules l2 ntp-l2-budget --seeds 0 1 2",
+                    "--schedules l2-paper-shaped --seeds 0 1 2 3",
+                    "--schedules l3 ntp-l3-budget --seeds 0 1 2")},
+    "python benchmarks/study.py": Check("help", ("python benchmarks/study.py --help",),
+                                        "reads the study's runs, which take hours to train"),
     # Training at every scale
     "npp train --name ntp-tiny --model tiny --data mnist-8x8 --schedule.levels 1 --schedule.total-steps 3000":
         Check("heavy", ("npp train --help",), "3,000 steps"),
@@ -337,3 +350,21 @@ def test_heavy_command_exits_0_as_written(command, heavy_cwd, request):
             assert first.returncode == 0, failure("make quickstart", heavy_cwd, first)
         done = bash(command, heavy_cwd, timeout=6000, threads=None)
     assert done.returncode == 0, failure(command, heavy_cwd, done)
+
+
+# ---- the README's results ------------------------------------------------------------------------
+
+def test_every_results_block_is_its_folders_recorded_tables():
+    """A results table in the README is benchmarks/reproduce.py's results.md of the folder the block names,
+    unedited, and that folder's results.json holds the runs and comparisons the table was drawn from."""
+    import json
+
+    blocks = re.findall(r"<!-- results:([\w.-]+):begin -->\n(.*?)\n<!-- results:\1:end -->", README.read_text(), re.S)
+    assert len(blocks) >= 4
+    for folder, table in blocks:
+        recorded = ROOT / "docs" / "results" / folder
+        assert table == (recorded / "results.md").read_text().rstrip("\n"), f"README block {folder} was edited"
+        data = json.loads((recorded / "results.json").read_text())
+        assert data["runs"] and data["rows"] and "comparisons" in data
+        for comparison in data["comparisons"]:
+            assert len(comparison["fid"]["diffs"]) == comparison["seeds"]
