@@ -77,6 +77,11 @@ def _reason(err: BaseException) -> str:
     return lines[0][:200] if lines else type(err).__name__
 
 
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0][:200] if text else type(err).__name__
+
+
 _original_torch_load = torch.load
 
 
