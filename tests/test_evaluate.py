@@ -39,14 +39,22 @@ def test_split() -> torch.Tensor:
     return mnist_images("test")[0].permute(0, 2, 3, 1)
 
 
+DIGITS = 2_000
+"""Test digits of the FID checks: enough to separate a shifted, noisy copy by far; all 10,000 (minutes of
+PNG writing and feature extraction on 2 cores) in the heavy test of the embedded reference."""
+
+
+def perturbed_folders(images_NHW3: torch.Tensor, root: Path) -> tuple[Path, Path]:
+    """The images as PNGs, and a copy with every digit shifted by 2 px and blurred by noise."""
+    g = torch.Generator().manual_seed(0)
+    shifted = torch.roll(images_NHW3, shifts=2, dims=2).float() + torch.randn(images_NHW3.shape, generator=g) * 40
+    perturbed = shifted.clamp(0, 255).to(torch.uint8)
+    return write_pngs(images_NHW3, root / "test"), write_pngs(perturbed, root / "perturbed")
+
+
 @pytest.fixture(scope="module")
 def folders(test_split, tmp_path_factory):
-    """The embedded test split as PNGs, and a copy with every digit shifted by 2 px and blurred by noise."""
-    root = tmp_path_factory.mktemp("fid")
-    g = torch.Generator().manual_seed(0)
-    shifted = torch.roll(test_split, shifts=2, dims=2).float() + torch.randn(test_split.shape, generator=g) * 40
-    perturbed = shifted.clamp(0, 255).to(torch.uint8)
-    return write_pngs(test_split, root / "test"), write_pngs(perturbed, root / "perturbed")
+    return perturbed_folders(test_split[:DIGITS], tmp_path_factory.mktemp("fid"))
 
 
 @pytest.fixture(scope="module")
@@ -78,18 +86,25 @@ def test_fid_of_the_test_split_against_itself_and_a_perturbed_copy(folders, tmp_
     monkeypatch.setenv("NPP_CACHE", str(tmp_path / "cache"))
     test, perturbed = folders
     same = fidelity_metrics(str(test), mnist_reference_folder(test), ["fid"], extractor=MNIST_EXTRACTOR,
-                            num_samples=10_000)["fid"]
+                            num_samples=DIGITS)["fid"]
     other = fidelity_metrics(str(perturbed), mnist_reference_folder(test), ["fid"], extractor=MNIST_EXTRACTOR,
-                             num_samples=10_000)["fid"]
+                             num_samples=DIGITS)["fid"]
     assert abs(same) < 1e-3
     assert other > 10.0
     assert same == pytest.approx(direct_fid(test, test), abs=1e-6)
     assert other == pytest.approx(direct_fid(perturbed, test), rel=1e-6)
-    # The embedded reference (in memory, features cached on first use) is the same images.
+
+
+@pytest.mark.heavy
+def test_the_embedded_reference_is_the_whole_test_split(test_split, tmp_path, monkeypatch):
+    """The embedded reference (in memory, features cached on first use) gives the numbers of its images."""
+    monkeypatch.setenv("NPP_CACHE", str(tmp_path / "cache"))
+    test, perturbed = perturbed_folders(test_split, tmp_path / "fid")
+    expected = direct_fid(perturbed, test)
     embedded = resolve_reference("mnist-test", True)
     for _ in range(2):
         assert fidelity_metrics(str(perturbed), embedded, ["fid"], extractor=MNIST_EXTRACTOR,
-                                num_samples=10_000)["fid"] == pytest.approx(other, rel=1e-6)
+                                num_samples=10_000)["fid"] == pytest.approx(expected, rel=1e-6)
     assert any((tmp_path / "cache" / "fidelity").iterdir())
 
 
@@ -97,20 +112,20 @@ def test_npz_references_images_and_statistics_give_the_folder_numbers(folders, t
     monkeypatch.setenv("NPP_CACHE", str(tmp_path / "cache"))
     test, perturbed = folders
     expected = fidelity_metrics(str(perturbed), mnist_reference_folder(test), ["fid", "prc"],
-                                extractor=MNIST_EXTRACTOR, num_samples=10_000)
-    np.savez(tmp_path / "images.npz", arr_0=test_split.numpy())  # the ADM evaluator's layout
+                                extractor=MNIST_EXTRACTOR, num_samples=DIGITS)
+    np.savez(tmp_path / "images.npz", arr_0=test_split[:DIGITS].numpy())  # the ADM evaluator's layout
     images = resolve_reference(str(tmp_path / "images.npz"), True)
-    assert images.identity["kind"] == "npz" and images.count == 10_000
+    assert images.identity["kind"] == "npz" and images.count == DIGITS
     assert fidelity_metrics(str(perturbed), images, ["fid", "prc"], extractor=MNIST_EXTRACTOR,
-                            num_samples=10_000) == pytest.approx(expected, rel=1e-6)
+                            num_samples=DIGITS) == pytest.approx(expected, rel=1e-6)
 
     stats_file = save_reference_statistics(mnist_reference_folder(test), tmp_path / "stats.npz",
                                            extractor=MNIST_EXTRACTOR)
     stats = resolve_reference(str(stats_file), True)
-    fid = fidelity_metrics(str(perturbed), stats, ["fid"], extractor=MNIST_EXTRACTOR, num_samples=10_000)
+    fid = fidelity_metrics(str(perturbed), stats, ["fid"], extractor=MNIST_EXTRACTOR, num_samples=DIGITS)
     assert fid["fid"] == pytest.approx(expected["fid"], rel=1e-6)
     with pytest.raises(ConfigError, match="gives FID only"):
-        fidelity_metrics(str(perturbed), stats, ["fid", "prc"], extractor=MNIST_EXTRACTOR, num_samples=10_000)
+        fidelity_metrics(str(perturbed), stats, ["fid", "prc"], extractor=MNIST_EXTRACTOR, num_samples=DIGITS)
     np.savez(tmp_path / "junk.npz", x=np.zeros(3))
     with pytest.raises(ConfigError, match="arr_0 .reference images. or with mu and sigma"):
         resolve_reference(str(tmp_path / "junk.npz"), True)
