@@ -35,6 +35,13 @@ def write_pngs(images_NHW3: torch.Tensor, folder: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    """One cache for the module: the embedded reference's features are computed once (a minute on 2 cores),
+    not once per test."""
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="module")
 def test_split() -> torch.Tensor:
     return mnist_images("test")[0].permute(0, 2, 3, 1)
 
@@ -82,8 +89,8 @@ def direct_fid(input1: Path, input2: Path) -> float:
 
 # ---- metrics ------------------------------------------------------------------------------------
 
-def test_fid_of_the_test_split_against_itself_and_a_perturbed_copy(folders, tmp_path, monkeypatch):
-    monkeypatch.setenv("NPP_CACHE", str(tmp_path / "cache"))
+def test_fid_of_the_test_split_against_itself_and_a_perturbed_copy(cache, folders, tmp_path, monkeypatch):
+    monkeypatch.setenv("NPP_CACHE", str(cache))
     test, perturbed = folders
     same = fidelity_metrics(str(test), mnist_reference_folder(test), ["fid"], extractor=MNIST_EXTRACTOR,
                             num_samples=DIGITS)["fid"]
@@ -108,8 +115,9 @@ def test_the_embedded_reference_is_the_whole_test_split(test_split, tmp_path, mo
     assert any((tmp_path / "cache" / "fidelity").iterdir())
 
 
-def test_npz_references_images_and_statistics_give_the_folder_numbers(folders, test_split, tmp_path, monkeypatch):
-    monkeypatch.setenv("NPP_CACHE", str(tmp_path / "cache"))
+def test_npz_references_images_and_statistics_give_the_folder_numbers(cache, folders, test_split, tmp_path,
+                                                                     monkeypatch):
+    monkeypatch.setenv("NPP_CACHE", str(cache))
     test, perturbed = folders
     expected = fidelity_metrics(str(perturbed), mnist_reference_folder(test), ["fid", "prc"],
                                 extractor=MNIST_EXTRACTOR, num_samples=DIGITS)
@@ -155,9 +163,9 @@ def test_two_shards_draw_the_images_of_one_run_and_a_restart_skips_finished_batc
     assert (tmp_path / "two" / "000000.png").stat().st_mtime_ns == untouched
 
 
-def test_torchrun_with_two_processes_gives_the_images_and_metrics_of_one(export, tmp_path):
+def test_torchrun_with_two_processes_gives_the_images_and_metrics_of_one(cache, export, tmp_path):
     # Bit-identical images need the same arithmetic: same device, batch size and thread count.
-    env = {**os.environ, "NPP_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "NPP_CACHE": str(cache), "OMP_NUM_THREADS": "1"}
     flags = [str(export), "--num-samples", "40", "--batch-size", "8", "--metrics", "fid", "prc", "--no-progress"]
 
     def run(*launcher, out):
@@ -175,8 +183,8 @@ def test_torchrun_with_two_processes_gives_the_images_and_metrics_of_one(export,
     assert set(single["metrics"]) == {"fid", "precision", "recall", "class_accuracy"}
 
 
-def test_results_record_what_the_number_depends_on_and_the_npz_is_adm_shaped(export, tmp_path, monkeypatch):
-    monkeypatch.setenv("NPP_CACHE", str(tmp_path / "cache"))
+def test_results_record_what_the_number_depends_on_and_the_npz_is_adm_shaped(cache, export, tmp_path, monkeypatch):
+    monkeypatch.setenv("NPP_CACHE", str(cache))
     sampler = SamplerConfig(cfg_scale=3.0, top_p=0.9)
     config = EvalConfig(num_samples=12, batch_size=5, sampler=sampler, export_npz=True, progress=False)
     results = evaluate(export, config)

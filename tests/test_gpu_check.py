@@ -5,9 +5,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
+# Two to three minutes on 2 cores (a dozen training processes): `make test-heavy`, and before a GPU run.
+@pytest.mark.heavy
 def test_the_gpu_check_runs_every_part_as_a_dry_run(tmp_path):
     env = {**os.environ, "PYTHON": sys.executable, "NPP_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
     result = subprocess.run(["bash", "benchmarks/gpu_check.sh", "--dry-run", "--out", str(tmp_path / "out")],
