@@ -214,6 +214,7 @@ def _execute(kernel: str, tmp_path: Path, **parameters) -> nbformat.NotebookNode
     return nbformat.read(out, as_version=4)
 
 
+@pytest.mark.heavy  # test_notebooks and the README run this notebook by default
 def test_notebook_runs_and_draws_every_figure(runs, kernel, tmp_path):
     nb = _execute(kernel, tmp_path, **runs, class_label=3, layer=1, head=1, query=20, patch_size=2)
     outputs = [output for cell in nb.cells if cell.cell_type == "code" for output in cell.outputs]

@@ -163,6 +163,7 @@ def test_two_shards_draw_the_images_of_one_run_and_a_restart_skips_finished_batc
     assert (tmp_path / "two" / "000000.png").stat().st_mtime_ns == untouched
 
 
+@pytest.mark.heavy  # the in-process two-shard test covers the partition by default
 def test_torchrun_with_two_processes_gives_the_images_and_metrics_of_one(cache, export, tmp_path):
     # Bit-identical images need the same arithmetic: same device, batch size and thread count.
     env = {**os.environ, "NPP_CACHE": str(cache), "OMP_NUM_THREADS": "1"}

@@ -115,6 +115,7 @@ def test_resuming_skips_a_planted_checkpoint_for_the_one_before_it(planted_run, 
     assert not marker.exists()
 
 
+@pytest.mark.heavy  # the other planted-pickle tests cover safe_load by default
 def test_a_universal_checkpoint_resume_refuses_a_planted_pickle(codes, tmp_path):
     runs = tmp_path / "runs"
     result = npp_train(codes, runs, "z", deepspeed="ds_configs/zero2.json", **{"schedule.total-steps": 8,
@@ -339,8 +340,11 @@ sys.exit(main(sys.argv[1:]))
 
 @pytest.mark.parametrize("error,reason", [
     ("OSError(errno.ENOSPC, 'No space left on device')", "the disk is full"),
-    ("RuntimeError('[enforce fail at inline_container.cc:783] . unexpected pos 128 vs 0')", "the disk is full"),
-    ("PermissionError(errno.EACCES, 'Permission denied')", "cannot be written to"),
+    # Each case is a training process (~20 s): the other two under -m heavy.
+    pytest.param("RuntimeError('[enforce fail at inline_container.cc:783] . unexpected pos 128 vs 0')",
+                 "the disk is full", marks=pytest.mark.heavy),
+    pytest.param("PermissionError(errno.EACCES, 'Permission denied')", "cannot be written to",
+                 marks=pytest.mark.heavy),
 ])
 def test_a_checkpoint_that_cannot_be_written_is_one_line_and_leaves_no_partial_folder(codes, tmp_path, error, reason):
     # The quickstart recipe's 2×2 stage ends at step 10: checkpoints at 7, 10, 14, 20; the save at 10 fails.
@@ -387,6 +391,7 @@ def test_an_extremely_elongated_image_is_skipped_and_listed(tmp_path):
     assert [s["file"] for s in skipped] == ["strip/long.png"] and "more elongated than 20:1" in skipped[0]["reason"]
 
 
+@pytest.mark.heavy  # a regression check of a start-up hang; ~20 s
 def test_evaluation_on_two_cores_starts_no_data_loader_workers(codes, exported, tmp_path):
     result = subprocess.run([NPP, "evaluate", str(exported.path), "--num-samples", "8", "--no-progress",
                              "--tokenizer", str(Path(codes).parent / "vq"), "--out", str(tmp_path / "out")],

@@ -200,6 +200,7 @@ def test_activation_checkpointing_gives_the_same_gradients(tiny_config):
         torch.testing.assert_close(a, b)
 
 
+@pytest.mark.heavy  # a torch.compile on the CPU; ~15 s
 def test_training_forward_compiles_without_graph_breaks(tiny_config):
     model = random_weights(npp.GPT(tiny_config))
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")  # fullgraph: a break raises

@@ -55,7 +55,7 @@ def trained(env):
     root, codes = env
     notebook = execute("train", root / "train.ipynb", name="nb", runs_dir=str(root / "runs"), model="debug",
                        model_overrides="{}", data=str(codes), steps=12, batch_size=16, warmup_steps=2,
-                       eval_every=5, eval_samples=20, fid_samples=20, ckpt_every=100, progress=False,
+                       eval_every=6, eval_samples=20, fid_samples=20, ckpt_every=100, progress=False,
                        png_dir=str(root / "png"))
     return root, notebook
 
@@ -80,7 +80,7 @@ def test_train_notebook_reuses_finished_runs(trained, tmp_path):
     root, _ = trained
     notebook = execute("train", tmp_path / "again.ipynb", name="nb", runs_dir=str(root / "runs"), model="debug",
                        model_overrides="{}", data=str(root / "codes"), steps=12, batch_size=16, warmup_steps=2,
-                       eval_every=5, eval_samples=20, fid_samples=0, ckpt_every=100, progress=False)
+                       eval_every=6, eval_samples=20, fid_samples=0, ckpt_every=100, progress=False)
     text = "".join(o.get("text", "") for c in notebook.cells if c.cell_type == "code" for o in c.outputs)
     assert text.count("is trained: reusing it") == 2
 
@@ -96,6 +96,7 @@ def test_fid_notebook_compares_the_runs(trained, tmp_path):
     assert "training cost" in text and "FID at" in text
 
 
+@pytest.mark.heavy  # the README's fid command does this by default
 def test_fid_notebook_takes_the_runs_as_papermill_command_line_json(trained, tmp_path):
     """`-p runs '[...]'` reaches the notebook as the text of the list, not the list."""
     root, _ = trained
@@ -131,8 +132,11 @@ def test_attention_notebook_reads_the_patch_stage_checkpoint_of_a_trained_run(tr
 @pytest.mark.parametrize("name,parameters,message", [
     ("train", {"model": "huge"}, "TrainConfig.model='huge': choose one of"),
     ("fid", {"runs": ["runs/does-not-exist"]}, "not run directories"),
-    ("fid", {"runs": "runs/quickstart-npp"}, "give a JSON list of run directories"),
-    ("patches", {"run": "runs/does-not-exist"}, "has no export/model.safetensors"),
+    # A kernel start each (~10 s): the other two under -m heavy.
+    pytest.param("fid", {"runs": "runs/quickstart-npp"}, "give a JSON list of run directories",
+                 marks=pytest.mark.heavy),
+    pytest.param("patches", {"run": "runs/does-not-exist"}, "has no export/model.safetensors",
+                 marks=pytest.mark.heavy),
 ])
 def test_a_bad_parameter_stops_at_the_first_cell(name, parameters, message, tmp_path, env):
     with pytest.raises(pm.PapermillExecutionError, match=message):

@@ -177,6 +177,7 @@ def test_zero3_single_process_trains_and_exports_from_shards(codes, tmp_path):
     assert model.num_params() == npp.GPT(model.config).num_params()
 
 
+@pytest.mark.heavy  # test_faults' SIGTERM-resume counters test covers this path by default
 def test_sigterm_saves_and_the_run_finishes_on_resume(codes, tmp_path):
     runs = tmp_path / "runs"
     command = [sys.executable, "-m", "npp.train", *train_args(codes, runs, "term", ckpt_every=1000)]
@@ -330,6 +331,7 @@ def judged_codes(tmp_path_factory) -> str:
     return str(out)
 
 
+@pytest.mark.heavy  # the notebook and README pairs evaluate periodically by default
 def test_periodic_evaluation_logs_metrics_at_its_steps_and_leaves_training_unchanged(judged_codes, tmp_path):
     runs = tmp_path / "runs"
     short = {"schedule.total_steps": 12, "ckpt_every": 100}
