@@ -1,6 +1,6 @@
 # make quickstart  set-up, the embedded data, a tiny NTP run and a tiny NPP run on the CPU, samples
 # make setup       create .venv and install npp with its pinned dependencies (idempotent)
-# make test        the default test suite (CPU, ~15 min on 2 cores)
+# make test        the default test suite (CPU, 15-19 min on 2 cores)
 # make test-heavy  the slow end-to-end tests as well
 # make app         the browser demo: NTP vs NPP side by side (http://127.0.0.1:7860)
 # make bench       CPU throughput benchmarks (figures go in docs/benchmarks.md)
