@@ -19,7 +19,7 @@ from npp.errors import TrainingError
 from npp.files import atomic_dir, dump_json
 from npp.model import GPT
 from npp.runs import RunDir
-from npp.weights import deepspeed_loads_weights_only, load_strict
+from npp.weights import deepspeed_loads_weights_only, deepspeed_state_classes, load_strict, safe_load
 
 
 def checkpoint_tag(run: RunDir, tag: str | None) -> str:
@@ -73,8 +73,7 @@ def consolidated_state(run: RunDir, tag: str) -> dict[str, torch.Tensor]:
 
         with deepspeed_loads_weights_only():
             return get_fp32_state_dict_from_zero_checkpoint(str(run.checkpoints), tag=tag)
-    with deepspeed_loads_weights_only():
-        return torch.load(run.checkpoints / tag / "mp_rank_00_model_states.pt", map_location="cpu")["module"]
+    return safe_load(run.checkpoints / tag / "mp_rank_00_model_states.pt", allow=deepspeed_state_classes())["module"]
 
 
 def to_universal(source: Path, target: Path) -> None:

@@ -85,17 +85,23 @@ def _first_line(err: BaseException) -> str:
 _original_torch_load = torch.load
 
 
-@contextmanager
-def deepspeed_loads_weights_only() -> Iterator[None]:
-    """Every torch.load in the block, DeepSpeed's own included (it passes weights_only=False), goes through
-    safe_load with DeepSpeed's state classes allowed: a run folder can be shared like a checkpoint, and
-    resuming, exporting or converting it never runs code planted in it."""
+def deepspeed_state_classes() -> list[type]:
+    """DEEPSPEED_STATE_CLASSES imported: what safe_load must allow to read a DeepSpeed checkpoint file."""
     import importlib
 
     classes = []
     for name in DEEPSPEED_STATE_CLASSES:
         module, _, attr = name.rpartition(".")
         classes.append(getattr(importlib.import_module(module), attr))
+    return classes
+
+
+@contextmanager
+def deepspeed_loads_weights_only() -> Iterator[None]:
+    """Every torch.load in the block, DeepSpeed's own included (it passes weights_only=False), goes through
+    safe_load with DeepSpeed's state classes allowed: a run folder can be shared like a checkpoint, and
+    resuming, exporting or converting it never runs code planted in it."""
+    classes = deepspeed_state_classes()
 
     def load(f: Any, map_location: Any = None, *args: Any, **kwargs: Any) -> Any:
         return safe_load(f, map_location=map_location, allow=classes)

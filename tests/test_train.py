@@ -21,6 +21,7 @@ from npp.config import TrainConfig
 from npp.extract import mnist_codes
 from npp.runs import RunDir
 from npp.schedule import lr_at, plan_stages, stage_at
+from npp.weights import deepspeed_state_classes, safe_load
 
 ROOT = Path(__file__).resolve().parents[1]
 DEEPSPEED = Path(sys.executable).parent / "deepspeed"
@@ -236,8 +237,8 @@ def test_ema_is_checkpointed_and_exported(codes, tmp_path):
     exported = npp.GPT.from_pretrained(run.export).state_dict()
     assert all(torch.equal(exported[k], ema[k]) for k in ema)
     # The average lags the trained weights: the exported head is not the last step's head.
-    trained = torch.load(run.checkpoints / run.latest_tag() / "mp_rank_00_model_states.pt",
-                         weights_only=False)["module"]
+    trained = safe_load(run.checkpoints / run.latest_tag() / "mp_rank_00_model_states.pt",
+                        allow=deepspeed_state_classes())["module"]
     assert not torch.equal(trained["output.weight"], ema["output.weight"])
 
 
