@@ -101,3 +101,46 @@ def spread(values: list[float]) -> str:
     if len(values) == 1:
         return f"{values[0]:.3g}"
     return f"{statistics.fmean(values):.3g} ± {statistics.stdev(values):.2g}"
+
+
+@dataclass(frozen=True)
+class Trend:
+    """A least-squares line through (x, y) points, its slope's 95% Student-t interval (n − 2 degrees of
+    freedom): does y move with x, and how sure is that."""
+
+    xs: tuple[float, ...]
+    ys: tuple[float, ...]
+
+    @property
+    def n(self) -> int:
+        return len(self.xs)
+
+    @property
+    def slope(self) -> float:
+        mx, my = statistics.fmean(self.xs), statistics.fmean(self.ys)
+        return sum((x - mx) * (y - my) for x, y in zip(self.xs, self.ys)) / self._sxx
+
+    @property
+    def _sxx(self) -> float:
+        mx = statistics.fmean(self.xs)
+        return sum((x - mx) ** 2 for x in self.xs)
+
+    @property
+    def interval(self) -> tuple[float, float]:
+        if self.n < 3:
+            return -math.inf, math.inf
+        mx, my = statistics.fmean(self.xs), statistics.fmean(self.ys)
+        residual = sum((y - my - self.slope * (x - mx)) ** 2 for x, y in zip(self.xs, self.ys))
+        half = t_975(self.n - 2) * math.sqrt(residual / (self.n - 2) / self._sxx)
+        return self.slope - half, self.slope + half
+
+    def to_dict(self) -> dict:
+        return {"points": self.n, "slope": self.slope, "ci95": list(self.interval),
+                "interval": "Student's t, 95%, two-sided, n − 2 degrees of freedom"}
+
+
+def trend(xs: list[float], ys: list[float]) -> Trend:
+    """The line through every seed's point (not through the means, which would hide the seeds' spread)."""
+    if len(xs) != len(ys) or len(set(xs)) < 2:
+        raise ValueError(f"a trend needs as many x as y values ({len(xs)}, {len(ys)}) and two distinct x values")
+    return Trend(tuple(xs), tuple(ys))

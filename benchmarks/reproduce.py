@@ -43,9 +43,10 @@ import plotly.graph_objects as go
 import torch
 
 from npp import viz
-from npp.config import ScheduleConfig, TrainConfig
+from npp.config import ModelConfig, ScheduleConfig, TrainConfig
 from npp.evaluate import EvalConfig
 from npp.files import dump_json
+from npp.preflight import parameters
 from npp.quickstart import quickstart_config
 from npp.runs import RunDir, launch
 from npp.schedule import relative_cost
@@ -189,7 +190,10 @@ def summarise(run: RunDir, seconds: float | None, final: dict[str, float] | None
     if len(rows) > 1:
         inside = [r["eval_seconds"] for r in evals if rows[0]["time"] < r["time"] < rows[-1]["time"]]
         loop_s = rows[-1]["time"] - rows[0]["time"] - sum(inside)
-    return {"name": run.path.name, "flops": rows[-1]["flops_seen"], "steps": rows[-1]["step"],
+    exported = json.loads((run.export / "config.json").read_text())
+    model = ModelConfig.from_dict({k: v for k, v in exported.items() if k != "architecture"})
+    return {"name": run.path.name, "parameters": parameters(model), "flops": rows[-1]["flops_seen"],
+            "steps": rows[-1]["step"],
             "final_loss": rows[-1]["loss"], "wall_s": seconds, "loop_s": loop_s,
             "final": {k: (final or evals[-1])[k] for k in METRICS if k in (final or evals[-1])},
             "curve": [{"step": r["step"], "flops": r["flops_seen"], **{k: r[k] for k in METRICS if k in r}}
@@ -203,7 +207,8 @@ def compare(runs: dict[tuple[str, str, int], dict], data_sets: list[str], schedu
     for data in data_sets:
         for arm in arms_of(schedules):
             per_seed = [(runs[(data, ARMS[arm].baseline, s)], runs[(data, arm, s)]) for s in seeds]
-            row = {"data": data, "arm": arm, "schedule": ARMS[arm].label, "seeds": len(seeds)}
+            row = {"data": data, "arm": arm, "schedule": ARMS[arm].label, "seeds": len(seeds),
+                   "parameters": per_seed[0][1].get("parameters")}
             for metric in METRICS:
                 row[metric] = [b["final"][metric] for _, b in per_seed]
             row["final_loss"] = [b["final_loss"] for _, b in per_seed]
@@ -319,7 +324,7 @@ def update_readme(table: str, block: str) -> None:
     (ROOT / "README.md").write_text(f"{head}\n{table}\n{tail}")
 
 
-def main() -> None:
+def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", nargs="+", default=["mnist-8x8"], help="mnist-8x8 and/or mnist-16x16")
     parser.add_argument("--schedules", nargs="+", default=["l2", "ntp-l2-budget"], choices=[a for a in ARMS if a != "ntp"],
@@ -341,13 +346,39 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="results folder (default: docs/results/<data>)")
     parser.add_argument("--readme", action="store_true",
                         help="replace the README's block for the results folder with the new tables")
+    return parser
+
+
+SETTINGS = ("data", "schedules", "seeds", "model", "width", "steps", "batch", "lr", "eval_every", "eval_samples",
+            "final_samples")
+"""The arguments that decide a results folder's numbers (--jobs, --runs-dir, --out and --readme do not)."""
+
+
+def settings(args: argparse.Namespace) -> dict:
+    return {key: getattr(args, key) for key in SETTINGS}
+
+
+def check_out(args: argparse.Namespace) -> None:
+    """Refuse, before any training, to overwrite a results folder that another set of runs wrote."""
+    found = args.out / "results.json"
+    if not found.is_file():
+        return
+    recorded = json.loads(found.read_text())
+    if recorded.get("settings", settings(args)) != settings(args):
+        raise SystemExit(f"{args.out} holds the results of `{recorded['command']}`: give this set its own "
+                         f"folder with --out, or delete {args.out} to replace them")
+
+
+def main() -> None:
+    parser = make_parser()
     args = parser.parse_args()
     if args.eval_every <= 0 or args.steps % args.eval_every:
         parser.error(f"--eval-every {args.eval_every} must divide --steps {args.steps}, so that the final step "
                      f"is evaluated")
     args.out = args.out or ROOT / "docs" / "results" / "+".join(args.data)
+    check_out(args)  # before hours of training, not after
     if args.readme:
-        readme_block(args.out.name)  # before hours of training, not after
+        readme_block(args.out.name)
     arms = arms_of(args.schedules)
     configs = {(d, a, seed): run_config(args, d, a, seed) for d in args.data for a in arms for seed in args.seeds}
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
@@ -367,7 +398,8 @@ def main() -> None:
               f"{args.final_samples or args.eval_samples} for the final one{total}.")
     table = markdown(rows, header)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps({"command": command, "machine": machine, "rows": rows,
+    (args.out / "results.json").write_text(json.dumps({"command": command, "settings": settings(args), "machine": machine,
+                                                       "rows": rows,
                                                        "comparisons": comparisons(rows),
                                                        "runs": {"/".join(map(str, k)): v for k, v in runs.items()}},
                                                       indent=1))

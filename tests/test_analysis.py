@@ -42,3 +42,18 @@ def test_the_t_quantile_beyond_the_table_meets_it():
 def test_relative_differences_and_spread():
     assert relative([90.0, 45.0], [100.0, 50.0]).diffs == pytest.approx((-0.1, -0.1))
     assert spread([1.0, 3.0]) == "2 ± 1.4" and spread([5.0]) == "5"
+
+
+def test_a_trend_is_the_least_squares_slope_with_its_t_interval():
+    from analysis import trend
+
+    line = trend([0.0, 1.0, 2.0, 3.0, 4.0], [1.0, 3.0, 2.0, 5.0, 4.0])
+    # Sxy 8, Sxx 10: slope 0.8; residuals −0.4, 0.8, −1, 1.2, −0.6 (sum of squares 3.6), s² = 1.2,
+    # se = √(1.2 / 10) = 0.34641, t(0.975, 3) = 3.1824: 0.8 ± 1.10241
+    assert line.slope == pytest.approx(0.8)
+    assert line.interval == pytest.approx((-0.30241, 1.90241), rel=1e-4)
+    exact = trend([1.0, 2.0, 3.0], [3.0, 5.0, 7.0])
+    assert exact.slope == pytest.approx(2.0) and exact.interval == pytest.approx((2.0, 2.0))
+    assert trend([1.0, 2.0], [0.0, 1.0]).interval == (-math.inf, math.inf)  # two points: no interval
+    with pytest.raises(ValueError, match="two distinct x values"):
+        trend([1.0, 1.0, 1.0], [0.0, 1.0, 2.0])

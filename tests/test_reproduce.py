@@ -56,6 +56,24 @@ def test_an_npp_arm_without_its_budget_arm_is_compared_at_the_same_step_only(rep
     assert "| d | NPP #L2 λ½ | NTP (same step) | 1 | -10 (1 seed) | not significant |" in reproduce.markdown(rows, "")
 
 
+def test_a_results_folder_of_another_set_is_not_overwritten(tmp_path):
+    # docs/results/mnist-8x8 holds the default set; a smaller model's set sent there by mistake must stop
+    # before it trains anything, and say how to give it a folder of its own.
+    out = tmp_path / "mnist-8x8"
+    out.mkdir()
+    recorded = {"command": "python benchmarks/reproduce.py", "settings": {"seeds": [0, 1, 2], "width": None}}
+    (out / "results.json").write_text(json.dumps(recorded))
+    runs = tmp_path / "runs"
+    result = subprocess.run([sys.executable, "benchmarks/reproduce.py", "--width", "96", "--seeds", "0",
+                             "--runs-dir", str(runs), "--out", str(out)], cwd=ROOT, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"{out} holds the results of `python benchmarks/reproduce.py`: give this set its own folder with --out, "
+        f"or delete {out} to replace them")
+    assert not runs.exists() and json.loads((out / "results.json").read_text()) == recorded
+
+
 @pytest.mark.heavy
 def test_a_small_reproduction_writes_tables_and_plots_and_reuses_its_runs(tmp_path):
     out = tmp_path / "out"
@@ -67,7 +85,8 @@ def test_a_small_reproduction_writes_tables_and_plots_and_reuses_its_runs(tmp_pa
     assert result.returncode == 0, result.stderr[-3000:]
     first = json.loads((out / "results.json").read_text())
     rows = first["rows"]
-    assert [r["schedule"] for r in rows] == ["NTP", "NPP #L2 λ½"]
+    assert first["settings"]["seeds"] == [0] and first["settings"]["model"] == "debug"
+    assert [r["schedule"] for r in rows] == ["NTP", "NPP #L2 λ½"] and rows[0]["parameters"] > 0
     assert [c["kind"] for c in first["comparisons"]] == ["same step"]
     assert rows[1]["flops_ratio"][0] < 0.7 and len(rows[1]["wall_s"]) == 1
     finals = sorted((tmp_path / "runs").glob("*/eval/n30-*/results.json"))
