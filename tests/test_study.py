@@ -1,0 +1,115 @@
+"""benchmarks/study.py on made-up results folders with known answers: the ladder's trend, the length and
+recipe readings, the cost of each set, and a set written by other settings treated as missing."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import study
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write_set(root: Path, s: "study.StudySet", arms: dict[str, dict[str, list[float]]], parameters: int,
+              wall_s: float = 60.0) -> None:
+    """A results.json as reproduce.py writes it, with the given per-seed numbers for each arm."""
+    seeds = s.settings()["seeds"]
+    rows = [{"arm": arm, "parameters": parameters, **numbers} for arm, numbers in arms.items()]
+    runs = {f"mnist-8x8/{arm}/{seed}": {"name": f"{s.out}-{arm}-s{seed}", "wall_s": wall_s}
+            for arm in arms for seed in seeds}
+    folder = root / s.out
+    folder.mkdir(parents=True)
+    (folder / "results.json").write_text(json.dumps({"command": s.command, "settings": s.settings(), "rows": rows,
+                                                     "runs": runs}))
+
+
+def arm(fid: list[float]) -> dict[str, list[float]]:
+    n = len(fid)
+    return {"fid": fid, "class_accuracy": [0.8] * n, "recall": [0.8] * n, "final_loss": [2.0] * n}
+
+
+@pytest.fixture
+def root(tmp_path):
+    # Relative same-step changes −10%, −20%, −30% at 0.21M, 0.49M, 1.87M (every seed alike but one, so the
+    # trend has a spread to measure), same FLOPs −50% everywhere.
+    for s, params, gain in ((study.W48, 209_856, -0.1), (study.W96, 493_440, -0.2), (study.W192, 1_871_616, -0.3)):
+        seeds = len(s.settings()["seeds"])
+        npp = [100 * (1 + gain)] * seeds
+        npp[0] += 2.0
+        arms = {"ntp": arm([100.0] * seeds), "l2": arm(npp), "ntp-l2-budget": arm([2 * x for x in npp])}
+        write_set(tmp_path, s, arms, params)
+    write_set(tmp_path, study.EIGHT_SEEDS, {"ntp": arm([100.0] * 8), "l2": arm([90.0, 95.0, 85.0, 100.0] * 2)},
+              493_440)
+    # 4× the steps: NTP 50, #L2 40, 45, 35 (seeds 0–2), against 1×'s 82, 80, 80 of 100.
+    write_set(tmp_path, study.LONGER, {"ntp": arm([50.0] * 3), "l2": arm([40.0, 45.0, 35.0])}, 493_440)
+    write_set(tmp_path, study.PAPER_SHAPED, {"ntp-paper-shaped": arm([110.0] * 4),
+                                             "l2-paper-shaped": arm([99.0, 99.0, 99.0, 99.0])}, 493_440)
+    return tmp_path
+
+
+def test_the_readings_pair_by_seed_and_fit_the_trend_over_every_seed(root):
+    found = study.gather(root)
+    rungs = found["ladder"]["rungs"]
+    assert [r["parameters"] for r in rungs] == [209_856, 493_440, 1_871_616]
+    assert rungs[1]["same_step"]["fid"].diffs == (-18.0, -20.0, -20.0, -20.0)
+    assert rungs[1]["same_flops"]["fid_relative"].diffs == pytest.approx((-0.5,) * 4)
+    # Twelve points, x = log10(parameters); y = −0.1, −0.2, −0.3 per size plus +0.02 on each seed 0.
+    xs = [math.log10(p) for p in (209_856, 493_440, 1_871_616) for _ in range(4)]
+    ys = [g + (0.02 if i == 0 else 0.0) for g in (-0.1, -0.2, -0.3) for i in range(4)]
+    mx, my = sum(xs) / 12, sum(ys) / 12
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+    same_step = found["ladder"]["trend"]["same_step"]
+    assert same_step.n == 12 and same_step.slope == pytest.approx(slope) and same_step.interval[1] < 0
+    assert found["ladder"]["trend"]["same_flops"].slope == pytest.approx(0.0, abs=1e-12)
+
+    assert found["eight_seeds"]["same_step"]["fid"].diffs == (-10.0, -5.0, -15.0, 0.0) * 2
+    length = found["length"]
+    assert length["1x"]["same_step"]["fid"].diffs == (-18.0, -20.0, -20.0)  # the 0.49M set's seeds 0–2
+    assert length["4x_minus_1x"]["fid"].diffs == (8.0, 15.0, 5.0)  # −10 − (−18), −5 − (−20), −15 − (−20)
+    assert length["4x_minus_1x"]["fid_relative"].diffs == pytest.approx((-0.2 + 0.18, -0.1 + 0.2, -0.3 + 0.2))
+    recipe = found["recipe"]
+    assert recipe["paper_shaped_minus_ours"]["fid"].diffs == (7.0, 9.0, 9.0, 9.0)  # −11 − (−18), −11 − (−20), …
+    assert recipe["ntp_paper_shaped_minus_ours"].diffs == (10.0,) * 4
+
+    table = study.markdown(found)
+    assert "| 0.49M | 4 | 100 ± 0 | 80.5 ± 1 | 161 ± 2 | -19.5 [-21.1, -17.9], 4 of 4 lower (better) |" in table
+    assert "| 4× − 1× |  |  | +9.33 [" in table
+
+
+def test_each_set_costs_the_runs_it_adds_and_a_set_of_other_settings_is_missing(root):
+    cost = {c["set"]: c for c in study.gather(root)["cost"]}
+    assert cost[study.DEFAULT.name]["missing"]  # make reproduce's folder was not written here
+    assert (cost[study.W96.name]["runs"], cost[study.W96.name]["adds"]) == (12, 12)
+    # The 8-seed set writes its own run names in this made-up root, so all 16 are new; minutes follow.
+    assert cost[study.EIGHT_SEEDS.name]["added_training_min"] == pytest.approx(16.0)
+
+    # The 8-seed folder rewritten by a 3-seed command no longer counts as the 8-seed set.
+    path = root / study.EIGHT_SEEDS.out / "results.json"
+    recorded = json.loads(path.read_text())
+    recorded["settings"]["seeds"] = [0, 1, 2]
+    path.write_text(json.dumps(recorded))
+    found = study.gather(root)
+    assert "eight_seeds" not in found and "ladder" in found
+    assert f"| {study.EIGHT_SEEDS.name} | `{study.EIGHT_SEEDS.command}` | missing |" in study.markdown(found)
+
+
+def test_the_script_writes_its_tables_and_the_ladder_plot(root):
+    done = subprocess.run([sys.executable, "benchmarks/study.py", "--root", str(root)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = root / study.STUDY_DIR
+    written = json.loads((out / "results.json").read_text())
+    assert written["ladder"]["trend"]["same_step"]["points"] == 12
+    assert written["sets"][2]["rows"][0]["fid"] == [100.0] * 4  # every run's per-seed numbers kept
+    assert (out / "scale_ladder.html").is_file() and "Scale ladder" in (out / "results.md").read_text()
+
+
+def test_every_study_command_is_a_valid_reproduce_command_with_its_own_folder():
+    outs = [s.out for s in study.SETS]
+    assert len(set(outs)) == len(outs)
+    for s in study.SETS:
+        assert s.settings()["seeds"]  # parses with reproduce.py's own parser
