@@ -1,10 +1,9 @@
 """Does next-patch prediction beat next-token prediction at lower cost? NTP and NPP on the embedded data.
 
     make reproduce          # the default: 8×8 grid, NTP, #L2 λ½ and NTP for #L2's budget, seeds 0–2
-    python benchmarks/reproduce.py --schedules l2 ntp-l2-budget --seeds 0 1 2 3 4 5 6 7   # 8 seeds
-    python benchmarks/reproduce.py --schedules l2 l3 ntp-l2-budget ntp-l3-budget --seeds 0 1 2
-    python benchmarks/reproduce.py --width 96 --schedules l2 ntp-l2-budget --seeds 0 1 2 3   # a smaller model
-    python benchmarks/reproduce.py --model B --steps 20000 --batch 256 --eval-samples 5000   # on a GPU
+    make reproduce REPRODUCE_ARGS="--width 96 --seeds 0 1 2 3 --out docs/results/study/w96"   # a smaller model
+    python benchmarks/reproduce.py --schedules l2 l3 ntp-l2-budget ntp-l3-budget --seeds 0 1 2 --out docs/results/l3
+    python benchmarks/reproduce.py --model B --steps 20000 --batch 256 --eval-samples 5000 --out docs/results/b
 
 For every data set, seed and arm it trains one run (`python -m npp.train`; the quickstart's recipe, the
 arm's schedule or recipe change the only difference), evaluating every `--eval-every` steps, and when it
@@ -18,12 +17,13 @@ compares each NPP arm with NTP:
   own warm-up and decay), where that arm was asked for.
 
 Each comparison is the per-seed difference, its mean with a 95% Student-t interval and the sign count
-(benchmarks/analysis.py). Outputs in `--out` (default docs/results/<data>): results.json (every run,
-every per-seed number, the paired comparisons, the command and the cost), results.md (the tables),
+(benchmarks/analysis.py). Outputs in `--out` (default docs/results/<data>; a folder another set of
+runs wrote is refused before any training): results.json (every run, every per-seed number, the paired
+comparisons, the command, its settings and the cost), results.md (the tables),
 fid_vs_step.png / fid_vs_flops.png (and .html, the periodic evaluations); with `--readme` the README's
 block for that folder (<!-- results:<folder>:begin --> … end) is replaced by results.md. Finished runs
 are reused (their wall time is kept in the run folder), so an interrupted reproduction resumes and a
-rerun with new tables costs nothing. benchmarks/study.py gathers several of these commands' runs.
+rerun with new tables costs nothing. benchmarks/study.py reads the study's sets (one command each).
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ from common import command_line, describe_machine, machine_line
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART_WIDTH = 192
-"""The width of the quickstart's tiny GPT (4 layers, 1.87M parameters): the middle of the scale ladder."""
+"""The width of the quickstart's tiny GPT (4 layers, 1.87M parameters): the top of the scale ladder."""
 
 
 @dataclass(frozen=True)
@@ -327,12 +327,14 @@ def update_readme(table: str, block: str) -> None:
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", nargs="+", default=["mnist-8x8"], help="mnist-8x8 and/or mnist-16x16")
-    parser.add_argument("--schedules", nargs="+", default=["l2", "ntp-l2-budget"], choices=[a for a in ARMS if a != "ntp"],
+    parser.add_argument("--schedules", nargs="+", default=["l2", "ntp-l2-budget"],
+                        choices=[a for a in ARMS if a != "ntp"],
                         help="NPP schedules (and #L2 variants) compared with NTP, which always runs")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--model", default="tiny", help="preset; tiny uses the quickstart's overrides")
     parser.add_argument("--width", type=int, default=None,
-                        help="the model's width (dim), 4 heads: the scale ladder's 96, 192 (the quickstart's, 1.87M parameters), 320")
+                        help="the model's width (dim), 4 heads: the scale ladder's 48, 96, 192 (the quickstart's, "
+                             "1.87M parameters)")
     parser.add_argument("--steps", type=int, default=1200)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--lr", type=float, default=2e-3)
@@ -398,11 +400,9 @@ def main() -> None:
               f"{args.final_samples or args.eval_samples} for the final one{total}.")
     table = markdown(rows, header)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps({"command": command, "settings": settings(args), "machine": machine,
-                                                       "rows": rows,
-                                                       "comparisons": comparisons(rows),
-                                                       "runs": {"/".join(map(str, k)): v for k, v in runs.items()}},
-                                                      indent=1))
+    recorded = {"command": command, "settings": settings(args), "machine": machine, "rows": rows,
+                "comparisons": comparisons(rows), "runs": {"/".join(map(str, k)): v for k, v in runs.items()}}
+    (args.out / "results.json").write_text(json.dumps(recorded, indent=1))
     (args.out / "results.md").write_text(table + "\n")
     written = plots(runs, args.out)
     if args.readme:

@@ -31,6 +31,8 @@ from pathlib import Path
 
 import pytest
 
+import study
+
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 BIN = Path(sys.executable).parent
@@ -90,15 +92,9 @@ COMMANDS: dict[str, Check] = {
     "make test": Check("help", ("make -n test",), "runs the whole suite, this module included"),
     # Results: the study's sets of runs (hours each on 2 cores; finished runs are reused)
     "make reproduce": Check("help", ("make -n reproduce", "python benchmarks/reproduce.py --help"),
-                            "the default set: 9 runs of the quickstart's size"),
-    **{f"python benchmarks/reproduce.py {args}": Check("help", ("python benchmarks/reproduce.py --help",),
-                                                         "a set of the study: hours on 2 cores")
-       for args in ("--schedules l2 ntp-l2-budget --seeds 0 1 2 3 4 5 6 7",
-                    "--width 96 --schedules l2 ntp-l2-budget --seeds 0 1 2 3",
-                    "--width 320 --schedules l2 ntp-l2-budget --seeds 0 1 2 3",
-                    "--steps 4800 --eval-every 1200 --schedules l2 ntp-l2-budget --seeds 0 1 2",
-                    "--schedules l2-paper-shaped --seeds 0 1 2 3",
-                    "--schedules l3 ntp-l3-budget --seeds 0 1 2")},
+                            "the default set: 9 runs of the quickstart's size, about an hour"),
+    **{s.command: Check("help", ("make -n reproduce", "python benchmarks/reproduce.py --help"),
+                        "a set of the study: up to 2 h on 2 cores") for s in study.SETS if s is not study.DEFAULT},
     "python benchmarks/study.py": Check("help", ("python benchmarks/study.py --help",),
                                         "reads the study's runs, which take hours to train"),
     # Training at every scale
@@ -171,6 +167,14 @@ def test_options_are_split_between_launcher_and_program():
     assert listed("--model", "[--model STR] [--model-overrides JSON]") and not listed("--mode", "[--model STR]")
     assert not listed("--model", "[--model-overrides JSON]")
     assert options(["papermill", "a", "b", "-p", "run", "x"]) == ["-p run"] and listed("-p run", "  run: str (default")
+    assert options(shlex.split('make reproduce REPRODUCE_ARGS="--width 48 --seeds 0 1"')) == ["--width", "--seeds"]
+
+
+def test_the_study_block_lists_the_studys_sets_in_order():
+    """benchmarks/study.py's SETS are the one home of the study's commands; the README shows them as they are."""
+    commands = readme_commands(README.read_text())
+    shown = [c for c in commands if c.startswith("make reproduce") or c == "python benchmarks/study.py"]
+    assert shown == [s.command for s in study.SETS] + ["python benchmarks/study.py"]
 
 
 def test_every_readme_command_is_classified():
@@ -295,8 +299,12 @@ def split_launcher(argv: list[str]) -> tuple[list[str], list[str]]:
 
 
 def options(argv: list[str]) -> list[str]:
-    """The --options of a command line, and the -p parameter names of papermill's."""
+    """The --options of a command line, those inside a make variable (REPRODUCE_ARGS="--width 48 …"), and
+    the -p parameter names of papermill's."""
     named = [token.split("=")[0] for token in argv if token.startswith("--")]
+    for token in argv:
+        if re.match(r"[A-Z_]+=", token):
+            named += options(shlex.split(token.split("=", 1)[1]))
     return named + [f"-p {argv[i + 1]}" for i, token in enumerate(argv[:-1]) if token == "-p"]
 
 
