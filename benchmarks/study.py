@@ -212,9 +212,9 @@ def markdown(found: dict) -> str:
         for kind, label in (("same_step", "same step"), ("same_flops", "same FLOPs")):
             t = found["ladder"]["trend"][kind]
             low, high = t.interval
-            lines.append(f"\nTrend, {label}: the relative FID change moves by {t.slope:+.0%} per 10× parameters "
-                         f"[{low:+.0%}, {high:+.0%}] (least squares over all {t.n} seeds' points, Student's t "
-                         f"with {t.n - 2} degrees of freedom).")
+            lines.append(f"\nTrend, {label}: the relative FID change moves by {100 * t.slope:+.0f} percentage points "
+                         f"per 10× parameters [{100 * low:+.0f}, {100 * high:+.0f}] (least squares over all {t.n} "
+                         f"seeds' points against log10 parameters, Student's t with {t.n - 2} degrees of freedom).")
     if "eight_seeds" in found:
         e = found["eight_seeds"]
         lines += ["", "**Eight seeds** (0.49M, 1,200 steps):", "",
@@ -272,7 +272,8 @@ def ladder_figure(found: dict) -> go.Figure:
             hovertext=[f"{r['set']}, {len(r['seeds'])} seeds" for r in rungs]))
     fig.add_hline(y=0, line={"color": "grey", "dash": "dot"})
     fig.update_layout(title="NPP #L2 λ½ against NTP by model size (8×8 tokens, 1,200 steps, 4 seeds each)",
-                      xaxis={"title": "parameters", "type": "log"},
+                      xaxis={"title": "parameters", "type": "log", "tickvals": [r["parameters"] for r in rungs],
+                             "ticktext": [f"{r['parameters'] / 1e6:.2f}M" for r in rungs]},
                       yaxis={"title": "FID change, % of NTP's (negative: NPP better), 95% CI"},
                       template="plotly_white", legend={"orientation": "h", "y": -0.25}, height=480)
     return fig
