@@ -73,7 +73,8 @@ class Arm:
     budget_of: str | None = None
     """Train for fewer steps: as many as this arm's cost relative to NTP (in sequence positions) allows."""
     baseline: str = "ntp"
-    """The NTP arm it is compared with at the same step (the same recipe, next-token prediction)."""
+    """The NTP arm it is compared with at the same step (the same recipe, next-token prediction); an NTP arm
+    of its own recipe names itself."""
 
 
 # The paper's recipe shape scaled to a 1,200-step CPU run (REFERENCE §10, docs/recipes.md): dropouts 0.1,
@@ -97,7 +98,8 @@ ARMS = {
     "ntp-l2-budget": Arm("NTP for #L2 λ½'s budget (0.625× steps)", 1, budget_of="l2"),
     "ntp-l3-budget": Arm("NTP for #L3 λ½'s budget (0.578× steps)", 1, budget_of="l3"),
     # the recipe question: NTP and #L2 under the paper-shaped recipe
-    "ntp-paper-shaped": Arm("NTP, paper-shaped recipe", 1, schedule=PAPER_SHAPED_SCHEDULE, model=PAPER_SHAPED_MODEL),
+    "ntp-paper-shaped": Arm("NTP, paper-shaped recipe", 1, schedule=PAPER_SHAPED_SCHEDULE, model=PAPER_SHAPED_MODEL,
+                            baseline="ntp-paper-shaped"),
     "l2-paper-shaped": Arm("NPP #L2 λ½, paper-shaped recipe", 2, schedule=PAPER_SHAPED_SCHEDULE,
                            model=PAPER_SHAPED_MODEL, baseline="ntp-paper-shaped"),
 }
