@@ -103,3 +103,13 @@ def test_a_small_reproduction_writes_tables_and_plots_and_reuses_its_runs(tmp_pa
     assert "npp train:" not in again.stdout + again.stderr  # nothing retrained
     assert [p.stat().st_mtime_ns for p in exports] == stamps
     assert json.loads((out / "results.json").read_text())["rows"] == rows  # wall times kept with the runs
+
+
+def test_a_recipe_arm_is_compared_with_ntp_under_the_same_recipe(reproduce):
+    # The paper-shaped set runs no plain NTP: its NTP arm is its own baseline, and #L2 is paired with it.
+    runs = {("d", "ntp-paper-shaped", 0): fake_run(160e12, 50.0, 1.0),
+            ("d", "l2-paper-shaped", 0): fake_run(100e12, 44.0, 1.2)}
+    rows = reproduce.compare(runs, ["d"], ["l2-paper-shaped"], [0])
+    assert [r["arm"] for r in rows] == ["ntp-paper-shaped", "l2-paper-shaped"] and rows[0]["flops_ratio"] == [1.0]
+    [same_step] = reproduce.comparisons(rows)
+    assert same_step["against"] == "NTP, paper-shaped recipe" and same_step["fid"]["diffs"] == [-6.0]
