@@ -72,7 +72,8 @@ W96 = StudySet("0.49M parameters", "--width 96 --seeds 0 1 2 3", f"{STUDY_DIR}/w
 W192 = StudySet("1.87M parameters (the quickstart's size)", "--seeds 0 1 2 3", f"{STUDY_DIR}/w192")
 EIGHT_SEEDS = StudySet("0.49M, 8 seeds", "--width 96 --schedules l2 --seeds 0 1 2 3 4 5 6 7",
                        f"{STUDY_DIR}/w96-8-seeds")
-LONGER = StudySet("0.49M, 4× the steps", "--width 96 --steps 4800 --eval-every 1200 --schedules l2 --seeds 0 1 2",
+LONGER = StudySet("0.49M, 4× the steps",
+                  "--width 96 --steps 4800 --eval-every 1200 --schedules l2 --seeds 0 1 2 3 4 5",
                   f"{STUDY_DIR}/w96-4800-steps")
 PAPER_SHAPED = StudySet("0.49M, paper-shaped recipe", "--width 96 --schedules l2-paper-shaped --seeds 0 1 2 3",
                         f"{STUDY_DIR}/w96-paper-shaped")
@@ -134,7 +135,8 @@ def ladder(loaded: dict[StudySet, dict]) -> dict:
 def length(loaded: dict[StudySet, dict]) -> dict:
     """The same-step change at 1× and 4× the steps on the longer set's seeds, and 4× − 1× per seed."""
     seeds = loaded[LONGER]["settings"]["seeds"]
-    short, long = summary(loaded[W96], "l2", "ntp", seeds=seeds), summary(loaded[LONGER], "l2", "ntp")
+    short = summary(loaded[EIGHT_SEEDS], "l2", "ntp", seeds=seeds)
+    long = summary(loaded[LONGER], "l2", "ntp")
     change = {key: Paired(tuple(b - a for a, b in zip(short["same_step"][key].diffs, long["same_step"][key].diffs)))
               for key in ("fid", "fid_relative")}
     return {"1x": short, "4x": long, "4x_minus_1x": change}
@@ -183,9 +185,15 @@ def as_json(value):
     return value
 
 
+def percent(x: float) -> str:
+    """Whole percents, or one decimal where that would round a change to zero."""
+    shown = f"{x:+.0%}"
+    return f"{x:+.1%}" if shown in ("+0%", "-0%") else shown
+
+
 def pct(p: Paired) -> str:
     low, high = p.interval
-    return f"{p.mean:+.0%} [{low:+.0%}, {high:+.0%}]"
+    return f"{percent(p.mean)} [{percent(low)}, {percent(high)}]"
 
 
 def line(cells: list) -> str:
@@ -225,11 +233,15 @@ def markdown(found: dict) -> str:
     if "length" in found:
         g = found["length"]
         lines += ["", f"**Training length** (0.49M, seeds {', '.join(map(str, g['4x']['seeds']))}; same step):", "",
-                  line(["steps", "NTP FID", "#L2 FID", "#L2 − NTP: FID [95% CI], seeds lower", "relative"]),
-                  line(["---"] * 5)]
+                  line(["steps", "NTP FID", "#L2 FID", "#L2 − NTP: FID [95% CI], seeds lower", "relative",
+                        "class acc.", "recall", "final loss"]),
+                  line(["---"] * 8)]
         for key, steps in (("1x", "1,200"), ("4x", "4,800")):
-            lines.append(line([steps, *(spread(v) for v in g[key]["fid"].values()), *comparison_cells(g[key])]))
-        lines.append(line(["4× − 1×", "", "", g["4x_minus_1x"]["fid"].shown(), pct(g["4x_minus_1x"]["fid_relative"])]))
+            domain = (g[key]["same_step"][k].shown(2) for k in ("class_accuracy", "recall", "final_loss"))
+            lines.append(line([steps, *(spread(v) for v in g[key]["fid"].values()), *comparison_cells(g[key]),
+                               *domain]))
+        change = g["4x_minus_1x"]
+        lines.append(line(["4× − 1×", "", "", change["fid"].shown(), pct(change["fid_relative"]), "", "", ""]))
     if "recipe" in found:
         g = found["recipe"]
         lines += ["", "**Recipe** (0.49M, 1,200 steps, seeds 0–3; same step):", "",
@@ -285,7 +297,7 @@ def gather(root: Path) -> dict:
     found: dict = {"sets": [{"name": s.name, "command": s.command, "out": s.out, "missing": s not in loaded,
                              "rows": loaded[s]["rows"] if s in loaded else None} for s in SETS]}
     for key, needs, read in (("ladder", LADDER, ladder), ("eight_seeds", (EIGHT_SEEDS,), None),
-                             ("length", (W96, LONGER), length), ("recipe", (W96, PAPER_SHAPED), recipe)):
+                             ("length", (EIGHT_SEEDS, LONGER), length), ("recipe", (W96, PAPER_SHAPED), recipe)):
         if all(s in loaded for s in needs):
             found[key] = read(loaded) if read else summary(loaded[EIGHT_SEEDS], "l2", "ntp")
     found["cost"] = cost(loaded)

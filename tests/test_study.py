@@ -44,8 +44,9 @@ def root(tmp_path):
         write_set(tmp_path, s, arms, params)
     write_set(tmp_path, study.EIGHT_SEEDS, {"ntp": arm([100.0] * 8), "l2": arm([90.0, 95.0, 85.0, 100.0] * 2)},
               493_440)
-    # 4× the steps: NTP 50, #L2 40, 45, 35 (seeds 0–2), against 1×'s 82, 80, 80 of 100.
-    write_set(tmp_path, study.LONGER, {"ntp": arm([50.0] * 3), "l2": arm([40.0, 45.0, 35.0])}, 493_440)
+    # 4× the steps: NTP 50, #L2 as below, against the 8-seed set's 1× seeds 0–5 (90, 95, 85, 100, 90, 95 of 100).
+    write_set(tmp_path, study.LONGER, {"ntp": arm([50.0] * 6), "l2": arm([40.0, 45.0, 35.0, 45.0, 50.0, 35.0])},
+              493_440)
     write_set(tmp_path, study.PAPER_SHAPED, {"ntp-paper-shaped": arm([110.0] * 4),
                                              "l2-paper-shaped": arm([99.0, 99.0, 99.0, 99.0])}, 493_440)
     return tmp_path
@@ -68,16 +69,18 @@ def test_the_readings_pair_by_seed_and_fit_the_trend_over_every_seed(root):
 
     assert found["eight_seeds"]["same_step"]["fid"].diffs == (-10.0, -5.0, -15.0, 0.0) * 2
     length = found["length"]
-    assert length["1x"]["same_step"]["fid"].diffs == (-18.0, -20.0, -20.0)  # the 0.49M set's seeds 0–2
-    assert length["4x_minus_1x"]["fid"].diffs == (8.0, 15.0, 5.0)  # −10 − (−18), −5 − (−20), −15 − (−20)
-    assert length["4x_minus_1x"]["fid_relative"].diffs == pytest.approx((-0.2 + 0.18, -0.1 + 0.2, -0.3 + 0.2))
+    assert length["1x"]["same_step"]["fid"].diffs == (-10.0, -5.0, -15.0, 0.0, -10.0, -5.0)  # from the 8 seeds
+    assert length["4x_minus_1x"]["fid"].diffs == (0.0, 0.0, 0.0, -5.0, 10.0, -10.0)  # (−10 − (−10), …)
+    assert length["4x_minus_1x"]["fid_relative"].diffs == pytest.approx((-0.1, -0.05, -0.15, -0.1, 0.1, -0.25))
     recipe = found["recipe"]
     assert recipe["paper_shaped_minus_ours"]["fid"].diffs == (7.0, 9.0, 9.0, 9.0)  # −11 − (−18), −11 − (−20), …
     assert recipe["ntp_paper_shaped_minus_ours"].diffs == (10.0,) * 4
 
     table = study.markdown(found)
     assert "| 0.49M | 4 | 100 ± 0 | 80.5 ± 1 | 161 ± 2 | -19.5 [-21.1, -17.9], 4 of 4 lower (better) |" in table
-    assert "| 4× − 1× |  |  | +9.33 [" in table
+    assert "| 4× − 1× |  |  | -0.833 [" in table
+    # A bound that whole percents would show as "-0%" keeps its sign and size.
+    assert (study.percent(-0.004), study.percent(-0.13), study.percent(0.0004)) == ("-0.4%", "-13%", "+0.0%")
 
 
 def test_each_set_costs_the_runs_it_adds_and_a_set_of_other_settings_is_missing(root):
