@@ -132,24 +132,26 @@ def ladder(loaded: dict[StudySet, dict]) -> dict:
     return {"rungs": rungs, "trend": trends}
 
 
+def change_per_seed(before: dict, after: dict) -> dict[str, Paired]:
+    """after − before of two summaries' same-step FID differences, seed by seed (a difference of differences)."""
+    return {key: Paired(tuple(b - a for a, b in zip(before["same_step"][key].diffs, after["same_step"][key].diffs)))
+            for key in ("fid", "fid_relative")}
+
+
 def length(loaded: dict[StudySet, dict]) -> dict:
     """The same-step change at 1× and 4× the steps on the longer set's seeds, and 4× − 1× per seed."""
     seeds = loaded[LONGER]["settings"]["seeds"]
     short = summary(loaded[EIGHT_SEEDS], "l2", "ntp", seeds=seeds)
     long = summary(loaded[LONGER], "l2", "ntp")
-    change = {key: Paired(tuple(b - a for a, b in zip(short["same_step"][key].diffs, long["same_step"][key].diffs)))
-              for key in ("fid", "fid_relative")}
-    return {"1x": short, "4x": long, "4x_minus_1x": change}
+    return {"1x": short, "4x": long, "4x_minus_1x": change_per_seed(short, long)}
 
 
 def recipe(loaded: dict[StudySet, dict]) -> dict:
     """#L2's same-step change under the paper-shaped recipe and under ours, and their per-seed difference."""
     ours = summary(loaded[W96], "l2", "ntp")
     shaped = summary(loaded[PAPER_SHAPED], "l2-paper-shaped", "ntp-paper-shaped")
-    change = {key: Paired(tuple(b - a for a, b in zip(ours["same_step"][key].diffs, shaped["same_step"][key].diffs)))
-              for key in ("fid", "fid_relative")}
     ntp_change = paired(values(loaded[PAPER_SHAPED], "ntp-paper-shaped", "fid"), values(loaded[W96], "ntp", "fid"))
-    return {"ours": ours, "paper_shaped": shaped, "paper_shaped_minus_ours": change,
+    return {"ours": ours, "paper_shaped": shaped, "paper_shaped_minus_ours": change_per_seed(ours, shaped),
             "ntp_paper_shaped_minus_ours": ntp_change}
 
 
@@ -204,6 +206,10 @@ def comparison_cells(c: dict, kind: str = "same_step") -> list[str]:
     return [f"{c[kind]['fid'].shown()} ({c[kind]['fid'].verdict()})", pct(c[kind]["fid_relative"])]
 
 
+def domain_cells(c: dict) -> list[str]:
+    return [c["same_step"][k].shown(2) for k in ("class_accuracy", "recall", "final_loss")]
+
+
 def markdown(found: dict) -> str:
     lines = []
     if "ladder" in found:
@@ -215,8 +221,7 @@ def markdown(found: dict) -> str:
         for r in found["ladder"]["rungs"]:
             lines.append(line([f"{r['parameters'] / 1e6:.2f}M", len(r["seeds"]),
                                *(spread(r["fid"][a]) for a in r["fid"]), *comparison_cells(r),
-                               *comparison_cells(r, "same_flops"),
-                               *(r["same_step"][k].shown(2) for k in ("class_accuracy", "recall", "final_loss"))]))
+                               *comparison_cells(r, "same_flops"), *domain_cells(r)]))
         for kind, label in (("same_step", "same step"), ("same_flops", "same FLOPs")):
             t = found["ladder"]["trend"][kind]
             low, high = t.interval
@@ -229,7 +234,7 @@ def markdown(found: dict) -> str:
                   line(["seeds", "NTP FID", "#L2 FID", "same step: FID [95% CI], seeds lower", "relative",
                         "class acc.", "recall", "final loss"]), line(["---"] * 8),
                   line([len(e["seeds"]), *(spread(v) for v in e["fid"].values()), *comparison_cells(e),
-                        *(e["same_step"][k].shown(2) for k in ("class_accuracy", "recall", "final_loss"))])]
+                        *domain_cells(e)])]
     if "length" in found:
         g = found["length"]
         lines += ["", f"**Training length** (0.49M, seeds {', '.join(map(str, g['4x']['seeds']))}; same step):", "",
@@ -237,9 +242,8 @@ def markdown(found: dict) -> str:
                         "class acc.", "recall", "final loss"]),
                   line(["---"] * 8)]
         for key, steps in (("1x", "1,200"), ("4x", "4,800")):
-            domain = (g[key]["same_step"][k].shown(2) for k in ("class_accuracy", "recall", "final_loss"))
             lines.append(line([steps, *(spread(v) for v in g[key]["fid"].values()), *comparison_cells(g[key]),
-                               *domain]))
+                               *domain_cells(g[key])]))
         change = g["4x_minus_1x"]
         lines.append(line(["4× − 1×", "", "", change["fid"].shown(), pct(change["fid_relative"]), "", "", ""]))
     if "recipe" in found:
@@ -316,7 +320,7 @@ def main() -> None:
     (out / "results.md").write_text(table + "\n")
     if "ladder" in found:
         fig = ladder_figure(found)
-        fig.write_html(out / "scale_ladder.html", include_plotlyjs="cdn")
+        fig.write_html(out / "scale_ladder.html", include_plotlyjs="cdn", div_id="scale_ladder")  # reruns diff clean
         viz.save_png(fig, out / "scale_ladder.png", width=900, height=480)
     print(table)
 

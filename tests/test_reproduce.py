@@ -95,6 +95,7 @@ def test_a_small_reproduction_writes_tables_and_plots_and_reuses_its_runs(tmp_pa
                                          .read_text())["metrics"]["fid"]]
     assert {p.name for p in out.iterdir()} >= {"results.md", "fid_vs_step.png", "fid_vs_flops.png"}
     assert "Training cost per run" in (out / "results.md").read_text()
+    assert 'id="fid_vs_step"' in (out / "fid_vs_step.html").read_text()  # fixed id: reruns diff clean
 
     exports = sorted((tmp_path / "runs").glob("*/export/model.safetensors"))
     stamps = [p.stat().st_mtime_ns for p in exports]
