@@ -386,7 +386,10 @@ def main() -> None:
     arms = arms_of(args.schedules)
     configs = {(d, a, seed): run_config(args, d, a, seed) for d in args.data for a in arms for seed in args.seeds}
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        jobs = {key: pool.submit(run_job, config, args.final_samples) for key, config in configs.items()}
+        # Seed by seed, so that a set stopped part way holds whole pairs, not every NTP run and no NPP one.
+        by_seed = sorted(configs, key=lambda key: key[2])
+        submitted = {key: pool.submit(run_job, configs[key], args.final_samples) for key in by_seed}
+        jobs = {key: submitted[key] for key in configs}
         runs = {}
         for index, (key, job) in enumerate(jobs.items()):
             seconds, final = job.result()
