@@ -4,10 +4,16 @@ Two runs of the same seed share their initial weights and data order, so the dif
 between them removes the seed's own luck; over n seeds the mean difference gets a 95% interval from
 Student's t with n − 1 degrees of freedom (the differences assumed roughly normal; with 3–8 seeds a
 bootstrap would be less honest, not more), and a sign count says how many seeds went each way.
+
+Each comparison also has its p-values: Student's t (the interval's test), and two that assume no
+normality, the exact sign test and the exact Wilcoxon signed-rank test. A page that reports many
+comparisons controls its family-wise error with Holm's step-down adjustment (`holm`): only what
+survives it is called better or worse.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import statistics
 from dataclasses import dataclass
@@ -24,6 +30,76 @@ def t_975(df: int) -> float:
         return T_975[df - 1]
     z = 1.959964
     return z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
+
+
+def t_two_sided_p(t: float, df: int) -> float:
+    """P(|T| ≥ |t|) for Student's t with a whole number of degrees of freedom, in closed form (Abramowitz
+    and Stegun 26.7.3–4: a finite series in θ = atan(t / √df)), so no special-function library is needed."""
+    if math.isinf(t):
+        return 0.0
+    theta = math.atan(abs(t) / math.sqrt(df))
+    c2 = math.cos(theta) ** 2
+    if df % 2:  # odd: (2/π)(θ + sin θ cos θ (1 + 2/3 cos²θ + 2·4/(3·5) cos⁴θ + …)), df − 3 terms after the 1
+        term, series = 1.0, 1.0
+        for k in range(1, (df - 1) // 2):
+            term *= c2 * (2 * k) / (2 * k + 1)
+            series += term
+        inside = (2 / math.pi) * (theta + (math.sin(theta) * math.cos(theta) * series if df > 1 else 0.0))
+    else:  # even: sin θ (1 + 1/2 cos²θ + 1·3/(2·4) cos⁴θ + …)
+        term, series = 1.0, 1.0
+        for k in range(1, df // 2):
+            term *= c2 * (2 * k - 1) / (2 * k)
+            series += term
+        inside = math.sin(theta) * series
+    return min(1.0, max(0.0, 1.0 - inside))
+
+
+def sign_test_p(diffs: tuple[float, ...]) -> float:
+    """The exact two-sided sign test: how likely a split at least this uneven is when either sign has
+    probability ½ (zero differences dropped)."""
+    below, above = sum(d < 0 for d in diffs), sum(d > 0 for d in diffs)
+    n = below + above
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, k) for k in range(min(below, above) + 1)) / 2**n
+    return min(1.0, 2 * tail)
+
+
+def wilcoxon_p(diffs: tuple[float, ...]) -> float:
+    """The exact two-sided Wilcoxon signed-rank test (zero differences dropped, tied sizes given their
+    mean rank): every one of the 2^n sign patterns of the ranks is equally likely under no effect."""
+    nonzero = [d for d in diffs if d != 0]
+    n = len(nonzero)
+    if n == 0:
+        return 1.0
+    order = sorted(range(n), key=lambda i: abs(nonzero[i]))
+    ranks = [0.0] * n
+    start = 0
+    while start < n:  # equal sizes share the mean of the ranks they span
+        end = start
+        while end + 1 < n and abs(nonzero[order[end + 1]]) == abs(nonzero[order[start]]):
+            end += 1
+        for i in order[start:end + 1]:
+            ranks[i] = (start + end) / 2 + 1
+        start = end + 1
+    observed = sum(r for r, d in zip(ranks, nonzero) if d > 0)
+    sums = [sum(r for r, positive in zip(ranks, signs) if positive)
+            for signs in itertools.product((False, True), repeat=n)]
+    low = sum(w <= observed + 1e-9 for w in sums) / len(sums)
+    high = sum(w >= observed - 1e-9 for w in sums) / len(sums)
+    return min(1.0, 2 * min(low, high))
+
+
+def holm(p_values: list[float]) -> list[float]:
+    """Holm's step-down adjustment: the i-th smallest of m p-values times (m − i + 1), made monotone and
+    capped at 1. An adjusted p below 0.05 keeps the chance of any false claim in the family under 5%."""
+    m = len(p_values)
+    adjusted = [0.0] * m
+    running = 0.0
+    for rank, index in enumerate(sorted(range(m), key=lambda i: p_values[i])):
+        running = max(running, min(1.0, (m - rank) * p_values[index]))
+        adjusted[index] = running
+    return adjusted
 
 
 @dataclass(frozen=True)
@@ -60,6 +136,24 @@ class Paired:
     def above(self) -> int:
         return sum(d > 0 for d in self.diffs)
 
+    @property
+    def p_value(self) -> float:
+        """Student's t test of a zero mean difference, two-sided (the interval's own test); 1 with one seed."""
+        if self.n < 2:
+            return 1.0
+        sd = statistics.stdev(self.diffs)
+        if sd == 0:
+            return 0.0 if self.mean else 1.0
+        return t_two_sided_p(self.mean / (sd / math.sqrt(self.n)), self.n - 1)
+
+    @property
+    def sign_p(self) -> float:
+        return sign_test_p(self.diffs)
+
+    @property
+    def wilcoxon_p(self) -> float:
+        return wilcoxon_p(self.diffs)
+
     def excludes_zero(self) -> bool:
         low, high = self.interval
         return low > 0 or high < 0
@@ -81,7 +175,8 @@ class Paired:
     def to_dict(self) -> dict:
         low, high = self.interval
         return {"diffs": list(self.diffs), "n": self.n, "mean": self.mean, "ci95": [low, high],
-                "seeds_lower": self.below, "seeds_higher": self.above, "interval": "Student's t, 95%, two-sided"}
+                "seeds_lower": self.below, "seeds_higher": self.above, "interval": "Student's t, 95%, two-sided",
+                "p": self.p_value, "p_sign_test": self.sign_p, "p_wilcoxon": self.wilcoxon_p}
 
 
 def paired(runs: list[float], baselines: list[float]) -> Paired:
