@@ -9,13 +9,18 @@ anything. This script reads the sets' results.json files (every run's per-seed n
 #L2 λ½ run with the NTP run of its seed (same initial weights and data order) and writes
 docs/results/study/: results.json (the sets' per-seed numbers, every paired difference with its 95%
 interval and sign count, the trends, the commands, the cost), results.md (the tables) and
-scale_ladder.png/.html. Four readings:
+scale_ladder.png/.html. Five readings, and the family they form:
 
 - scale ladder: #L2 − NTP at the same step and at the same FLOPs against parameter count (three sizes,
   four seeds each), and the least-squares trend of every seed's relative FID change on log10 parameters;
 - eight seeds: the same-step comparison at 0.49M on seeds 0–7;
 - length: the same-step change at 1× and 4× the steps, and its per-seed difference between the two;
-- recipe: #L2's same-step change under the paper-shaped recipe minus under ours, seed by seed.
+- recipe: #L2's same-step change under the paper-shaped recipe minus under ours, seed by seed;
+- preregistered: the one decisive set (docs/results/study/w96-9600-steps/preregistration.md), its primary
+  endpoint with the t, sign and Wilcoxon tests, and its exploratory same-step curve at 1×, 2×, 4× and 8×;
+- family: every paired FID comparison the results page shows, each once, with its raw p and its Holm-adjusted
+  p over the family. Only an adjusted p below 0.05 is called better or worse; a raw interval that excludes
+  zero without surviving the adjustment is "suggestive".
 
 A set whose folder is absent, or was written with other settings, is listed as missing with its command:
 nothing is drawn from fewer seeds than the set names.
@@ -34,7 +39,7 @@ import plotly.graph_objects as go
 
 from npp import viz
 
-from analysis import Paired, paired, relative, spread, trend
+from analysis import Paired, holm, paired, relative, spread, trend
 from reproduce import make_parser, settings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -77,10 +82,19 @@ LONGER = StudySet("0.49M, 4× the steps",
                   f"{STUDY_DIR}/w96-4800-steps")
 PAPER_SHAPED = StudySet("0.49M, paper-shaped recipe", "--width 96 --schedules l2-paper-shaped --seeds 0 1 2 3",
                         f"{STUDY_DIR}/w96-paper-shaped")
-SETS = (DEFAULT, W48, W96, W192, EIGHT_SEEDS, LONGER, PAPER_SHAPED)
+PREREGISTERED = StudySet("0.49M, 8× the steps, preregistered (seeds 6–13)",
+                         "--width 96 --steps 9600 --eval-every 1200 --schedules l2 --seeds 6 7 8 9 10 11 12 13",
+                         f"{STUDY_DIR}/w96-9600-steps")
+SETS = (DEFAULT, W48, W96, W192, EIGHT_SEEDS, LONGER, PAPER_SHAPED, PREREGISTERED)
 """The study's commands in the order the README gives them (and in which they add runs)."""
 LADDER = (W48, W96, W192)
+EARLIER = ("docs/results/mnist-8x8-l2-l3", "docs/results/mnist-16x16")
+"""Results folders of the earlier sets the results page still shows (two-thread runs of 2026-11-23); their
+comparisons join the page's family. The recipe and RoPE folders paired one-thread arms with two-thread runs
+and are not shown (the thread count changes a seed's FID)."""
 METRICS = ("fid", "class_accuracy", "recall", "final_loss")
+CURVE_STEPS = (1200, 2400, 4800, 9600)
+"""The preregistered set's exploratory looks: 1×, 2×, 4× and 8× the default length (periodic evaluations)."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -155,6 +169,25 @@ def recipe(loaded: dict[StudySet, dict]) -> dict:
             "ntp_paper_shaped_minus_ours": ntp_change}
 
 
+def curve_fid(results: dict, arm: str, step: int) -> list[float]:
+    """The periodic evaluation's FID of an arm's runs at `step`, in seed order."""
+    found = []
+    for seed in results["settings"]["seeds"]:
+        run = next(r for key, r in results["runs"].items() if key.split("/")[1:] == [arm, str(seed)])
+        found.append(next(point["fid"] for point in run["curve"] if point["step"] == step))
+    return found
+
+
+def preregistered(loaded: dict[StudySet, dict]) -> dict:
+    """The primary endpoint (same-step FID at the end, 2,000 samples) and the exploratory curve (500 samples)."""
+    results = loaded[PREREGISTERED]
+    out = summary(results, "l2", "ntp")
+    out["curve"] = {step: {"fid": paired(curve_fid(results, "l2", step), curve_fid(results, "ntp", step)),
+                           "fid_relative": relative(curve_fid(results, "l2", step), curve_fid(results, "ntp", step))}
+                    for step in CURVE_STEPS}
+    return out
+
+
 def cost(loaded: dict[StudySet, dict]) -> list[dict]:
     """Each set's runs, the runs it adds to the sets before it, and those runs' training-process minutes."""
     seen: set[str] = set()
@@ -172,6 +205,54 @@ def cost(loaded: dict[StudySet, dict]) -> list[dict]:
     return out
 
 
+def family(found: dict, loaded: dict[StudySet, dict]) -> list[dict]:
+    """Every paired FID comparison the results page shows, each once (the same seeds' differences are one
+    test however many tables show them), with its raw p (Student's t) and its Holm-adjusted p over them all."""
+    named: list[tuple[str, Paired]] = []
+    for folder, results in found.get("earlier", {}).items():
+        seeds = results["settings"]["seeds"]
+        for c in results["comparisons"]:
+            named.append((f"{Path(folder).name}, seeds {', '.join(map(str, seeds))}: {c['schedule']} − {c['against']}",
+                          Paired(tuple(c["fid"]["diffs"]))))
+    if DEFAULT in loaded:
+        for c in loaded[DEFAULT]["comparisons"]:
+            named.append((f"1.87M, 1,200 steps, seeds 0–2 (make reproduce): #L2 − {c['against']}",
+                          Paired(tuple(c["fid"]["diffs"]))))
+    for r in found.get("ladder", {}).get("rungs", []):
+        named += [(f"{r['set']}, 1,200 steps: #L2 − NTP, same step", r["same_step"]["fid"]),
+                  (f"{r['set']}, 1,200 steps: #L2 − NTP for its budget, same FLOPs", r["same_flops"]["fid"])]
+    if "eight_seeds" in found:
+        named.append(("0.49M, 1,200 steps, seeds 0–7: #L2 − NTP, same step", found["eight_seeds"]["same_step"]["fid"]))
+    if "length" in found:
+        g = found["length"]
+        named += [("0.49M, 1,200 steps, seeds 0–5: #L2 − NTP, same step", g["1x"]["same_step"]["fid"]),
+                  ("0.49M, 4,800 steps, seeds 0–5: #L2 − NTP, same step", g["4x"]["same_step"]["fid"]),
+                  ("0.49M, seeds 0–5: (#L2 − NTP) at 4,800 − at 1,200 steps", g["4x_minus_1x"]["fid"])]
+    if "recipe" in found:
+        g = found["recipe"]
+        named += [("0.49M, paper-shaped recipe: #L2 − NTP, same step", g["paper_shaped"]["same_step"]["fid"]),
+                  ("0.49M: (#L2 − NTP) paper-shaped − ours", g["paper_shaped_minus_ours"]["fid"]),
+                  ("0.49M: NTP paper-shaped − NTP ours", g["ntp_paper_shaped_minus_ours"])]
+    if "preregistered" in found:
+        g = found["preregistered"]
+        named.append(("PREREGISTERED primary: 0.49M, 9,600 steps, seeds 6–13: #L2 − NTP, same step",
+                      g["same_step"]["fid"]))
+        named += [(f"0.49M, seeds 6–13, exploratory look at step {step:,} (500 samples): #L2 − NTP",
+                   g["curve"][step]["fid"]) for step in CURVE_STEPS[:-1]]
+    once = list({p.diffs: (name, p) for name, p in reversed(named)}.values())[::-1]  # first name kept
+    adjusted = holm([p.p_value for _, p in once])
+    return [{"comparison": name, "paired": p, "p": p.p_value, "p_holm": q, "verdict": verdict(p, q)}
+            for (name, p), q in zip(once, adjusted)]
+
+
+def verdict(p: Paired, p_holm: float) -> str:
+    """'better'/'worse' only when the comparison survives the page's Holm adjustment; 'suggestive' when only
+    its own interval excludes zero."""
+    if p_holm < 0.05:
+        return "better" if p.mean < 0 else "worse"
+    return "suggestive" if p.excludes_zero() else "not significant"
+
+
 # --------------------------------------------------------------------------------------------
 # Output
 # --------------------------------------------------------------------------------------------
@@ -181,7 +262,7 @@ def as_json(value):
     if hasattr(value, "to_dict"):
         return value.to_dict()
     if isinstance(value, dict):
-        return {k: as_json(v) for k, v in value.items()}
+        return {str(k): as_json(v) for k, v in value.items()}
     if isinstance(value, list):
         return [as_json(v) for v in value]
     return value
@@ -202,8 +283,17 @@ def line(cells: list) -> str:
     return "| " + " | ".join(str(c) for c in cells) + " |"
 
 
-def comparison_cells(c: dict, kind: str = "same_step") -> list[str]:
-    return [f"{c[kind]['fid'].shown()} ({c[kind]['fid'].verdict()})", pct(c[kind]["fid_relative"])]
+def comparison_cells(readings: dict, c: dict, kind: str = "same_step") -> list[str]:
+    return [f"{c[kind]['fid'].shown()} ({judged(readings, c[kind]['fid'])})", pct(c[kind]["fid_relative"])]
+
+
+def judged(readings: dict, p: Paired) -> str:
+    """The comparison's reading after the page's Holm adjustment, with raw and adjusted p (`readings`: the
+    family's entries by their differences)."""
+    entry = readings.get(p.diffs)
+    if entry is None:
+        return p.verdict()
+    return f"{entry['verdict']}; p {entry['p']:.2g}, Holm {entry['p_holm']:.2g}"
 
 
 def domain_cells(c: dict) -> list[str]:
@@ -211,6 +301,7 @@ def domain_cells(c: dict) -> list[str]:
 
 
 def markdown(found: dict) -> str:
+    readings = {entry["paired"].diffs: entry for entry in found.get("family", [])}
     lines = []
     if "ladder" in found:
         lines += ["**Scale ladder** (8×8 tokens, 1,200 steps of 32 images, the CPU recipe; #L2 λ½ − NTP, "
@@ -220,8 +311,8 @@ def markdown(found: dict) -> str:
                   line(["---"] * 12)]
         for r in found["ladder"]["rungs"]:
             lines.append(line([f"{r['parameters'] / 1e6:.2f}M", len(r["seeds"]),
-                               *(spread(r["fid"][a]) for a in r["fid"]), *comparison_cells(r),
-                               *comparison_cells(r, "same_flops"), *domain_cells(r)]))
+                               *(spread(r["fid"][a]) for a in r["fid"]), *comparison_cells(readings, r),
+                               *comparison_cells(readings, r, "same_flops"), *domain_cells(r)]))
         for kind, label in (("same_step", "same step"), ("same_flops", "same FLOPs")):
             t = found["ladder"]["trend"][kind]
             low, high = t.interval
@@ -233,7 +324,7 @@ def markdown(found: dict) -> str:
         lines += ["", "**Eight seeds** (0.49M, 1,200 steps):", "",
                   line(["seeds", "NTP FID", "#L2 FID", "same step: FID [95% CI], seeds lower", "relative",
                         "class acc.", "recall", "final loss"]), line(["---"] * 8),
-                  line([len(e["seeds"]), *(spread(v) for v in e["fid"].values()), *comparison_cells(e),
+                  line([len(e["seeds"]), *(spread(v) for v in e["fid"].values()), *comparison_cells(readings, e),
                         *domain_cells(e)])]
     if "length" in found:
         g = found["length"]
@@ -242,7 +333,7 @@ def markdown(found: dict) -> str:
                         "class acc.", "recall", "final loss"]),
                   line(["---"] * 8)]
         for key, steps in (("1x", "1,200"), ("4x", "4,800")):
-            lines.append(line([steps, *(spread(v) for v in g[key]["fid"].values()), *comparison_cells(g[key]),
+            lines.append(line([steps, *(spread(v) for v in g[key]["fid"].values()), *comparison_cells(readings, g[key]),
                                *domain_cells(g[key])]))
         change = g["4x_minus_1x"]
         lines.append(line(["4× − 1×", "", "", change["fid"].shown(), pct(change["fid_relative"]), "", "", ""]))
@@ -252,10 +343,33 @@ def markdown(found: dict) -> str:
                   line(["recipe", "NTP FID", "#L2 FID", "#L2 − NTP: FID [95% CI], seeds lower", "relative"]),
                   line(["---"] * 5)]
         for key, name in (("ours", "ours (CPU)"), ("paper_shaped", "paper-shaped")):
-            lines.append(line([name, *(spread(v) for v in g[key]["fid"].values()), *comparison_cells(g[key])]))
+            lines.append(line([name, *(spread(v) for v in g[key]["fid"].values()), *comparison_cells(readings, g[key])]))
         change = g["paper_shaped_minus_ours"]
         lines.append(line(["paper-shaped − ours", g["ntp_paper_shaped_minus_ours"].shown(), "", change["fid"].shown(),
                            pct(change["fid_relative"])]))
+    if "preregistered" in found:
+        g = found["preregistered"]
+        primary = g["same_step"]["fid"]
+        lines += ["", "**Preregistered** (0.49M, 9,600 steps of 32 images, seeds 6–13; "
+                  "docs/results/study/w96-9600-steps/preregistration.md): primary endpoint, #L2 λ½ − NTP at the "
+                  "same step, 2,000 samples:", "",
+                  line(["NTP FID", "#L2 FID", "#L2 − NTP: FID [95% CI], seeds lower", "relative", "t-test p",
+                        "sign test p", "Wilcoxon p", "class acc.", "recall", "final loss"]), line(["---"] * 10),
+                  line([*(spread(v) for v in g["fid"].values()), primary.shown(), pct(g["same_step"]["fid_relative"]),
+                        f"{primary.p_value:.2g}", f"{primary.sign_p:.2g}", f"{primary.wilcoxon_p:.2g}",
+                        *domain_cells(g)]),
+                  "", "Exploratory (periodic evaluations of the same runs, 500 samples each; not part of the decision):",
+                  "", line(["step", "× default length", "#L2 − NTP: FID [95% CI], seeds lower", "relative"]),
+                  line(["---"] * 4)]
+        for step in CURVE_STEPS:
+            point = g["curve"][step]
+            lines.append(line([f"{step:,}", f"{step // 1200}×", point["fid"].shown(), pct(point["fid_relative"])]))
+    if found.get("family"):
+        lines += ["", f"**Every FID comparison on the page** ({len(found['family'])}, each once; Holm's adjustment "
+                  "over all of them):", "", line(["comparison", "FID difference [95% CI], seeds lower", "p (t-test)",
+                                                  "p (Holm)", "reading"]), line(["---"] * 5)]
+        lines += [line([e["comparison"], e["paired"].shown(), f"{e['p']:.2g}", f"{e['p_holm']:.2g}", e["verdict"]])
+                  for e in found["family"]]
     lines += ["", "**The sets and their cost** (training processes of the runs each set adds; final evaluations "
               "excluded):", "", line(["set", "command", "runs", "adds", "training (min)"]), line(["---"] * 5)]
     for c in found["cost"]:
@@ -266,7 +380,9 @@ def markdown(found: dict) -> str:
             lines.append(line([c["set"], f"`{c['command']}`", c["runs"], c["adds"], minutes]))
     lines += ["", "Differences are paired by seed (same initial weights and data order), NPP minus NTP: negative FID "
               "differences favour NPP. Intervals: Student's t at 95% over the seeds; \"seeds lower\" counts the seeds "
-              "where the first run's value was lower. Same FLOPs: against NTP trained for as many FLOPs as the #L2 run "
+              "where the first run's value was lower. Readings: better/worse only when the Holm-adjusted p over the "
+              "page's family is below 0.05; \"suggestive\" when the comparison's own interval excludes zero but it "
+              "does not survive the adjustment. Same FLOPs: against NTP trained for as many FLOPs as the #L2 run "
               "(0.625× the steps, its own warm-up and decay). Relative: the change as a fraction of the baseline's "
               "FID. Domain metrics on 2,000 samples against the 10,000 test digits (MNIST classifier features), "
               "the same sampling seeds for every run."]
@@ -301,9 +417,13 @@ def gather(root: Path) -> dict:
     found: dict = {"sets": [{"name": s.name, "command": s.command, "out": s.out, "missing": s not in loaded,
                              "rows": loaded[s]["rows"] if s in loaded else None} for s in SETS]}
     for key, needs, read in (("ladder", LADDER, ladder), ("eight_seeds", (EIGHT_SEEDS,), None),
-                             ("length", (EIGHT_SEEDS, LONGER), length), ("recipe", (W96, PAPER_SHAPED), recipe)):
+                             ("length", (EIGHT_SEEDS, LONGER), length), ("recipe", (W96, PAPER_SHAPED), recipe),
+                             ("preregistered", (PREREGISTERED,), preregistered)):
         if all(s in loaded for s in needs):
             found[key] = read(loaded) if read else summary(loaded[EIGHT_SEEDS], "l2", "ntp")
+    found["earlier"] = {folder: json.loads((root / folder / "results.json").read_text()) for folder in EARLIER
+                        if (root / folder / "results.json").is_file()}
+    found["family"] = family(found, loaded)
     found["cost"] = cost(loaded)
     return found
 

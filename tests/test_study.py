@@ -15,12 +15,15 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def write_set(root: Path, s: "study.StudySet", arms: dict[str, dict[str, list[float]]], parameters: int,
-              wall_s: float = 60.0) -> None:
-    """A results.json as reproduce.py writes it, with the given per-seed numbers for each arm."""
+              wall_s: float = 60.0, curves: dict[str, dict[int, list[float]]] | None = None) -> None:
+    """A results.json as reproduce.py writes it, with the given per-seed numbers for each arm (and the
+    periodic evaluations' FIDs by arm and step, one per seed, where `curves` gives them)."""
     seeds = s.settings()["seeds"]
     rows = [{"arm": arm, "parameters": parameters, **numbers} for arm, numbers in arms.items()]
-    runs = {f"mnist-8x8/{arm}/{seed}": {"name": f"{s.out}-{arm}-s{seed}", "wall_s": wall_s}
-            for arm in arms for seed in seeds}
+    runs = {f"mnist-8x8/{arm}/{seed}": {"name": f"{s.out}-{arm}-s{seed}", "wall_s": wall_s,
+                                        "curve": [{"step": step, "fid": fids[i]}
+                                                  for step, fids in (curves or {}).get(arm, {}).items()]}
+            for arm in arms for i, seed in enumerate(seeds)}
     folder = root / s.out
     folder.mkdir(parents=True)
     (folder / "results.json").write_text(json.dumps({"command": s.command, "settings": s.settings(), "rows": rows,
@@ -77,7 +80,10 @@ def test_the_readings_pair_by_seed_and_fit_the_trend_over_every_seed(root):
     assert recipe["ntp_paper_shaped_minus_ours"].diffs == (10.0,) * 4
 
     table = study.markdown(found)
-    assert "| 0.49M | 4 | 100 ± 0 | 80.5 ± 1 | 161 ± 2 | -19.5 [-21.1, -17.9], 4 of 4 lower (better) |" in table
+    # Holm over the family's 13 comparisons (its arithmetic is checked against analysis.holm below)
+    assert len(found["family"]) == 13
+    assert ("| 0.49M | 4 | 100 ± 0 | 80.5 ± 1 | 161 ± 2 | -19.5 [-21.1, -17.9], 4 of 4 lower "
+            "(better; p 3.7e-05, Holm 0.00026) |") in table
     assert "| 4× − 1× |  |  | -0.833 [" in table
     # A bound that whole percents would show as "-0%" keeps its sign and size.
     assert (study.percent(-0.004), study.percent(-0.13), study.percent(0.0004)) == ("-0.4%", "-13%", "+0.0%")
@@ -118,3 +124,50 @@ def test_every_study_command_is_a_valid_reproduce_command_with_its_own_folder():
     assert len(set(outs)) == len(outs)
     for s in study.SETS:
         assert s.settings()["seeds"]  # parses with reproduce.py's own parser
+
+
+def test_the_preregistered_set_reads_its_primary_endpoint_and_its_exploratory_curve(root):
+    # NTP 100 on every seed; #L2 lower by 1 … 8 at the end except seed 13 (+4): 7 of 8 lower.
+    end = [99.0, 98.0, 97.0, 96.0, 95.0, 94.0, 93.0, 104.0]
+    curves = {"ntp": {step: [100.0] * 8 for step in study.CURVE_STEPS},
+              "l2": {1200: [130.0] * 8, 2400: [110.0] * 8, 4800: [100.0 + i for i in range(8)], 9600: end}}
+    write_set(root, study.PREREGISTERED, {"ntp": arm([100.0] * 8), "l2": arm(end)}, 493_440, curves=curves)
+    found = study.gather(root)
+    primary = found["preregistered"]["same_step"]["fid"]
+    assert primary.diffs == (-1.0, -2.0, -3.0, -4.0, -5.0, -6.0, -7.0, 4.0) and primary.below == 7
+    # sign test 7 of 8: 2 · (1 + 8) / 256; Wilcoxon: the positive difference (4) shares rank 4.5 with −4,
+    # W+ = 4.5, and 2 · P(W+ ≤ 4.5) over the 256 sign patterns of ranks 1, 2, 3, 4.5, 4.5, 6, 7, 8
+    assert primary.sign_p == pytest.approx(18 / 256)
+    ranks = [1, 2, 3, 4.5, 4.5, 6, 7, 8]
+    import itertools
+    below = sum(sum(r for r, up in zip(ranks, signs) if up) <= 4.5 for signs in itertools.product((0, 1), repeat=8))
+    assert primary.wilcoxon_p == pytest.approx(2 * below / 256)
+    curve = found["preregistered"]["curve"]
+    assert curve[1200]["fid"].diffs == (30.0,) * 8 and curve[4800]["fid"].diffs == tuple(float(i) for i in range(8))
+    assert curve[9600]["fid"].diffs == primary.diffs  # here the made-up periodic look equals the final one
+    table = study.markdown(found)
+    assert "**Preregistered**" in table and "| 2,400 | 2× | +10 [+10, +10], 0 of 8 lower | +10% [+10%, +10%] |" in table
+    names = [e["comparison"] for e in found["family"]]
+    assert sum("PREREGISTERED primary" in n for n in names) == 1
+    # the 9,600-step look has the primary's differences: one test, listed once, under the primary's name
+    assert not any("step 9,600" in n for n in names)
+
+
+def test_the_family_counts_each_comparison_once_and_only_holm_survivors_are_better_or_worse(root):
+    found = study.gather(root)
+    family = found["family"]
+    diffs = [e["paired"].diffs for e in family]
+    assert len(diffs) == len(set(diffs))
+    # W96's same step is also the recipe reading's "ours": one entry, not two
+    assert sum(d == found["ladder"]["rungs"][1]["same_step"]["fid"].diffs for d in diffs) == 1
+    from analysis import holm
+
+    assert [e["p_holm"] for e in family] == pytest.approx(holm([e["p"] for e in family]))
+    for e in family:
+        if e["p_holm"] < 0.05:
+            assert e["verdict"] == ("better" if e["paired"].mean < 0 else "worse")
+        else:
+            assert e["verdict"] == ("suggestive" if e["paired"].excludes_zero() else "not significant")
+    # the made-up length set's 4× comparison: interval excludes zero alone, not after the adjustment
+    four = next(e for e in family if e["comparison"].startswith("0.49M, 4,800 steps"))
+    assert four["paired"].excludes_zero() and four["p_holm"] >= 0.05 and four["verdict"] == "suggestive"
