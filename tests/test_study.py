@@ -171,3 +171,22 @@ def test_the_family_counts_each_comparison_once_and_only_holm_survivors_are_bett
     # the made-up length set's 4× comparison: interval excludes zero alone, not after the adjustment
     four = next(e for e in family if e["comparison"].startswith("0.49M, 4,800 steps"))
     assert four["paired"].excludes_zero() and four["p_holm"] >= 0.05 and four["verdict"] == "suggestive"
+
+
+def test_the_summary_lists_only_holm_survivors_and_words_the_preregistered_outcome_by_its_rule(root):
+    found = study.gather(root)
+    summary = study.summary_markdown(found)
+    decided = [e for e in found["family"] if e["verdict"] in ("better", "worse")]
+    assert summary.count("\n| ") == 1 + len(decided)  # the rule line, then one row each
+    assert "suggestive" not in summary.split("\n\n")[0] and "not measured yet" in summary
+    assert f"{len(decided)} of the {len(found['family'])} paired FID comparisons" in summary
+    from analysis import Paired
+
+    lower = Paired((-1.0, -2.0, -3.0, -1.5, -2.5, -1.0, -2.0, -3.0))
+    assert study.preregistered_sentence(lower).startswith("#L2 λ½ reaches a lower FID than NTP at the same step")
+    assert "rank-based" not in study.preregistered_sentence(lower)  # 8 of 8: sign and Wilcoxon p = 0.0078
+    mixed = Paired((-5.0, -6.0, -4.0, -5.5, -4.5, -6.5, -5.0, 1.0))  # t clears zero, the sign test (7 of 8) does not
+    assert "rank-based tests are weaker (sign test p = 0.07" in study.preregistered_sentence(mixed)
+    assert study.preregistered_sentence(Paired((1.0, 2.0, 3.0, 1.5, 2.5, 1.0, 2.0, 3.0))).startswith("#L2 λ½ is worse")
+    open_ = study.preregistered_sentence(Paired((1.0, -1.0, 2.0, -2.0, 0.5, -0.5, 1.0, -1.0)))
+    assert open_.startswith("the same-step difference is not significant") and "not confirmed" in open_
