@@ -32,6 +32,7 @@ import argparse
 import json
 import math
 import shlex
+import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -143,7 +144,20 @@ def ladder(loaded: dict[StudySet, dict]) -> dict:
         xs = [math.log10(r["parameters"]) for r in rungs for _ in r["seeds"]]
         ys = [d for r in rungs for d in r[kind]["fid_relative"].diffs]
         trends[kind] = trend(xs, ys)
-    return {"rungs": rungs, "trend": trends}
+    # The same line through the three sizes' means: three points, one degree of freedom, the honest width
+    # of a size trend that rests on three sizes (the per-seed fit treats twelve seeds as twelve sizes' worth).
+    means = trend([math.log10(r["parameters"]) for r in rungs],
+                  [statistics.fmean(r["same_step"]["fid_relative"].diffs) for r in rungs])
+    return {"rungs": rungs, "trend": trends, "trend_of_means": {"same_step": means}}
+
+
+def correlation(results: dict, arm: str, against: str) -> float | None:
+    """Pearson's r between the two arms' FIDs across seeds (None where an arm did not vary): pairing by seed
+    sharpens a comparison only where it is positive."""
+    a, b = values(results, arm, "fid"), values(results, against, "fid")
+    if len(set(a)) < 2 or len(set(b)) < 2:
+        return None
+    return statistics.correlation(a, b)
 
 
 def change_per_seed(before: dict, after: dict) -> dict[str, Paired]:
@@ -319,13 +333,20 @@ def markdown(found: dict) -> str:
             lines.append(f"\nTrend, {label}: the relative FID change moves by {100 * t.slope:+.0f} percentage points "
                          f"per 10× parameters [{100 * low:+.0f}, {100 * high:+.0f}] (least squares over all {t.n} "
                          f"seeds' points against log10 parameters, Student's t with {t.n - 2} degrees of freedom).")
+        means = found["ladder"]["trend_of_means"]["same_step"]
+        low, high = means.interval
+        lines.append(f"\nThe same-step trend through the {means.n} sizes' means instead: {100 * means.slope:+.0f} "
+                     f"percentage points per 10× parameters [{100 * low:+.0f}, {100 * high:+.0f}] ({means.n - 2} "
+                     "degree(s) of freedom). Size is also confounded with training progress: every size trains the "
+                     "same 1,200 steps, and a larger model is further along its curve by then.")
     if "eight_seeds" in found:
         e = found["eight_seeds"]
         lines += ["", "**Eight seeds** (0.49M, 1,200 steps):", "",
                   line(["seeds", "NTP FID", "#L2 FID", "same step: FID [95% CI], seeds lower", "relative",
                         "class acc.", "recall", "final loss"]), line(["---"] * 8),
                   line([len(e["seeds"]), *(spread(v) for v in e["fid"].values()), *comparison_cells(readings, e),
-                        *domain_cells(e)])]
+                        *domain_cells(e)]),
+                  "", correlation_sentence(e["fid_correlation"])]
     if "length" in found:
         g = found["length"]
         lines += ["", f"**Training length** (0.49M, seeds {', '.join(map(str, g['4x']['seeds']))}; same step):", "",
@@ -439,6 +460,15 @@ def preregistered_sentence(p: Paired) -> str:
             "range of effects the data leave open; the 4× result is not confirmed.")
 
 
+def correlation_sentence(r: float | None) -> str:
+    if r is None:
+        return "Across the eight seeds one arm's FID did not vary: no correlation to report."
+    shared = ("a seed that is good for one arm is good for the other, which pairing by seed removes" if r > 0 else
+              "a seed that is good for one arm is not good for the other, so pairing by seed removes no shared seed "
+              "effect here; the paired test stays valid, it is just not sharper than an unpaired one")
+    return f"Across the eight seeds NTP's and #L2's FIDs are correlated at r = {r:+.2f} (Pearson): {shared}."
+
+
 def ladder_figure(found: dict) -> go.Figure:
     """The relative FID change of #L2 against parameter count, same step and same FLOPs, with 95% intervals."""
     rungs = found["ladder"]["rungs"]
@@ -471,6 +501,8 @@ def gather(root: Path) -> dict:
                              ("preregistered", (PREREGISTERED,), preregistered)):
         if all(s in loaded for s in needs):
             found[key] = read(loaded) if read else summary(loaded[EIGHT_SEEDS], "l2", "ntp")
+    if "eight_seeds" in found:
+        found["eight_seeds"]["fid_correlation"] = correlation(loaded[EIGHT_SEEDS], "l2", "ntp")
     found["earlier"] = {folder: json.loads((root / folder / "results.json").read_text()) for folder in EARLIER
                         if (root / folder / "results.json").is_file()}
     found["family"] = family(found, loaded)

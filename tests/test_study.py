@@ -190,3 +190,13 @@ def test_the_summary_lists_only_holm_survivors_and_words_the_preregistered_outco
     assert study.preregistered_sentence(Paired((1.0, 2.0, 3.0, 1.5, 2.5, 1.0, 2.0, 3.0))).startswith("#L2 λ½ is worse")
     open_ = study.preregistered_sentence(Paired((1.0, -1.0, 2.0, -2.0, 0.5, -0.5, 1.0, -1.0)))
     assert open_.startswith("the same-step difference is not significant") and "not confirmed" in open_
+
+
+def test_the_correlation_of_the_arms_across_seeds_is_reported_with_what_it_means_for_pairing():
+    results = {"settings": {"seeds": [0, 1, 2, 3]},
+               "rows": [{"arm": "ntp", "fid": [60.0, 70.0, 80.0, 90.0]}, {"arm": "l2", "fid": [95.0, 85.0, 75.0, 65.0]}]}
+    assert study.correlation(results, "l2", "ntp") == pytest.approx(-1.0)
+    assert "r = -1.00" in study.correlation_sentence(-1.0) and "not sharper" in study.correlation_sentence(-1.0)
+    assert "removes" in study.correlation_sentence(0.5) and "not sharper" not in study.correlation_sentence(0.5)
+    results["rows"][1]["fid"] = [50.0] * 4
+    assert study.correlation(results, "l2", "ntp") is None
