@@ -19,7 +19,8 @@ from npp.errors import TrainingError
 from npp.files import atomic_dir, dump_json
 from npp.model import GPT
 from npp.runs import RunDir
-from npp.weights import deepspeed_loads_weights_only, deepspeed_state_classes, load_strict, safe_load
+from npp.weights import (EMA_FIX, deepspeed_loads_weights_only, deepspeed_state_classes, load_strict, read_weights,
+                         safe_load)
 
 
 def checkpoint_tag(run: RunDir, tag: str | None) -> str:
@@ -41,9 +42,7 @@ def load_checkpoint_model(run_dir: str | os.PathLike, tag: str | None = None) ->
     tag = checkpoint_tag(run, tag)
     folder = run.checkpoints / tag
     if (folder / "ema.safetensors").is_file():
-        from safetensors.torch import load_file
-
-        state = load_file(str(folder / "ema.safetensors"))
+        state = read_weights(folder / "ema.safetensors", fix=EMA_FIX)
     else:
         state = consolidated_state(run, tag)
     with torch.device("meta"):

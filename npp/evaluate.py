@@ -6,7 +6,9 @@
 
 Sample i is drawn with its own generator seeded base_seed + i, so the images do not depend on how
 the work is split over processes or restarts: batch k (samples k·b … k·b + b − 1) goes to rank
-k mod W, its PNGs are written atomically, and a rerun skips the batches already on disk. Rank 0
+k mod W, its PNGs are written atomically, and a rerun skips the batches already on disk. A PNG is reused
+only if it says (in its own text chunks) that the same weights, tokenizer, sampler, seeds and batch drew
+it; a sample folder holding another model's samples is moved aside, never scored or deleted. Rank 0
 then computes the metrics and writes results.json beside the samples, with everything a number
 needs to be trusted (torch-fidelity version, feature extractor and weights hash, reference
 identity and size, sampler settings, seeds, model identity).
@@ -15,6 +17,8 @@ identity and size, sampler settings, seeds, model identity).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import math
 import os
 import sys
@@ -28,12 +32,13 @@ import torch
 
 from npp.config import PAPER_SAMPLER, SamplerConfig
 from npp.distributed import Ranks
-from npp.errors import check, is_int, require
+from npp.errors import DataError, check, check_device, is_int, require
 from npp.files import atomic_path, dump_json
 from npp.fidelity import (EMBEDDED_CLASSIFIER, INCEPTION_EXTRACTOR, METRICS, MNIST_EXTRACTOR, Reference,
                           check_image_size, class_accuracy, fidelity_metrics, resolve_extractor, resolve_reference)
 from npp.model import GPT
 from npp.pipeline import Pipeline
+from npp.runs import RunDir
 from npp.sampling import sample_generators
 from npp.tokenizer import VQModel
 
@@ -146,30 +151,146 @@ def _png_path(folder: Path, index: int) -> Path:
     return folder / f"{index:06d}.png"
 
 
+# ------------------------------------------------------------------------------------------------
+# Provenance: which model and settings drew a sample folder, and each PNG in it
+# ------------------------------------------------------------------------------------------------
+
+SAMPLES_MANIFEST = "manifest.json"
+"""Beside the PNGs: what drew them (weights sha256, tokenizer, sampler, seeds, batch size) and its key."""
+
+KEY_CHUNK, BATCH_CHUNK = "npp-samples", "npp-batch"
+"""PNG text chunks of every sample: the key of what drew it, and the batch (`start+length`) it was drawn
+in. Batch composition is part of the arithmetic, so a sample is reused only from the same batch."""
+
+
+def samples_identity(pipe: Pipeline, config: EvalConfig) -> dict[str, Any]:
+    """Everything sample i depends on besides i: the exact weights and tokenizer, and the sampling recipe."""
+    return {"model_sha256": pipe.weights_sha256(), "tokenizer_fingerprint": pipe.tokenizer_fingerprint(),
+            "num_classes": pipe.model.config.num_classes, "base_seed": config.base_seed, "labels": config.labels,
+            "batch_size": config.batch_size, "sampler": config.sampler.to_dict(),
+            "sampler_class": type(config.sampler).__name__}
+
+
+def samples_key(identity: dict[str, Any]) -> str:
+    """A short name for an identity: 16 hex digits of the sha256 of its JSON."""
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _batch_tag(indices: range) -> str:
+    return f"{indices.start}+{len(indices)}"
+
+
+def _drawn_by(path: Path, key: str, batch: str) -> bool:
+    """Whether the PNG at path exists and says it was drawn by `key` in `batch`."""
+    image = require("PIL.Image", "reading samples")
+    try:
+        with image.open(path) as png:
+            return png.info.get(KEY_CHUNK) == key and png.info.get(BATCH_CHUNK) == batch
+    except (OSError, SyntaxError, ValueError):  # missing, or damaged (a copy cut off): draw it again
+        return False
+
+
+def _manifest_key(folder: Path) -> str | None:
+    """The key a sample folder's manifest names, or None (no manifest, or an unreadable one)."""
+    try:
+        key = json.loads((folder / SAMPLES_MANIFEST).read_text()).get("key")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        return None
+    return key if isinstance(key, str) else None
+
+
+def _free_name(path: Path) -> Path:
+    """path, or path-2, path-3 … : the first name not taken."""
+    candidate, n = path, 1
+    while candidate.exists():
+        n += 1
+        candidate = path.with_name(f"{path.name}-{n}")
+    return candidate
+
+
+def _aside(path: Path, label: str) -> Path:
+    """Where to move a file or folder of another model: beside it, named by that model's key."""
+    return _free_name(path.with_name(f"{path.stem}.{label}{path.suffix}"))
+
+
+def claim_samples(folder: Path, identity: dict[str, Any]) -> str:
+    """Make `folder` (a sample folder, and the results.json beside it) this identity's; returns its key.
+
+    Samples that another model or recipe drew, or of unknown origin (no manifest: an older npp), are moved
+    beside the folder (`samples.<their key>`), with a one-line warning: they are never scored and never
+    deleted. Samples of this identity set aside earlier come back, so nothing is drawn twice. The manifest
+    is written before any PNG, so a folder never holds samples its manifest does not describe."""
+    key = samples_key(identity)
+    found = _manifest_key(folder)
+    if folder.is_dir() and found != key and any(folder.iterdir()):
+        aside = _aside(folder, found or "unverified")
+        os.replace(folder, aside)
+        print(f"npp evaluate: warning: {folder} held samples {'of another model or sampler (key ' + found + ')' if found else 'of unknown origin (no manifest)'}; "
+              f"moved them to {aside.name} beside it, and this model's samples are drawn anew", file=sys.stderr, flush=True)
+    stash = folder.with_name(f"{folder.name}.{key}")
+    if not folder.exists() and stash.is_dir():
+        os.replace(stash, folder)  # this model's own samples, set aside by another model's evaluation
+    folder.mkdir(parents=True, exist_ok=True)
+    dump_json({"key": key, **identity, "files": "sample i is {i:06d}.png, drawn with torch.Generator()"
+               ".manual_seed(base_seed + i); each PNG's text chunks name this key and its batch"},
+              folder / SAMPLES_MANIFEST)
+    return key
+
+
+def claim_results(results: Path, key: str) -> None:
+    """A results.json that another model or recipe wrote (or an older npp, which did not record its key) is
+    moved aside (`results.<its key>.json`) with a one-line warning before this evaluation writes its own."""
+    if not results.is_file():
+        return
+    try:
+        found = json.loads(results.read_text()).get("samples_key")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        found = None
+    if found != key:
+        aside = _aside(results, found if isinstance(found, str) else "earlier")
+        os.replace(results, aside)
+        print(f"npp evaluate: warning: {results} was written for {'another model or sampler' if found else 'an evaluation that did not record its model key'}; "
+              f"moved it to {aside.name} beside it", file=sys.stderr, flush=True)
+
+
 def sample_to_folder(pipe: Pipeline, config: EvalConfig, folder: Path, *, rank: int = 0, world: int = 1,
                      on_batch: Callable[[int], None] | None = None) -> int:
-    """This rank's batches (k ≡ rank mod world) as PNGs; finished batches are skipped. Returns samples drawn."""
+    """This rank's batches (k ≡ rank mod world) as PNGs; batches already drawn by the same weights, tokenizer,
+    sampler, seeds and batch are skipped (each PNG says what drew it). Returns samples drawn."""
     image = require("PIL.Image", "writing samples as PNG (or --no-save-png)")
+    png_info = require("PIL.PngImagePlugin", "writing samples as PNG").PngInfo
+    key = samples_key(samples_identity(pipe, config))
     folder.mkdir(parents=True, exist_ok=True)
     drawn = 0
     for k in range(rank, math.ceil(config.num_samples / config.batch_size), world):
         indices = range(k * config.batch_size, min(config.num_samples, (k + 1) * config.batch_size))
-        if not all(_png_path(folder, i).is_file() for i in indices):
+        batch = _batch_tag(indices)
+        if not all(_drawn_by(_png_path(folder, i), key, batch) for i in indices):
             images, _ = draw_samples(pipe, indices, config)
+            info = png_info()
+            info.add_text(KEY_CHUNK, key)
+            info.add_text(BATCH_CHUNK, batch)
             for i, array in zip(indices, images.numpy()):
                 with atomic_path(_png_path(folder, i)) as tmp:  # a killed rank leaves no half-written sample
-                    image.fromarray(array).save(tmp, format="PNG")
+                    image.fromarray(array).save(tmp, format="PNG", pnginfo=info)
             drawn += len(indices)
         if on_batch is not None:
             on_batch(len(indices))
     return drawn
 
 
-def read_samples(folder: Path, num_samples: int) -> torch.Tensor:
-    """The PNGs of samples 0 … num_samples − 1 as (N, H, W, 3) uint8."""
+def read_samples(folder: Path, num_samples: int, key: str | None = None) -> torch.Tensor:
+    """The PNGs of samples 0 … num_samples − 1 (exactly those) as (N, H, W, 3) uint8; with `key`, each must
+    say that key drew it (a folder changed by another process while it was being evaluated is refused)."""
     image = require("PIL.Image", "reading samples")
-    return torch.from_numpy(np.stack([np.asarray(image.open(_png_path(folder, i)).convert("RGB"))
-                                      for i in range(num_samples)]))
+    arrays = []
+    for i in range(num_samples):
+        with image.open(_png_path(folder, i)) as png:
+            if key is not None and png.info.get(KEY_CHUNK) != key:
+                raise DataError(f"{_png_path(folder, i)} was replaced by another model's sample while this evaluation "
+                                f"ran: evaluate into a folder of your own (--out)")
+            arrays.append(np.asarray(png.convert("RGB")))
+    return torch.from_numpy(np.stack(arrays))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -219,6 +340,7 @@ def _device(config: EvalConfig, ranks: Ranks) -> torch.device:
     name = config.device
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
+    check_device(name)  # before loading anything: a missing GPU is said as such
     return ranks.device(name)
 
 
@@ -232,11 +354,20 @@ def evaluate(path: str | os.PathLike, config: EvalConfig, *, out: str | os.PathL
     ranks = Ranks.join()
     try:
         pipe = Pipeline.from_run(path, tokenizer=tokenizer, device=_device(config, ranks))
+        if out is None:  # results go into the run folder: not while a trainer or an export holds it
+            RunDir(pipe.export.parent).refuse_if_training("npp evaluate")
         extractor, weights, weights_sha = resolve_extractor(config.feature_extractor, config.inception_weights,
                                                             pipe.on_embedded_data)
         reference = resolve_reference(config.reference, pipe.on_embedded_data)
         check_image_size(reference, pipe.image_size)
         folder = Path(out) if out else pipe.export.parent / "eval" / config.folder_name()
+        identity = samples_identity(pipe, config)
+        key = samples_key(identity)
+        if ranks.rank == 0:  # before any rank draws: the folder must hold this model's samples only
+            claim_results(folder / "results.json", key)
+            if config.save_png:
+                claim_samples(folder / "samples", identity)
+        ranks.barrier()
         started = time.perf_counter()
         if config.save_png:
             bar = require("tqdm.auto", "npp evaluate").tqdm(total=config.num_samples, desc="sampling", unit="img",
@@ -254,7 +385,7 @@ def evaluate(path: str | os.PathLike, config: EvalConfig, *, out: str | os.PathL
         sampling_seconds = time.perf_counter() - started
         # Every rank waits for rank 0's metrics, so a failure there is raised everywhere.
         results = ranks.on_rank0(lambda: _measure(pipe, config, folder, reference, extractor, weights,
-                                                  weights_sha, drawn, sampling_seconds, in_memory))
+                                                  weights_sha, drawn, sampling_seconds, in_memory, key))
         return results if ranks.rank == 0 else None
     finally:
         ranks.leave()
@@ -262,19 +393,19 @@ def evaluate(path: str | os.PathLike, config: EvalConfig, *, out: str | os.PathL
 
 def _measure(pipe: Pipeline, config: EvalConfig, folder: Path, reference: Reference, extractor: str,
              weights: Path | None, weights_sha: str, drawn: int, sampling_seconds: float,
-             in_memory: tuple[torch.Tensor, torch.Tensor] | None) -> dict[str, Any]:
+             in_memory: tuple[torch.Tensor, torch.Tensor] | None, key: str) -> dict[str, Any]:
     import torch_fidelity
 
     if in_memory is None:
-        images = read_samples(folder / "samples", config.num_samples)
+        images = read_samples(folder / "samples", config.num_samples, key)
         indices = range(config.num_samples)
         labels = sample_labels(indices, pipe.model.config.num_classes, config.labels,
                                sample_generators(indices, config.base_seed))
     else:
         images, labels = in_memory
     started = time.perf_counter()
-    samples_input = str(folder / "samples") if config.save_png else images
-    metrics = score(samples_input, images, labels, reference, config, extractor=extractor, weights=weights,
+    # Exactly samples 0 … N − 1 are scored, never whatever else the folder holds.
+    metrics = score(images, images, labels, reference, config, extractor=extractor, weights=weights,
                     weights_sha256=weights_sha)
     domain = extractor == MNIST_EXTRACTOR
     results = {
@@ -293,6 +424,8 @@ def _measure(pipe: Pipeline, config: EvalConfig, folder: Path, reference: Refere
         "samples": str(folder / "samples") if config.save_png else None,
         "seconds": {"sampling": round(sampling_seconds, 2), "metrics": round(time.perf_counter() - started, 2)},
         "drawn_this_run": drawn,
+        "reused": config.num_samples - drawn,
+        "samples_key": key,
         "config": config.to_dict(),
     }
     folder.mkdir(parents=True, exist_ok=True)
@@ -340,7 +473,8 @@ def main(argv: list[str] | None = None) -> int:
         results = evaluate(args.path, config_from_args(args), out=args.out, tokenizer=args.tokenizer)
         if results is not None:
             shown = ", ".join(f"{k} {v:.4g}" for k, v in results["metrics"].items())
-            print(f"{shown}\n{results['note']}\nresults: {results['results']}")
+            print(f"{shown}\n{results['note']}\nsamples: {results['num_samples']} scored, {results['drawn_this_run']} "
+                  f"drawn now, {results['reused']} reused\nresults: {results['results']}")
         return 0
 
     return run_command("npp evaluate", body)

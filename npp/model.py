@@ -26,7 +26,7 @@ from torch.utils.checkpoint import checkpoint
 from npp.config import ModelConfig
 from npp.patching import group_patches
 from npp.errors import CheckpointError
-from npp.weights import Pretrained, load_foreign_state_dict, load_strict
+from npp.weights import Pretrained, check_finite, load_foreign_state_dict, load_strict
 
 
 class RMSNorm(nn.Module):
@@ -319,6 +319,7 @@ class GPT(Pretrained, nn.Module):
         config = infer_llamagen_config(state, source, n_head=n_head, grid=grid, **overrides)
         with torch.device("meta"):
             model = cls(config)
+        check_finite(state, source)
         return load_strict(model, state, source).eval()
 
 

@@ -19,12 +19,12 @@ import numpy as np
 import torch
 
 from npp.config import SamplerConfig
-from npp.errors import ConfigError, check, require
-from npp.files import sha256_file
+from npp.errors import ConfigError, check, check_device, require
 from npp.model import GPT
 from npp.runs import RunDir
 from npp.sampling import StepCallback, generate
 from npp.tokenizer import EMBEDDED_TOKENIZERS, VQModel, load_embedded_tokenizer, load_tokenizer, to_uint8
+from npp.weights import file_sha256, fingerprint
 
 OUTPUTS = ("uint8", "pil", "codes")
 
@@ -81,6 +81,7 @@ class Pipeline:
         """The export's tokenizer.json: which data and tokenizer the codes come from."""
         self.export = export
         """The export folder it was loaded from (None for .pt checkpoints)."""
+        self._tokenizer_fingerprint: str | None = None
 
     # ---- loading ---------------------------------------------------------------------------
 
@@ -89,6 +90,7 @@ class Pipeline:
                  device: str | torch.device = "cpu") -> "Pipeline":
         """A run directory (runs/<name>) or its export folder, with the tokenizer its export names;
         `tokenizer` stands in for that one's path, and its fingerprint must match."""
+        check_device(device)  # before anything is read: a missing GPU is not a damaged file
         export = export_folder(path)
         model = GPT.from_pretrained(export, device=device)
         info_file = export / "tokenizer.json"
@@ -127,13 +129,26 @@ class Pipeline:
     def on_embedded_data(self) -> bool:
         return on_embedded_data(self.tokenizer_info)
 
+    def weights_sha256(self) -> str:
+        """Names the exact weights that draw: the sha256 of the export's model.safetensors (verified when it
+        was loaded), or, for a model not loaded from an export, the fingerprint of its state dict."""
+        if self.export is not None:
+            return file_sha256(self.export / "model.safetensors")
+        return fingerprint(self.model)
+
+    def tokenizer_fingerprint(self) -> str:
+        """The tokenizer's fingerprint, computed once (it hashes every weight of the decoder)."""
+        if self._tokenizer_fingerprint is None:
+            self._tokenizer_fingerprint = self.vq.fingerprint()
+        return self._tokenizer_fingerprint
+
     def identity(self) -> dict[str, Any]:
         """What names the model in results: its export, weights hash, config, data and tokenizer."""
         identity: dict[str, Any] = {"config": self.model.config.to_dict(), "data": self.tokenizer_info.get("data"),
-                                    "tokenizer_fingerprint": self.vq.fingerprint()}
+                                    "tokenizer_fingerprint": self.tokenizer_fingerprint()}
         if self.export is not None:
             identity.update(export=str(self.export.resolve()),
-                            model_sha256=sha256_file(self.export / "model.safetensors"))
+                            model_sha256=file_sha256(self.export / "model.safetensors"))  # hashed once, when loaded
             source = self.export / "source.json"
             if source.is_file():
                 identity["source"] = json.loads(source.read_text())

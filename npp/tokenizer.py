@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from npp.config import VQConfig
 from npp.errors import CheckpointError, check
 from npp.files import ASSETS
-from npp.weights import Pretrained, fingerprint, load_foreign_state_dict, load_strict
+from npp.weights import Pretrained, check_finite, fingerprint, load_foreign_state_dict, load_strict
 
 
 def _norm(channels: int) -> nn.GroupNorm:
@@ -302,6 +302,7 @@ class VQModel(Pretrained, nn.Module):
                           codebook_size=codebook_size, codebook_dim=codebook_dim, **overrides)
         with torch.device("meta"):
             model = cls(config)
+        check_finite(state, source)
         return load_strict(model, state, source).eval()
 
 

@@ -47,7 +47,7 @@ from npp.checkpoints import export_run, to_universal
 from npp.config import TrainConfig
 from npp.distributed import deepspeed_config, init_distributed, offloads_optimizer, zero_stage
 from npp.errors import USER_ERRORS, CheckpointError, ConfigError, TrainingError, require
-from npp.files import atomic_path, dump_json
+from npp.files import dump_json
 from npp.flags import Parser, add_flags, fail, given, overlay
 from npp.model import GPT
 from npp.patching import next_patch_loss
@@ -57,7 +57,7 @@ from npp.runs import RunDir
 from npp.schedule import Stage, lr_at, plan_stages, stage_at
 from npp.tokenizer import EMBEDDED_TOKENIZERS
 from npp.trainlog import MetricsLogger
-from npp.weights import deepspeed_loads_weights_only
+from npp.weights import EMA_FIX, deepspeed_loads_weights_only, read_weights, write_weights
 
 
 def save_failure(err: BaseException, folder: Path) -> str:
@@ -363,10 +363,7 @@ class Trainer:
         """Rank 0's part of a checkpoint: the EMA, meta.json (last: it marks the folder complete), the
         pointer, and pruning (stage ends stay: they are the models each stage produced, a few at most)."""
         if self.ema is not None:
-            from safetensors.torch import save_file
-
-            with atomic_path(folder / "ema.safetensors") as tmp:
-                save_file({k: v.contiguous().cpu() for k, v in self.ema.items()}, str(tmp))
+            write_weights({k: v.contiguous().cpu() for k, v in self.ema.items()}, folder / "ema.safetensors")
         dump_json({"step": step, "world_size": self.world, "zero_stage": zero_stage(self.ds_config),
                    "stage": stage_at(self.stages, max(step - 1, 0)).index, "model": self.model_config.to_dict(),
                    "tokenizer": self.tokenizer, "tokens_seen": self.tokens_seen, "flops_seen": self.flops_seen,
@@ -454,9 +451,7 @@ class Trainer:
         self.start_step, self.tokens_seen, self.flops_seen = meta["step"], meta["tokens_seen"], meta["flops_seen"]
         ema_file = self.run.checkpoints / tag / "ema.safetensors"
         if self.ema is not None and ema_file.is_file():
-            from safetensors.torch import load_file
-
-            self.ema = {k: v.to(self.device) for k, v in load_file(str(ema_file)).items()}
+            self.ema = {k: v.to(self.device) for k, v in read_weights(ema_file, fix=EMA_FIX).items()}
         if self.rank == 0:
             self.run.truncate_metrics(self.start_step)
 

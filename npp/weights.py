@@ -12,6 +12,7 @@ import json
 import os
 import pickle
 import re
+import sys
 import warnings
 import zipfile
 from contextlib import contextmanager
@@ -21,8 +22,8 @@ from typing import Any, Iterator, Mapping, Sequence
 import torch
 import torch.nn as nn
 
-from npp.errors import CheckpointError
-from npp.files import atomic_path, dump_json
+from npp.errors import CheckpointError, check_device
+from npp.files import atomic_path, dump_json, sha256_file, write_text
 
 
 _WRAPPER_KEYS = ("model", "module", "state_dict")
@@ -197,23 +198,25 @@ class Pretrained:
 
 
 def save_safetensors(model: nn.Module, directory: str | os.PathLike, config: dict[str, Any]) -> Path:
-    """Write model.safetensors and config.json into directory, each atomically."""
-    from safetensors.torch import save_file
-
+    """Write model.safetensors (with its sha256 record) and config.json into directory, each atomically."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    with atomic_path(directory / "model.safetensors") as tmp:
-        save_file(tensors, str(tmp), metadata={"format": "pt"})
+    write_weights(tensors, directory / "model.safetensors", metadata={"format": "pt"})
     dump_json(config, directory / "config.json")
     return directory
+
+
+EXPORT_FIX = "write the folder again (npp export RUN for a run's export) or copy it again"
+"""What to do about a damaged model.safetensors of a save_pretrained folder."""
+
+EMA_FIX = "copy the checkpoint again, or move that checkpoint folder away so that the one before it is used"
+"""What to do about a damaged ema.safetensors of a training checkpoint."""
 
 
 def read_safetensors(directory: str | os.PathLike, architecture: str, writer: str,
                      device: str | torch.device = "cpu") -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """The config (without its architecture tag) and tensors of a folder written by save_safetensors."""
-    from safetensors.torch import load_file
-
     directory = Path(directory)
     for name in ("config.json", "model.safetensors"):
         if not (directory / name).is_file():
@@ -221,17 +224,107 @@ def read_safetensors(directory: str | os.PathLike, architecture: str, writer: st
     try:
         config = json.loads((directory / "config.json").read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise CheckpointError(f"{directory}/config.json is damaged ({_first_line(err)}): write the folder again "
-                              f"(npp export RUN for a run's export) or copy it again") from None
+        raise CheckpointError(f"{directory}/config.json is damaged ({_first_line(err)}): {EXPORT_FIX}") from None
     found = config.pop("architecture", None) if isinstance(config, dict) else None
     if found != architecture:
         raise CheckpointError(f"{directory}/config.json describes {found!r}, not {architecture!r}: "
                               f"load it with the matching class")
+    return config, read_weights(directory / "model.safetensors", device=device, fix=EXPORT_FIX)
+
+
+# ------------------------------------------------------------------------------------------------
+# Weights files with their sha256 beside them
+# ------------------------------------------------------------------------------------------------
+# Every safetensors file npp writes (an export's or tokenizer's model.safetensors, a checkpoint's
+# ema.safetensors) gets `<file>.sha256` beside it, in `sha256sum` format, and every read checks it:
+# a bit flipped on disk or in a copy is refused in one line instead of being sampled and scored.
+# A file with no record (written by an older npp) still loads, with a one-line warning.
+
+def record_path(path: str | os.PathLike) -> Path:
+    """Where the sha256 of a weights file is recorded: beside it, as `<name>.sha256`."""
+    path = Path(path)
+    return path.with_name(path.name + ".sha256")
+
+
+_HASHES: dict[tuple[str, int, int, int], str] = {}
+_WARNED: set[str] = set()
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """sha256 of a file, streamed, and remembered while the file is unchanged (same inode, size and
+    modification time), so that verifying a large file and naming it in results hash it once."""
+    stat = os.stat(path)
+    key = (os.path.realpath(path), stat.st_ino, stat.st_size, stat.st_mtime_ns)
+    if key not in _HASHES:
+        _HASHES[key] = sha256_file(path)
+    return _HASHES[key]
+
+
+def write_weights(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike,
+                  metadata: dict[str, str] | None = None) -> str:
+    """Write a safetensors file atomically and record its sha256 beside it; returns the sha256.
+
+    The old record goes first: a crash before the new one is written leaves a file without a record
+    (loaded with a warning), never a file with a wrong record (refused although it is fine)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    record = record_path(path)
+    record.unlink(missing_ok=True)
+    with atomic_path(path) as tmp:
+        save_file(dict(tensors), str(tmp), metadata=metadata)
+        digest = sha256_file(tmp)
+    write_text(record, f"{digest}  {path.name}\n")
+    return digest
+
+
+def verified_sha256(path: str | os.PathLike, fix: str) -> str:
+    """The sha256 of a weights file after checking it against its record; `fix` says what to do about a
+    mismatch (and about a missing record, in the warning)."""
+    path = Path(path)
+    record = record_path(path)
+    digest = file_sha256(path)
+    if not record.is_file():
+        if str(path) not in _WARNED:
+            _WARNED.add(str(path))
+            print(f"npp: warning: {path} has no sha256 record ({record.name}; written by an older npp or by hand), "
+                  f"so damage to it cannot be detected: {fix} to add one", file=sys.stderr, flush=True)
+        return digest
     try:
-        return config, load_file(str(directory / "model.safetensors"), device=str(device))
+        expected = record.read_text().split()[0].lower()
+    except (OSError, UnicodeDecodeError, IndexError):
+        expected = ""
+    if len(expected) != 64 or any(c not in "0123456789abcdef" for c in expected):
+        raise CheckpointError(f"{record} is damaged (not a sha256 record): {fix}")
+    if digest != expected:
+        raise CheckpointError(f"{path} is damaged: its sha256 ({digest[:12]}…) is not the one recorded when it was "
+                              f"written ({expected[:12]}…, {record.name}): {fix}")
+    return digest
+
+
+def read_weights(path: str | os.PathLike, *, device: str | torch.device = "cpu",
+                 fix: str = "write it again or copy it again") -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file we wrote, after checking its sha256 record (one CheckpointError
+    naming the file and `fix` for a mismatch or unreadable bytes)."""
+    from safetensors.torch import load_file
+
+    check_device(device)  # a missing GPU is said as such, not as damage to the file
+    path = Path(path)
+    verified_sha256(path, fix)
+    try:
+        return load_file(str(path), device=str(device))
     except Exception as err:  # noqa: BLE001 (safetensors raises its own error types for every kind of damage)
-        raise CheckpointError(f"{directory}/model.safetensors is damaged ({_first_line(err)}): write the folder "
-                              f"again (npp export RUN for a run's export) or copy it again") from None
+        raise CheckpointError(f"{path} is damaged ({_first_line(err)}): {fix}") from None
+
+
+def check_finite(state: Mapping[str, torch.Tensor], source: str) -> None:
+    """Refuse a state dict with a NaN or infinite weight, naming the first such tensor: a model built from it
+    samples garbage (or nothing) without saying why."""
+    for name, tensor in state.items():
+        if tensor.is_floating_point() and tensor.numel() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise CheckpointError(f"{source}: tensor {name} holds {bad} NaN or infinite value(s) of {tensor.numel()}: "
+                                  f"the checkpoint is damaged or was saved after training diverged; use another one")
 
 
 def fingerprint(model: nn.Module) -> str:
