@@ -21,6 +21,7 @@ import shlex
 import sys
 from typing import Callable
 
+from npp.errors import check_device
 from npp.flags import Parser, add_flags, fail, given, run_command
 
 # VQConfig fields a LlamaGen .pt needs to be described by (our folders carry their config.json).
@@ -80,7 +81,7 @@ def extract(argv: list[str]) -> int:
                        help="side of every crop in pixels (default: the tokenizer's image_size; 32 for mnist)")
     run = parser.add_argument_group("run")
     run.add_argument("--batch-size", type=int, default=8, help="images per batch; a batch encodes batch-size × crops views")
-    run.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu); under a "
+    run.add_argument("--device", default=None, help="torch device, or auto (default: cuda if available, else cpu); under a "
                                                     "launcher 'cuda' means cuda:LOCAL_RANK")
     run.add_argument("--workers", type=int, default=2, help="DataLoader processes that decode and crop images "
                                                             "(0: the main process)")
@@ -92,6 +93,8 @@ def extract(argv: list[str]) -> int:
     args = parser.parse_args(argv)
 
     def body() -> None:
+        if args.device not in (None, "auto"):
+            check_device(args.device)  # before the tokenizer is read onto it
         vq = load_tokenizer(args.tokenizer, preset=args.vq_preset, **given(args, VQConfig, exclude=not_architecture))
         source = open_source(args.source)
         digits = isinstance(source, MnistSource)
@@ -99,7 +102,8 @@ def extract(argv: list[str]) -> int:
         mode = args.crop or ("none" if digits else "ten-crop")
         size = args.image_size or (MNIST_SIZE if digits and mode == "none" else vq.config.image_size)
         crops = CropConfig(mode, size=size, ranges=tuple(args.crop_ranges) if args.crop_ranges else None)
-        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        auto = args.device in (None, "auto")
+        device = ("cuda" if torch.cuda.is_available() else "cpu") if auto else args.device
         report = extract_codes(source, vq, args.output, crops, batch_size=args.batch_size, device=device,
                                num_workers=args.workers, progress=not args.no_progress, tokenizer_path=args.tokenizer)
         if is_rank0():  # one summary, not one per rank
@@ -120,6 +124,7 @@ def tokenizer(argv: list[str]) -> int:
     args = parser.parse_args(argv[1:] if argv[:1] == ["train"] else ["--help"])
 
     def body() -> None:
+        check_device(args.device, auto=False)
         _, metrics = train_tokenizer(TokenizerTrainConfig(**given(args, TokenizerTrainConfig)), args.out,
                                      resume=args.resume, command=shlex.join(["npp", "tokenizer", *argv]))
         test = metrics["test"]
@@ -141,6 +146,7 @@ def classifier(argv: list[str]) -> int:
     args = parser.parse_args(argv[1:] if argv[:1] == ["train"] else ["--help"])
 
     def body() -> None:
+        check_device(args.device, auto=False)
         _, metrics = train_classifier(ClassifierTrainConfig(**given(args, ClassifierTrainConfig)), args.out,
                                       command=shlex.join(["npp", "classifier", *argv]))
         print(f"{args.out}: test accuracy {metrics['test_accuracy']:.2%} on {metrics['test_images']} digits, "

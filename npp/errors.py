@@ -52,22 +52,26 @@ def known_fields(cls: type, data: object) -> dict:
     return data
 
 
-def check_device(device: object) -> None:
+def check_device(device: object, *, auto: bool = True) -> None:
     """Refuse a torch device this machine does not have, in one line, before anything is loaded onto it
-    (a missing GPU otherwise surfaces as a confusing error from whatever touches it first)."""
+    (a missing GPU otherwise surfaces as a confusing error from whatever touches it first). `auto`: whether
+    the command also takes --device auto (then offered in the fix)."""
     import torch
 
+    fix = "use --device cpu (or auto)" if auto else "use --device cpu"
+    if auto and device == "auto":
+        return
     try:
         device = torch.device(device)  # type: ignore[arg-type]
     except (RuntimeError, TypeError):
-        raise ConfigError(f"--device {device!r} is not a torch device: use cpu, cuda, cuda:N or auto") from None
+        raise ConfigError(f"--device {device!r} is not a torch device: use cpu, cuda, cuda:N{' or auto' if auto else ''}") from None
     if device.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        check(count > 0, "no CUDA GPU is available: use --device cpu (or auto)")
+        check(count > 0, f"no CUDA GPU is available: {fix}")
         check(device.index is None or device.index < count,
               f"--device {device}: this machine has {count} CUDA GPU(s) (cuda:0 … cuda:{count - 1}): use one of them")
     elif device.type == "mps":
-        check(torch.backends.mps.is_available(), "no MPS (Apple GPU) device is available: use --device cpu (or auto)")
+        check(torch.backends.mps.is_available(), f"no MPS (Apple GPU) device is available: {fix}")
 
 
 def is_int(value: object) -> bool:
