@@ -8,14 +8,16 @@ ModelConfig and tokenizer reference), so loading or exporting one never opens th
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import shutil
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
-from npp.config import ModelConfig
-from npp.errors import TrainingError
+from npp.config import ModelConfig, TrainConfig
+from npp.errors import CheckpointError, ConfigError, TrainingError
 from npp.files import atomic_dir, dump_json
 from npp.model import GPT
 from npp.runs import RunDir
@@ -50,19 +52,89 @@ def load_checkpoint_model(run_dir: str | os.PathLike, tag: str | None = None) ->
     return load_strict(model, {k: v.float() for k, v in state.items()}, str(folder)).eval()
 
 
-def export_run(run_dir: str | os.PathLike) -> Path:
-    """runs/<name>/export from the latest checkpoint: fp32 weights (EMA when kept), config, tokenizer."""
+def export_run(run_dir: str | os.PathLike, prog: str = "npp export") -> Path:
+    """runs/<name>/export from the latest checkpoint: fp32 weights (EMA when kept), config, tokenizer.
+
+    It holds the run's lock (a trainer exporting its own run already does), so no trainer writes a checkpoint
+    meanwhile and what an interrupted export left (`.export.*`) can be removed first; the checkpoint must be
+    one of this run's experiment, as for a resume. A write that fails (a full disk) leaves no partial folder."""
     run = RunDir(run_dir)
     run.read_config()  # a one-line error for a folder that is not a run
-    tag = checkpoint_tag(run, None)
-    model = load_checkpoint_model(run.path, tag)
-    meta = run.checkpoint_meta(tag)
-    with atomic_dir(run.export) as tmp:
-        model.save_pretrained(tmp)
-        dump_json(meta["tokenizer"], tmp / "tokenizer.json")
-        dump_json({"run": str(run.path), "checkpoint": tag, "ema": (run.checkpoints / tag / "ema.safetensors").is_file()},
-                  tmp / "source.json")
+    with run.lock().held(prog):
+        run.remove_partial_exports(prog)
+        tag = checkpoint_tag(run, None)
+        check_checkpoint_of_run(run, tag)
+        model = load_checkpoint_model(run.path, tag)
+        meta = run.checkpoint_meta(tag)
+        try:
+            with atomic_dir(run.export) as tmp:
+                model.save_pretrained(tmp)
+                dump_json(meta["tokenizer"], tmp / "tokenizer.json")
+                dump_json({"run": str(run.path), "checkpoint": tag,
+                           "ema": (run.checkpoints / tag / "ema.safetensors").is_file()}, tmp / "source.json")
+        except (OSError, RuntimeError, SafetensorError) as err:
+            raise TrainingError(f"could not write the export of {run.path}: {save_failure(err, run.export)}; the "
+                                f"partial folder was removed and the checkpoints are kept: make room or fix the "
+                                f"folder, then run `npp export {run.path}`") from None
     return run.export
+
+
+def check_checkpoint_of_run(run: RunDir, tag: str) -> None:
+    """The checks a resume makes, for an export: the checkpoint was written by the experiment config.json
+    describes (meta.json's experiment hash) and holds the architecture that config trains (its preset and
+    overrides; vocabulary, classes and grid come from the data, so they are taken from meta.json). A
+    checkpoint copied in from another run must not be exported under this run's name."""
+    config = TrainConfig.from_dict(run.read_config())
+    meta = run.checkpoint_meta(tag)
+    where = run.checkpoints / tag
+    fix = (f"move it out of {run.checkpoints} and point {run.checkpoints / 'latest'} at a checkpoint of this run, "
+           f"or export the run it came from")
+    if meta.get("experiment") not in (None, config.experiment_id()):
+        raise CheckpointError(f"{where} was written by another experiment than {run.config} describes: {fix}")
+    saved = meta.get("model")
+    if not isinstance(saved, dict):
+        raise CheckpointError(f"{where / 'meta.json'} names no model (ModelConfig): {fix}")
+    try:
+        saved_config = ModelConfig.from_dict(saved)
+        data_fields = {"vocab_size": saved_config.vocab_size, "num_classes": saved_config.num_classes,
+                       "grid": saved_config.grid}
+        expected = ModelConfig.preset(config.model, **{**config.model_overrides, **data_fields})
+    except (ConfigError, TypeError) as err:
+        raise CheckpointError(f"{where / 'meta.json'} holds a model this run cannot describe ({err}): {fix}") from None
+    differ = [f"{k} {v} (the run: {expected.to_dict()[k]})" for k, v in saved_config.to_dict().items()
+              if v != expected.to_dict()[k]]
+    if differ:
+        raise CheckpointError(f"{where} holds another model than {run.config} trains (--model {config.model}): "
+                              f"{', '.join(differ[:4])}: {fix}")
+
+
+def save_failure(err: BaseException, folder: Path) -> str:
+    """Why a checkpoint or an export could not be written, in words: a full disk, a folder one cannot write
+    to, or the error."""
+    code = getattr(err, "errno", None)
+    try:
+        free = shutil.disk_usage(folder.parent if folder.parent.exists() else folder.parent.parent).free
+    except OSError:
+        free = None
+    # torch's zip writer reports a full disk as "unexpected pos …" and safetensors as "… (os error 28)",
+    # without an errno.
+    text = str(err)
+    full = f"the disk is full ({free / 2**20:.0f} MiB free)" if free is not None else "the disk is full"
+    if code == errno.ENOSPC or "unexpected pos" in text or f"os error {errno.ENOSPC})" in text:
+        return full
+    # Before the free-space guess: a small read-only filesystem has little room and is not full.
+    if code in (errno.EACCES, errno.EPERM, errno.EROFS) or "Parent directory" in text or not _writable(folder):
+        return "the folder cannot be written to (read-only, or no permission)"
+    if free is not None and free < 2**26:
+        return full
+    return " ".join(text.split())[:300] or type(err).__name__
+
+
+def _writable(folder: Path) -> bool:
+    """Whether the nearest existing folder at or above `folder` can be written (a read-only mount says no,
+    even to root)."""
+    existing = next((p for p in (folder, *folder.parents) if p.exists()), None)
+    return existing is None or os.access(existing, os.W_OK)
 
 
 def consolidated_state(run: RunDir, tag: str) -> dict[str, torch.Tensor]:

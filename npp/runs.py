@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -28,6 +29,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 from npp.config import TrainConfig
 from npp.errors import CheckpointError, ConfigError
+from npp.lock import RunLock
 from npp.schedule import Stage, plan_stages
 from npp.files import dump_json, write_text
 
@@ -87,6 +89,36 @@ class RunDir:
             if entry.exists():
                 os.replace(entry, target / entry.name)
         return target
+
+    # ---- who writes it ----------------------------------------------------------------------
+
+    def lock(self) -> RunLock:
+        """RUN/.lock: held by the one process that trains or exports the run (npp.lock)."""
+        return RunLock(self.path)
+
+    def refuse_if_training(self, prog: str) -> None:
+        """For a command that writes into the run without training it (an evaluation): refuse in one line
+        while a trainer or an export holds the run, then remove what an interrupted export left. A folder
+        that is not a run (the parent of a standalone export folder) is left alone."""
+        self.lock().check_free()
+        if self.config.is_file():
+            self.remove_partial_exports(prog)
+
+    def partial_exports(self) -> list[Path]:
+        """The temporary folders of exports that never finished (`.export.*`: killed, or the disk filled)."""
+        if not self.path.is_dir():
+            return []
+        return sorted(p for p in self.path.glob(f".{self.export.name}.*") if p.is_dir())
+
+    def remove_partial_exports(self, prog: str) -> list[Path]:
+        """Remove partial exports, each with a warning. Call it only while no process exports this run: the
+        holder of the run's lock, or a command that found the run unlocked."""
+        removed = self.partial_exports()
+        for folder in removed:
+            shutil.rmtree(folder, ignore_errors=True)
+            print(f"{prog}: warning: removed {folder}, the partial export of an interrupted process", file=sys.stderr,
+                  flush=True)
+        return removed
 
     # ---- checkpoints -----------------------------------------------------------------------
 

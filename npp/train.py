@@ -27,8 +27,8 @@ npp.checkpoints (export), npp.trainlog (metrics rows, TensorBoard, progress bar)
 from __future__ import annotations
 
 import argparse
-import errno
 import gc
+import os
 import json
 import math
 import shutil
@@ -43,7 +43,7 @@ import numpy as np
 import torch
 
 from npp.batches import GlobalOrder, data_facts, micro_batches, model_for, open_data
-from npp.checkpoints import export_run, to_universal
+from npp.checkpoints import export_run, save_failure, to_universal
 from npp.config import TrainConfig
 from npp.distributed import deepspeed_config, init_distributed, offloads_optimizer, zero_stage
 from npp.errors import USER_ERRORS, CheckpointError, ConfigError, TrainingError, require
@@ -53,26 +53,12 @@ from npp.model import GPT
 from npp.patching import next_patch_loss
 from npp.preflight import check_run
 from npp.recipes import resolve
+from npp.lock import RunLock
 from npp.runs import RunDir
 from npp.schedule import Stage, lr_at, plan_stages, stage_at
 from npp.tokenizer import EMBEDDED_TOKENIZERS
 from npp.trainlog import MetricsLogger
 from npp.weights import EMA_FIX, deepspeed_loads_weights_only, read_weights, write_weights
-
-
-def save_failure(err: BaseException, folder: Path) -> str:
-    """Why a checkpoint could not be written, in words: a full disk, a folder one cannot write to, or the error."""
-    code = getattr(err, "errno", None)
-    try:
-        free = shutil.disk_usage(folder.parent if folder.parent.exists() else folder.parent.parent).free
-    except OSError:
-        free = None
-    # torch's zip writer reports a full disk as "unexpected pos …", without an errno.
-    if code == errno.ENOSPC or "unexpected pos" in str(err) or (free is not None and free < 2**26):
-        return f"the disk is full ({free / 2**20:.0f} MiB free)" if free is not None else "the disk is full"
-    if code in (errno.EACCES, errno.EPERM, errno.EROFS) or "Parent directory" in str(err):
-        return "the folder cannot be written to (read-only, or no permission)"
-    return " ".join(str(err).split())[:300] or type(err).__name__
 
 
 class Trainer:
@@ -85,6 +71,15 @@ class Trainer:
         if config.batch_size % self.world:
             raise ConfigError(f"TrainConfig.batch_size={config.batch_size} does not split over "
                               f"{self.world} processes: use a multiple of {self.world}")
+        self._lock = self._lock_run()
+        try:
+            self._build(config, resume)
+        except BaseException:
+            self._unlock()
+            raise
+
+    def _build(self, config: TrainConfig, resume: bool) -> None:
+        """Everything but the lock: done while holding it, so a second trainer changes nothing here."""
         self.precision = config.precision_on(self.device.type)
         if self.device.type == "cuda":  # the authors train with TF32 matmuls under autocast
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
@@ -120,6 +115,30 @@ class Trainer:
         if resume_tag is not None:
             self._resume()
         self._stop_signal: int | None = None
+
+    # ---- the run's lock ------------------------------------------------------------------
+
+    def _lock_run(self) -> RunLock | None:
+        """Rank 0 takes RUN/.lock before anything in the folder is read or written (a second trainer on the
+        folder is refused in one line naming the first); every rank learns whether it got it. Rank 0 then
+        removes what an export interrupted by a kill left. Returns the lock rank 0 took (None elsewhere)."""
+        lock, refusal = None, None
+        if self.rank == 0:
+            try:
+                lock = self.run.lock()
+                if not lock.acquire("npp train"):
+                    lock = None  # this process holds it already (a Trainer before this one): it stays held
+                self.run.remove_partial_exports("npp train")
+            except TrainingError as err:
+                refusal = err
+        if not self._everywhere(refusal is None):
+            raise refusal or TrainingError(f"{self.run.path} is in use by another process (rank 0 says which)")
+        return lock
+
+    def _unlock(self) -> None:
+        if getattr(self, "_lock", None) is not None:
+            self._lock.release()
+            self._lock = None
 
     # ---- building ------------------------------------------------------------------------
 
@@ -461,11 +480,12 @@ class Trainer:
         """Write runs/<name>/export (the EMA weights when EMA is on) from the latest checkpoint."""
         torch.distributed.barrier()
         if self.rank == 0:
-            export_run(self.run.path)
+            export_run(self.run.path, "npp train")
         torch.distributed.barrier()
         return self.run.export
 
     def close(self) -> None:
+        self._unlock()
         del self.engine, self.optimizer
         gc.collect()
         if torch.distributed.is_initialized():
@@ -505,8 +525,17 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return resolve(overlay(TrainConfig, data, given(args, TrainConfig, exclude=["recipe"])), args.recipe)
 
 
+def _end_on_signal(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if os.environ.get("WORLD_SIZE", "1") == "1":
+        # Outside the training loop (which stops at a checkpoint instead), SIGTERM ends a lone process through
+        # its `finally` blocks and exit hooks: the partial export is removed and the run's lock given back.
+        # Not with several ranks: a rank waiting in a collective would never see the exception.
+        signal.signal(signal.SIGTERM, _end_on_signal)
     try:
         config = config_from_args(args)
         plan_stages(config.schedule)  # fail on an impossible schedule before any process starts
