@@ -20,8 +20,9 @@ Each comparison is the per-seed difference, its mean with a 95% Student-t interv
 (benchmarks/analysis.py). Outputs in `--out` (default docs/results/<data>; a folder another set of
 runs wrote is refused before any training): results.json (every run, every per-seed number, the paired
 comparisons, the command, its settings and the cost), results.md (the tables),
-fid_vs_step.png / fid_vs_flops.png (and .html, the periodic evaluations); with `--readme` the README's
-block for that folder (<!-- results:<folder>:begin --> … end) is replaced by results.md. Finished runs
+fid_vs_step.png / fid_vs_flops.png (and .html, the periodic evaluations); with `--readme` the
+block for that folder on the results page, docs/results/README.md (<!-- results:<folder>:begin --> … end),
+is replaced by results.md. Finished runs
 are reused (their wall time is kept in the run folder), so an interrupted reproduction resumes and a
 rerun with new tables costs nothing. benchmarks/study.py reads the study's sets (one command each).
 """
@@ -310,20 +311,23 @@ def plots(runs: dict[tuple[str, str, int], dict], out: Path) -> list[Path]:
     return written
 
 
+RESULTS_PAGE = ROOT / "docs" / "results" / "README.md"
+
+
 def readme_block(block: str) -> tuple[str, str]:
-    """The README's text before and after its block named `block` (the results folder's name)."""
+    """The results page's text before and after its block named `block` (the results folder's name)."""
     begin, end = f"<!-- results:{block}:begin -->", f"<!-- results:{block}:end -->"
-    text = (ROOT / "README.md").read_text()
+    text = RESULTS_PAGE.read_text()
     if begin not in text or end not in text:
-        raise SystemExit(f"README.md has no {begin} … {end} block: add one where the table belongs, "
-                         f"or drop --readme")
+        raise SystemExit(f"{RESULTS_PAGE.relative_to(ROOT)} has no {begin} … {end} block: add one where the "
+                         f"table belongs, or drop --readme")
     head, rest = text.split(begin, 1)
     return head + begin, end + rest.split(end, 1)[1]
 
 
 def update_readme(table: str, block: str) -> None:
     head, tail = readme_block(block)
-    (ROOT / "README.md").write_text(f"{head}\n{table}\n{tail}")
+    RESULTS_PAGE.write_text(f"{head}\n{table}\n{tail}")
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -349,7 +353,7 @@ def make_parser() -> argparse.ArgumentParser:
                         help="runs trained at once, one thread each (the numbers do not depend on it)")
     parser.add_argument("--out", type=Path, help="results folder (default: docs/results/<data>)")
     parser.add_argument("--readme", action="store_true",
-                        help="replace the README's block for the results folder with the new tables")
+                        help="replace the results page's block (docs/results/README.md) for the folder with the new tables")
     return parser
 
 

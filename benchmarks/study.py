@@ -1,6 +1,6 @@
 """The study: how NPP's gain over NTP moves with model size, seeds, training length and the recipe.
 
-    make reproduce REPRODUCE_ARGS="..."   # each set in SETS (the README lists the commands)
+    make reproduce REPRODUCE_ARGS="..."   # each set in SETS (docs/results/README.md lists the commands)
     python benchmarks/study.py            # trains nothing: reads the sets' results folders
 
 Every set is one benchmarks/reproduce.py command with a results folder of its own; finished runs are
@@ -87,7 +87,7 @@ PREREGISTERED = StudySet("0.49M, 8× the steps, preregistered (seeds 6–13)",
                          "--width 96 --steps 9600 --eval-every 1200 --schedules l2 --seeds 6 7 8 9 10 11 12 13",
                          f"{STUDY_DIR}/w96-9600-steps")
 SETS = (DEFAULT, W48, W96, W192, EIGHT_SEEDS, LONGER, PAPER_SHAPED, PREREGISTERED)
-"""The study's commands in the order the README gives them (and in which they add runs)."""
+"""The study's commands in the order the results page gives them (and in which they add runs)."""
 LADDER = (W48, W96, W192)
 EARLIER = ("docs/results/mnist-8x8-l2-l3", "docs/results/mnist-16x16")
 """Results folders of the earlier sets the results page still shows (two-thread runs of 2026-11-23); their
@@ -460,6 +460,39 @@ def preregistered_sentence(p: Paired) -> str:
             "range of effects the data leave open; the 4× result is not confirmed.")
 
 
+def quickstart_draws(found: dict, loaded: dict[StudySet, dict]) -> list[dict]:
+    """Every recorded 2,000-sample evaluation of the quickstart's recipe (1.87M, 1,200 steps, NTP and #L2 λ½
+    on one seed), each run once: the earlier two-thread set's seeds, then the one-thread sets'."""
+    sources = [(found.get("earlier", {}).get(EARLIER[0]), "two threads")]
+    sources += [(loaded.get(s), "one thread") for s in (DEFAULT, W192)]
+    draws, seen = [], set()
+    for results, threads in sources:
+        if results is None:
+            continue
+        for seed in results["settings"]["seeds"]:
+            runs = {arm: next(r for key, r in results["runs"].items() if key.split("/")[1:] == [arm, str(seed)])
+                    for arm in ("ntp", "l2")}
+            key = (threads, seed)
+            if key not in seen:
+                seen.add(key)
+                draws.append({"seed": seed, "threads": threads, "ntp": runs["ntp"]["final"]["fid"],
+                              "npp": runs["l2"]["final"]["fid"]})
+    return draws
+
+
+def draws_markdown(draws: list[dict]) -> str:
+    """The README quickstart's sentence on what one draw is worth, generated from the recorded draws."""
+    if not draws:
+        return "No 2,000-sample draw of the quickstart's recipe is recorded here."
+    gaps = [d["npp"] - d["ntp"] for d in draws]
+    ntp, npp = [d["ntp"] for d in draws], [d["npp"] for d in draws]
+    groups = [f"seeds {', '.join(str(d['seed']) for d in draws if d['threads'] == threads)} with {threads} per run"
+              for threads in ("two threads", "one thread") if any(d["threads"] == threads for d in draws)]
+    return (f"Over the {len(draws)} recorded 2,000-sample draws of this recipe ({'; '.join(groups)}), NTP scored "
+            f"{min(ntp):.1f}–{max(ntp):.1f} and NPP {min(npp):.1f}–{max(npp):.1f}; NPP − NTP ranged from "
+            f"{min(gaps):+.1f} to {max(gaps):+.1f}, NPP worse on {sum(g > 0 for g in gaps)} of {len(draws)}.")
+
+
 def correlation_sentence(r: float | None) -> str:
     if r is None:
         return "Across the eight seeds one arm's FID did not vary: no correlation to report."
@@ -506,6 +539,7 @@ def gather(root: Path) -> dict:
     found["earlier"] = {folder: json.loads((root / folder / "results.json").read_text()) for folder in EARLIER
                         if (root / folder / "results.json").is_file()}
     found["family"] = family(found, loaded)
+    found["quickstart_draws"] = quickstart_draws(found, loaded)
     found["cost"] = cost(loaded)
     return found
 
@@ -521,6 +555,7 @@ def main() -> None:
     table = markdown(found)
     (out / "results.md").write_text(table + "\n")
     (out / "summary.md").write_text(summary_markdown(found) + "\n")
+    (out / "draws.md").write_text(draws_markdown(found["quickstart_draws"]) + "\n")
     if "ladder" in found:
         fig = ladder_figure(found)
         fig.write_html(out / "scale_ladder.html", include_plotlyjs="cdn", div_id="scale_ladder")  # reruns diff clean

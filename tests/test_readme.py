@@ -1,4 +1,5 @@
-"""The README is the user's contract: every command of its ```bash blocks runs in a test exactly as written.
+"""The README is the user's contract: every command of its ```bash blocks, and of the pages it sends users to
+(docs/usage.md, docs/results/README.md), runs in a test exactly as written.
 
 Each command is listed in COMMANDS with how it is checked:
 
@@ -35,6 +36,11 @@ import study
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
+RESULTS_PAGE = ROOT / "docs" / "results" / "README.md"
+DOCS = (README, ROOT / "docs" / "usage.md", RESULTS_PAGE)
+"""Where the user's commands are: the README and the pages it sends them to."""
+GENERATED = {"summary": "docs/results/study/summary.md", "draws": "docs/results/study/draws.md"}
+"""Results blocks that are one generated file of benchmarks/study.py rather than a folder's results.md."""
 BIN = Path(sys.executable).parent
 # The codes of the 60,000 embedded training digits and the reference features are derived once and reused.
 CACHE = "/tmp/npp-cache"
@@ -170,15 +176,20 @@ def test_options_are_split_between_launcher_and_program():
     assert options(shlex.split('make reproduce REPRODUCE_ARGS="--width 48 --seeds 0 1"')) == ["--width", "--seeds"]
 
 
+def documented_commands() -> list[str]:
+    return [c for doc in DOCS for c in readme_commands(doc.read_text())]
+
+
 def test_the_study_block_lists_the_studys_sets_in_order():
-    """benchmarks/study.py's SETS are the one home of the study's commands; the README shows them as they are."""
-    commands = readme_commands(README.read_text())
+    """benchmarks/study.py's SETS are the one home of the study's commands; the results page shows them as they are."""
+    commands = readme_commands(RESULTS_PAGE.read_text())
     shown = [c for c in commands if c.startswith("make reproduce") or c == "python benchmarks/study.py"]
     assert shown == [s.command for s in study.SETS] + ["python benchmarks/study.py"]
 
 
 def test_every_readme_command_is_classified():
-    commands = readme_commands(README.read_text())
+    commands = documented_commands()
+    assert len(commands) == len(set(commands)), "a command is documented twice: give it one home"
     unclassified = [c for c in commands if c not in COMMANDS]
     assert not unclassified, ("README commands that no test runs; classify each in tests/test_readme.py "
                               "COMMANDS (run, help or heavy):\n" + "\n".join(unclassified))
@@ -367,11 +378,16 @@ def test_every_results_block_is_its_folders_recorded_tables():
     or study.py's for docs/results/study), unedited, and that folder's results.json holds what it was drawn from."""
     import json
 
-    blocks = re.findall(r"<!-- results:([\w.-]+):begin -->\n(.*?)\n<!-- results:\1:end -->", README.read_text(), re.S)
-    assert len(blocks) >= 4
+    blocks = [block for page in (README, RESULTS_PAGE)
+              for block in re.findall(r"<!-- results:([\w.-]+):begin -->\n(.*?)\n<!-- results:\1:end -->",
+                                      page.read_text(), re.S)]
+    assert {"summary", "draws", "study", "mnist-8x8"} <= {name for name, _ in blocks}
     for folder, table in blocks:
+        if folder in GENERATED:
+            assert table == (ROOT / GENERATED[folder]).read_text().rstrip("\n"), f"block {folder} was edited"
+            continue
         recorded = ROOT / "docs" / "results" / folder
-        assert table == (recorded / "results.md").read_text().rstrip("\n"), f"README block {folder} was edited"
+        assert table == (recorded / "results.md").read_text().rstrip("\n"), f"results block {folder} was edited"
         data = json.loads((recorded / "results.json").read_text())
         if folder == "study":  # benchmarks/study.py's: the sets' own numbers and the readings drawn from them
             assert data["sets"] and data["ladder"]["rungs"] and data["cost"]

@@ -21,6 +21,7 @@ def write_set(root: Path, s: "study.StudySet", arms: dict[str, dict[str, list[fl
     seeds = s.settings()["seeds"]
     rows = [{"arm": arm, "parameters": parameters, **numbers} for arm, numbers in arms.items()]
     runs = {f"mnist-8x8/{arm}/{seed}": {"name": f"{s.out}-{arm}-s{seed}", "wall_s": wall_s,
+                                        "final": {"fid": arms[arm]["fid"][i]},
                                         "curve": [{"step": step, "fid": fids[i]}
                                                   for step, fids in (curves or {}).get(arm, {}).items()]}
             for arm in arms for i, seed in enumerate(seeds)}
@@ -200,3 +201,14 @@ def test_the_correlation_of_the_arms_across_seeds_is_reported_with_what_it_means
     assert "removes" in study.correlation_sentence(0.5) and "not sharper" not in study.correlation_sentence(0.5)
     results["rows"][1]["fid"] = [50.0] * 4
     assert study.correlation(results, "l2", "ntp") is None
+
+
+def test_the_quickstart_draws_sentence_is_generated_from_every_recorded_draw(root):
+    found = study.gather(root)
+    draws = found["quickstart_draws"]  # only the made-up 1.87M set here: NTP 100, #L2 72, 70, 70, 70
+    assert [(d["seed"], d["threads"], d["ntp"], d["npp"]) for d in draws] == [
+        (0, "one thread", 100.0, 72.0), (1, "one thread", 100.0, 70.0), (2, "one thread", 100.0, 70.0),
+        (3, "one thread", 100.0, 70.0)]
+    assert study.draws_markdown(draws) == (
+        "Over the 4 recorded 2,000-sample draws of this recipe (seeds 0, 1, 2, 3 with one thread per run), NTP "
+        "scored 100.0–100.0 and NPP 70.0–72.0; NPP − NTP ranged from -30.0 to -28.0, NPP worse on 0 of 4.")
