@@ -32,7 +32,7 @@ LABELS = {"loss": "training loss (nats/token)", "lr": "learning rate", "imgs_per
           "fid": "FID ↓", "is": "Inception score ↑", "precision": "precision ↑", "recall": "recall ↑",
           "class_accuracy": "class accuracy ↑", "kid": "KID ↓"}
 PAPER_RESULTS = [
-    # model, FID, IS, relative training cost, imgs/s (REFERENCE §4: ImageNet 256×256, 50k samples)
+    # model, FID, IS, relative training cost, imgs/s (the paper's ImageNet 256×256 table, 50k samples)
     ("LlamaGen-B", 5.46, 193.6, 1.0, 5888), ("NPP-B", 4.47, 229.3, 0.63, 7625),
     ("LlamaGen-L", 3.80, 248.3, 1.0, 2201), ("NPP-L", 2.76, 266.3, 0.57, 3469),
     ("LlamaGen-XL", 3.39, 227.1, 1.0, 922), ("NPP-XL", 2.65, 281.0, 0.53, 1613),
@@ -171,13 +171,20 @@ def cost_quality_figure(runs: RunsLike, metric: str = "fid", *, baseline: str | 
     return fig
 
 
+TABLE_ROW_PX, TABLE_HEADER_PX, TABLE_MARGIN = 26, 30, {"t": 60, "b": 10, "l": 10, "r": 10}
+
+
 def paper_results_figure() -> go.Figure:
-    """REFERENCE §4 as a table: the paper's ImageNet 256 results (50k samples, ADM evaluator)."""
+    """The paper's ImageNet 256 results (50k samples, ADM evaluator) as a table, tall enough for every row:
+    a plotly table clips the rows its figure has no room for."""
     columns = list(zip(*[(m, f"{fid:.2f}", f"{is_:.1f}", "" if c is None else f"{c:.2f}",
                           "" if t is None else f"{t:,}") for m, fid, is_, c, t in PAPER_RESULTS]))
-    fig = go.Figure(go.Table(header={"values": ["model", "FID ↓", "IS ↑", "training cost", "imgs/s"]},
-                             cells={"values": columns}))
-    fig.update_layout(title="Next Patch Prediction, ImageNet 256×256 (paper, REFERENCE §4)", height=380)
+    fig = go.Figure(go.Table(header={"values": ["model", "FID ↓", "IS ↑", "training cost", "imgs/s"],
+                                     "height": TABLE_HEADER_PX},
+                             cells={"values": columns, "height": TABLE_ROW_PX}))
+    height = TABLE_MARGIN["t"] + TABLE_HEADER_PX + TABLE_ROW_PX * len(PAPER_RESULTS) + TABLE_MARGIN["b"] + 10
+    fig.update_layout(title="Next Patch Prediction, ImageNet 256×256 (the paper, arXiv 2412.15321)",
+                      height=height, margin=TABLE_MARGIN)
     return fig
 
 

@@ -80,9 +80,14 @@ def test_cost_quality_is_relative_to_the_most_expensive_run(tmp_path):
         viz.cost_quality_figure({"x": npp_rows(evals=())})
 
 
-def test_paper_figures_carry_reference_section_4():
+def test_paper_figures_carry_the_papers_table_whole():
     table = viz.paper_results_figure()
     assert table.data[0].cells.values[0][1] == "NPP-B" and table.data[0].cells.values[1][1] == "4.47"
+    assert table.data[0].cells.values[0][-1] == "NPP-2B"
+    # room for the title, the header and every row: a plotly table clips the rows that do not fit
+    layout, cells = table.layout, table.data[0]
+    needed = layout.margin.t + cells.header.height + cells.cells.height * len(viz.PAPER_RESULTS) + layout.margin.b
+    assert layout.height >= needed
     lines = viz.paper_cost_quality_figure()
     assert len(lines.data) == 4 and list(lines.data[0].y) == [5.46, 4.47]
 
