@@ -214,7 +214,7 @@ def _aside(path: Path, label: str) -> Path:
 
 
 def claim_samples(folder: Path, identity: dict[str, Any]) -> str:
-    """Make `folder` (a sample folder, and the results.json beside it) this identity's; returns its key.
+    """Make `folder` (a sample folder) this identity's, before anything is drawn into it; returns its key.
 
     Samples that another model or recipe drew, or of unknown origin (no manifest: an older npp), are moved
     beside the folder (`samples.<their key>`), with a one-line warning: they are never scored and never
@@ -222,11 +222,12 @@ def claim_samples(folder: Path, identity: dict[str, Any]) -> str:
     is written before any PNG, so a folder never holds samples its manifest does not describe."""
     key = samples_key(identity)
     found = _manifest_key(folder)
-    if folder.is_dir() and found != key and any(folder.iterdir()):
+    if folder.is_dir() and found != key and any(folder.glob("*.png")):
         aside = _aside(folder, found or "unverified")
         os.replace(folder, aside)
-        print(f"npp evaluate: warning: {folder} held samples {'of another model or sampler (key ' + found + ')' if found else 'of unknown origin (no manifest)'}; "
-              f"moved them to {aside.name} beside it, and this model's samples are drawn anew", file=sys.stderr, flush=True)
+        whose = f"of another model or sampler (key {found})" if found else "of unknown origin (no manifest)"
+        print(f"npp evaluate: warning: {folder} held samples {whose}; moved them to {aside.name} beside it, and "
+              f"this model's samples are drawn anew", file=sys.stderr, flush=True)
     stash = folder.with_name(f"{folder.name}.{key}")
     if not folder.exists() and stash.is_dir():
         os.replace(stash, folder)  # this model's own samples, set aside by another model's evaluation
@@ -249,8 +250,9 @@ def claim_results(results: Path, key: str) -> None:
     if found != key:
         aside = _aside(results, found if isinstance(found, str) else "earlier")
         os.replace(results, aside)
-        print(f"npp evaluate: warning: {results} was written for {'another model or sampler' if found else 'an evaluation that did not record its model key'}; "
-              f"moved it to {aside.name} beside it", file=sys.stderr, flush=True)
+        whose = "another model or sampler" if found else "an evaluation that did not record its samples' key"
+        print(f"npp evaluate: warning: {results} was written for {whose}; moved it to {aside.name} beside it",
+              file=sys.stderr, flush=True)
 
 
 def sample_to_folder(pipe: Pipeline, config: EvalConfig, folder: Path, *, rank: int = 0, world: int = 1,
