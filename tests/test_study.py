@@ -147,11 +147,15 @@ def test_the_preregistered_set_reads_its_primary_endpoint_and_its_exploratory_cu
     assert curve[1200]["fid"].diffs == (30.0,) * 8 and curve[4800]["fid"].diffs == tuple(float(i) for i in range(8))
     assert curve[9600]["fid"].diffs == primary.diffs  # here the made-up periodic look equals the final one
     table = study.markdown(found)
-    assert "**Preregistered**" in table and "| 2,400 | 2× | +10 [+10, +10], 0 of 8 lower | +10% [+10%, +10%] |" in table
+    # 9,600 steps: #L2 switches to next-token prediction at 4,800, so the looks up to there sample a patch model
+    assert [step for step, point in curve.items() if point["in_patch_stage"]] == [1200, 2400, 4800]
+    assert "**Preregistered**" in table and ("| 2,400 (#L2 still in its patch stage: not a comparison) | 2× | "
+                                             "+10 [+10, +10], 0 of 8 lower | +10% [+10%, +10%] |") in table
     names = [e["comparison"] for e in found["family"]]
     assert sum("PREREGISTERED primary" in n for n in names) == 1
-    # the 9,600-step look has the primary's differences: one test, listed once, under the primary's name
-    assert not any("step 9,600" in n for n in names)
+    # the patch-stage looks are no comparison, and the 9,600-step look has the primary's differences: one test,
+    # listed once, under the primary's name
+    assert not any("exploratory look" in n for n in names)
 
 
 def test_the_family_counts_each_comparison_once_and_only_holm_survivors_are_better_or_worse(root):
