@@ -14,6 +14,7 @@ layer of widgets.
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import queue
 import re
@@ -22,6 +23,7 @@ import sys
 import threading
 import time
 import traceback
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +33,7 @@ import numpy as np
 import torch
 
 from npp.config import PAPER_SAMPLER, SamplerConfig
-from npp.errors import CheckpointError, ConfigError
+from npp.errors import CheckpointError, ConfigError, DataError, is_number
 from npp.sampling import sample_generators
 from npp.model import GPT
 from npp.pipeline import Pipeline
@@ -43,6 +45,9 @@ MAX_IMAGES = 16
 """Images per side and request: enough to compare, small enough that one request cannot hog the queue."""
 MAX_SEED = 2**31 - 1
 """Seeds stay below 2³¹ so that the browser's numbers hold them exactly."""
+WARM_ROWS = 2
+"""Token rows each model samples, untimed, before its first timed row at a batch size: the first row pays
+the prefill, the second the steady step; together they load every kernel and buffer the timed rows use."""
 SAMPLER_THREAD = "npp-app-sampler"
 """Name of the worker threads that run npp.generate, so a test can see that none is left behind."""
 DIGITS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
@@ -70,18 +75,82 @@ class Source:
         return RunDir(self.path) if self.kind == "run" else None
 
 
-def find_sources(runs_dir: str | Path | None, checkpoints: Sequence[str | Path] = ()) -> list[Source]:
+def find_sources(runs_dir: str | Path | None, checkpoints: Sequence[str | Path] = (),
+                 warn: Callable[[str], None] | None = None) -> list[Source]:
     """Every exported run under runs_dir (sorted by name), then the checkpoints as given.
 
-    Runs without export/ (still training, or tokenizer runs) are not models the app can sample.
+    Runs without export/ (still training, or tokenizer runs) are not models the app can sample. A run
+    whose metrics.jsonl is malformed is left out with one warning line (its curves and the default pair
+    read that file, and one bad run must not stop the app); `warn` prints it (stderr by default).
     """
+    warn = warn or _warn
     sources = []
     if runs_dir is not None and Path(runs_dir).is_dir():
-        sources += [Source(folder.name, folder, "run") for folder in sorted(Path(runs_dir).iterdir())
-                    if RunDir(folder).exported]
+        for folder in sorted(Path(runs_dir).iterdir()):
+            if not RunDir(folder).exported:
+                continue
+            try:
+                run_rows(RunDir(folder))
+            except DataError as err:
+                warn(f"run {folder.name} skipped: {err}")
+                continue
+            sources.append(Source(folder.name, folder, "run"))
     for path in dict.fromkeys(map(Path, checkpoints)):
         sources.append(Source(unique_name(path, {s.name for s in sources}), path, "checkpoint"))
     return sources
+
+
+def _warn(message: str) -> None:
+    print(f"app: warning: {message}", file=sys.stderr, flush=True)
+
+
+ROW_NUMBERS = ("step", "stage", "patch_size", "loss", "lr", "tokens_seen", "flops_seen", "imgs_per_s", "time",
+               "fid", "is", "precision", "recall", "kid", "class_accuracy")
+"""Fields of a metrics row that must be numbers when present: the app compares and plots them."""
+TRAIN_ROW_NEEDS = ("step", "patch_size", "loss", "tokens_seen", "flops_seen")
+"""What every training row must have: the curves plot loss against FLOPs and mark each patch-size switch
+with its step, FLOPs and tokens."""
+
+
+def run_rows(run: RunDir) -> list[dict[str, Any]]:
+    """The run's metrics rows, each checked for what the app reads from it; a DataError names the first bad
+    line and the fix. As in RunDir.read_metrics, a torn last line (a crash mid-write) is ignored; a bad line
+    before it is damage, not a crash."""
+    if not run.metrics.is_file():
+        return []
+    try:
+        lines = run.metrics.read_bytes().decode("utf-8").splitlines()
+    except (UnicodeDecodeError, OSError) as err:
+        raise DataError(f"metrics.jsonl cannot be read ({type(err).__name__}): remove or repair it") from None
+    rows = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            if number == len(lines):
+                break
+            raise DataError(f"metrics.jsonl line {number} is not JSON: remove or repair that line") from None
+        if (problem := row_problem(row)) is not None:
+            raise DataError(f"metrics.jsonl line {number} {problem}: remove or repair that line")
+        rows.append(row)
+    return rows
+
+
+def row_problem(row: Any) -> str | None:
+    """What is wrong with one metrics row for the app, or None."""
+    if not isinstance(row, dict):
+        return f"is {type(row).__name__}, not a JSON object"
+    wrong = [key for key in ROW_NUMBERS if key in row and not is_number(row[key])]
+    if wrong:
+        return f"has {wrong[0]}={row[wrong[0]]!r}, not a number"
+    missing = [key for key in TRAIN_ROW_NEEDS if key not in row] if not row.get("eval") else []
+    if missing:
+        return f"(a training row) lacks {', '.join(missing)}"
+    if not row.get("eval") or "flops_seen" in row:
+        return None
+    return "(an evaluation row) lacks flops_seen"
 
 
 def unique_name(path: Path, taken: set[str]) -> str:
@@ -106,7 +175,7 @@ def checkpoint_problem(path: Path) -> str | None:
 
 def patch_trained(run: RunDir) -> bool:
     """Whether a run trained on patches at some point (an NPP run), read from its metrics."""
-    return any(row.get("patch_size", 1) > 1 for row in run.train_rows())
+    return any(row.get("patch_size", 1) > 1 for row in run_rows(run) if not row.get("eval"))
 
 
 def default_pair(sources: Sequence[Source], loads: Callable[[str], bool]) -> tuple[str | None, str | None]:
@@ -275,7 +344,10 @@ class Backend:
             if self.tokenizer is None:
                 raise
             pipe = Pipeline.from_run(source.path, tokenizer=self.tokenizer, device=self.device)
-        rows = source.run.train_rows()
+        try:
+            rows = [row for row in run_rows(source.run) if not row.get("eval")]
+        except DataError:  # damaged since start-up: the model still samples, its cost is unknown
+            rows = []
         return Loaded.from_pipeline(source, pipe, rows[-1].get("flops_seen") if rows else None)
 
 
@@ -290,8 +362,11 @@ def _ours(err: Exception) -> bool:
     return isinstance(err, (LoadError, ConfigError, CheckpointError, FileNotFoundError))
 
 
-_ABSOLUTE_PATH = re.compile(r"(?<![\w.:/~-])/(?:[^\s/'\"`()<>\[\]{},;:]+/)*([^\s/'\"`()<>\[\]{},;:]+)")
-"""A POSIX absolute path (not a URL, a fraction or a relative path), its last part captured."""
+_PART = r"[^\s/'\"`()<>\[\]{},;:]+"
+_ABSOLUTE_PATH = re.compile(rf"(?<![\w.:/~-])/(?:{_PART}(?: {_PART})*/)*({_PART})")
+"""A POSIX absolute path (not a URL, a fraction or a relative path), its last part captured. Its folders
+may hold single spaces ("/home/me/Secret Projects/client-acme/x.pt"): a folder ends at a slash, so a
+space inside one cannot be the end of the path; the last part ends at the first space."""
 
 
 def redact(text: str, source: Source) -> str:
@@ -380,8 +455,12 @@ class SteppedSampler:
     _CANCEL = object()
 
     def __init__(self, model: GPT, labels_B: torch.Tensor, sampler: SamplerConfig,
-                 generators: list[torch.Generator], every: int):
+                 generators: list[torch.Generator], every: int, warm_rows: int = 0):
         self.every, self.length, self.done = every, model.config.seq_len, False
+        self.warm_rows = warm_rows
+        """Rows sampled first, untimed and discarded, with generators of their own (the request's stay
+        untouched), so that one-time costs land before the first timed row."""
+        self.ready = threading.Event()
         self._go: queue.Queue[object] = queue.Queue()
         self._out: queue.Queue[tuple[str, Any]] = queue.Queue()
         self._thread = threading.Thread(target=self._run, args=(model, labels_B, sampler, generators), daemon=True,
@@ -391,6 +470,10 @@ class SteppedSampler:
     def _run(self, model: GPT, labels_B: torch.Tensor, sampler: SamplerConfig,
              generators: list[torch.Generator]) -> None:
         try:
+            try:
+                self._warm_up(model, labels_B, sampler, generators[0].device)
+            finally:
+                self.ready.set()
             self._wait()
             tokens_BL = generate(model, labels_B, sampler, generator=generators, callback=self._pause)
             self._out.put(("done", tokens_BL.cpu()))
@@ -398,6 +481,22 @@ class SteppedSampler:
             pass
         except BaseException as err:  # noqa: BLE001 (handed to the caller, which raises it)
             self._out.put(("error", err))
+
+    def _warm_up(self, model: GPT, labels_B: torch.Tensor, sampler: SamplerConfig, device: torch.device) -> None:
+        """Sample warm_rows rows in this thread and throw them away (a warm-up's failure is the real run's)."""
+        if self.warm_rows <= 0:
+            return
+        tokens = min(self.warm_rows * self.every, self.length)
+
+        def stop(step: int, tokens_BT: torch.Tensor) -> None:
+            if step + 1 >= tokens:
+                raise _WarmedUp
+
+        try:
+            generate(model, labels_B, sampler, generator=sample_generators(range(len(labels_B)), 0, device),
+                     callback=stop)
+        except _WarmedUp:
+            pass
 
     def _pause(self, step: int, tokens_BT: torch.Tensor) -> None:
         if (step + 1) % self.every == 0 and step + 1 < self.length:
@@ -430,6 +529,23 @@ class SteppedSampler:
 
 class _Cancelled(Exception):
     pass
+
+
+class _WarmedUp(Exception):
+    pass
+
+
+_WARMED: weakref.WeakKeyDictionary[GPT, set[int]] = weakref.WeakKeyDictionary()
+"""The batch sizes each loaded model has sampled since it was loaded: those need no warm-up again (a model
+evicted and loaded again is a new object, warmed again)."""
+
+
+def needs_warm_up(model: GPT, batch: int) -> bool:
+    """Whether this model has not yet sampled this batch size in this process (and mark it as done)."""
+    done = _WARMED.setdefault(model, set())
+    fresh = batch not in done
+    done.add(batch)
+    return fresh
 
 
 @dataclass
@@ -490,7 +606,10 @@ def stream(sides: Sequence[Loaded], settings: Settings) -> Iterator[list[Frame]]
     """Sample every side with the same labels and seeds, one token row per side and round, in turns.
 
     Yields the frames after every round, so viewers watch both models draw; the last yield has
-    every side done. Closing the iterator (a cancelled request) stops the worker threads.
+    every side done. Closing the iterator (a cancelled request) stops the worker threads. A model's
+    first request at a batch size first samples WARM_ROWS rows untimed, every side before any side's
+    first timed row: otherwise the side that goes first pays the process's one-time costs (kernels
+    loaded, buffers grown) in its timed rows and two equal models show different speeds.
     """
     frames = [Frame(s, np.zeros((settings.num_images, s.pipe.image_size, s.pipe.image_size, 3), dtype=np.uint8))
               for s in sides]
@@ -499,7 +618,11 @@ def stream(sides: Sequence[Loaded], settings: Settings) -> Iterator[list[Frame]]
     try:
         for s in sides:
             generators = sample_generators(range(settings.num_images), settings.seed, s.pipe.device)
-            samplers.append(SteppedSampler(s.pipe.model, labels_B, settings.sampler, generators, every=s.pipe.grid))
+            warm = WARM_ROWS if needs_warm_up(s.pipe.model, settings.num_images) else 0
+            samplers.append(SteppedSampler(s.pipe.model, labels_B, settings.sampler, generators, every=s.pipe.grid,
+                                           warm_rows=warm))
+        for sampler in samplers:
+            sampler.ready.wait()
         while not all(f.done for f in frames):
             for frame, sampler in zip(frames, samplers):
                 if not frame.done:
@@ -538,9 +661,15 @@ def training_plots(sides: dict[str, Source | None]) -> tuple[Any, Any, str]:
     """(loss vs FLOPs, FID vs FLOPs, note) for the selected runs; .pt checkpoints have no curves."""
     from npp.viz import eval_figure, training_figure
 
-    runs = {f"{s.name} ({panel})": s.run for panel, s in sides.items() if s is not None and s.run is not None}
-    notes = [f"{s.name} is a .pt checkpoint: no training log." for s in sides.values()
-             if s is not None and s.run is None]
-    if runs and not any(run.eval_rows() for run in runs.values()):
+    runs, notes = {}, [f"{s.name} is a .pt checkpoint: no training log." for s in sides.values()
+                       if s is not None and s.run is None]
+    for panel, s in sides.items():
+        if s is None or s.run is None:
+            continue
+        try:
+            runs[f"{s.name} ({panel})"] = run_rows(s.run)
+        except DataError as err:  # damaged since start-up: say so instead of drawing half a curve
+            notes.append(f"{s.name}: no curves, its {err}.")
+    if runs and not any(row.get("eval") for rows in runs.values() for row in rows):
         notes.append("No evaluation rows yet: train with `--eval_every K` to get FID curves.")
     return training_figure(runs, "loss", x="flops"), eval_figure(runs, "fid", x="flops"), " ".join(notes)

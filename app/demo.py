@@ -11,18 +11,25 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
+import json
 import os
 import random
+import socket
 import sys
+import time
 import typing
+import urllib.parse
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 # Before gradio is imported: it reads this at import time, and the demo has no business phoning home.
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
 
 import gradio as gr  # noqa: E402
 import torch  # noqa: E402
+from gradio.utils import get_upload_folder as gradio_upload_folder  # noqa: E402
+from starlette.middleware import Middleware  # noqa: E402
 
 from npp.config import SamplerConfig  # noqa: E402
 from npp.flags import field_docs  # noqa: E402
@@ -38,10 +45,25 @@ else:  # run as a script: python app/demo.py puts app/ first on the import path
 
 QUEUE_SIZE = 32
 """Requests waiting beyond this are turned away with a message rather than piling up."""
-INTRO = ("Both panels sample the **same class with the same seeds** (image i uses seed + i) and the same "
-         "sampler; NPP changes only training, so both draw one token at a time, in turns, row by row, and two "
-         "models of the same size sample at the same speed (shown after each side's first row, which pays "
-         "one-time warm-ups).")
+MAX_WAIT_S = 120
+"""A request that waited longer than this for its turn is dropped with a message when its turn comes: served
+minutes later, its answer would reach a page its user has long left (or pressed again)."""
+UPLOAD_BUDGET = 4 * 2**20
+"""Bytes of uploads held at once. The page takes no files, yet Gradio serves its upload route: this bounds
+what anyone who reaches the app can store on the server's disk."""
+UPLOAD_TTL_S = 600
+"""An upload older than this is deleted when the next upload comes (nothing in the app reads one; Gradio's
+own hourly clean-up removes the rest)."""
+
+
+def intro(queue_size: int, max_wait_s: float) -> str:
+    """The text at the top of the page: what is compared, and how many requests wait how long."""
+    return ("Both panels sample the **same class with the same seeds** (image i uses seed + i) and the same "
+            "sampler; NPP changes only training, so both draw one token at a time, in turns, row by row, and two "
+            "models of the same size sample at the same speed (both models are warmed up before the first timed "
+            "row, and the speed leaves out each side's first row). One request samples at a time; at most "
+            f"{queue_size} wait (more are told the app is busy), and a request that waited over "
+            f"{max_wait_s:g} s is dropped with a message rather than answered late.")
 
 
 def load_sides(backend: Backend, names: list[str | None]) -> tuple[list[Loaded | None], list[str]]:
@@ -108,7 +130,31 @@ def sampler_widgets(sampler: type[SamplerConfig]) -> list[gr.Number]:
     return widgets
 
 
-def make_generate(backend: Backend, sampler: type[SamplerConfig]):
+ARRIVAL = "npp.arrival"
+"""The ASGI scope key under which ServerGuard stamps when a request reached the server."""
+
+
+def waited_s() -> float | None:
+    """Seconds since the running event's request joined the queue; None outside a served request (a direct
+    call in a test). Gradio hands the handler the queue/join request; ServerGuard stamped its arrival."""
+    from gradio.context import LocalContext
+
+    request = LocalContext.request.get(None)
+    scope = getattr(getattr(request, "request", None), "scope", None) or {}
+    return time.monotonic() - scope[ARRIVAL] if ARRIVAL in scope else None
+
+
+def check_wait(max_wait_s: float, queue_size: int) -> None:
+    """Drop a request that waited too long for its turn, saying why and what to do."""
+    waited = waited_s()
+    if waited is not None and waited > max_wait_s:
+        raise gr.Error(f"dropped: this request waited {waited:.0f} s for its turn, longer than the {max_wait_s:g} s "
+                       f"this app lets one wait (one request samples at a time, at most {queue_size} wait): "
+                       f"press Generate again")
+
+
+def make_generate(backend: Backend, sampler: type[SamplerConfig], max_wait_s: float = MAX_WAIT_S,
+                  queue_size: int = QUEUE_SIZE):
     """The sampling handler (api_name 'generate'): validates, then streams both galleries row by row.
 
     Its last inputs are the sampler_widgets of `sampler`, one value per field in field order.
@@ -117,6 +163,7 @@ def make_generate(backend: Backend, sampler: type[SamplerConfig]):
 
     def generate(left: str | None, right: str | None, class_value: Any, num_images: float, seed: float,
                  randomize: bool, *knob_values: float) -> Iterator[tuple[Any, ...]]:
+        check_wait(max_wait_s, queue_size)
         if randomize:
             seed = random.randint(0, MAX_SEED)
         sides, messages = load_sides(backend, [left, right])
@@ -147,16 +194,18 @@ def make_generate(backend: Backend, sampler: type[SamplerConfig]):
     return generate
 
 
-def build_demo(backend: Backend, sampler: type[SamplerConfig] = SamplerConfig) -> gr.Blocks:
+def build_demo(backend: Backend, sampler: type[SamplerConfig] = SamplerConfig, *, queue_size: int = QUEUE_SIZE,
+               max_wait_s: float = MAX_WAIT_S) -> gr.Blocks:
     """The page: two model panels over shared controls, streaming galleries, and a Training tab.
 
-    The "Advanced" boxes are the fields of `sampler` (a SamplerConfig subclass adds its own)."""
+    The "Advanced" boxes are the fields of `sampler` (a SamplerConfig subclass adds its own). The queue's
+    bounds are the caller's to set (demo.queue); the page states them and the handler keeps the wait one."""
     # Choosing the pair loads it, which makes the first page ready at once (and its classes known).
     left_default, right_default = default_pair(list(backend.sources.values()), backend.loads)
     default_sides, _ = load_sides(backend, [left_default, right_default])
     first_classes = class_choices(default_sides, None)
     with gr.Blocks(title="NTP vs NPP", delete_cache=(3600, 3600)) as demo:
-        gr.Markdown(f"# Next-token vs next-patch prediction\n{INTRO}")
+        gr.Markdown(f"# Next-token vs next-patch prediction\n{intro(queue_size, max_wait_s)}", elem_id="intro")
         with gr.Row():
             with gr.Column():
                 left = gr.Dropdown(backend.names, value=left_default, label="Left: an NTP model", elem_id="left-model")
@@ -201,7 +250,7 @@ def build_demo(backend: Backend, sampler: type[SamplerConfig] = SamplerConfig) -
         demo.load(**describe, api_name="describe")
         left.change(**describe, api_visibility="private")
         right.change(**describe, api_visibility="private")
-        button.click(make_generate(backend, sampler),
+        button.click(make_generate(backend, sampler, max_wait_s, queue_size),
                      inputs=[left, right, class_box, num_images, seed, randomize, *knobs],
                      outputs=[left_gallery, right_gallery, left_stats, right_stats, seed, status],
                      api_name="generate", concurrency_id="models")
@@ -218,11 +267,38 @@ def build_parser() -> argparse.ArgumentParser:
                         help="where the models run (auto: cuda when available)")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 exposes the app to the network)")
     parser.add_argument("--port", type=int, default=7860)
+    parser.add_argument("--queue-size", type=int, default=QUEUE_SIZE,
+                        help="requests that may wait for their turn; more are told the app is busy")
+    parser.add_argument("--max-wait", type=float, default=MAX_WAIT_S, metavar="SECONDS",
+                        help="a request that waited longer for its turn is dropped with a message")
     return parser
+
+
+def port_problem(host: str, port: int) -> str | None:
+    """Why the app cannot listen on host:port, or None; checked before the models load, so a second app on
+    a taken port says so at once instead of failing in Gradio's launch with a traceback."""
+    if not 0 < port < 65536:
+        return f"--port {port} is not a port number: use 1 … 65535"
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: a closing socket is fine
+            probe.bind((host, port))
+    except OSError as err:
+        if err.errno == errno.EADDRINUSE:
+            return f"port {port} on {host} is already in use (another app, or this one still running): " \
+                   f"choose a free one with --port, e.g. --port {port + 1}"
+        return f"cannot listen on {host} port {port} ({err.strerror or err}): check --host and --port"
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.queue_size < 1 or not args.max_wait > 0:
+        print("app/demo.py: error: --queue-size must be ≥ 1 and --max-wait > 0 seconds", file=sys.stderr)
+        return 2
+    if problem := port_problem(args.host, args.port):
+        print(f"app/demo.py: error: {problem}", file=sys.stderr)
+        return 2
     missing = [p for p in [*args.checkpoint, *([args.tokenizer] if args.tokenizer else [])] if not Path(p).exists()]
     if missing:
         print(f"app/demo.py: error: no such file: {', '.join(missing)}", file=sys.stderr)
@@ -234,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         print("app/demo.py: error: --device cuda but torch sees no GPU: use --device cpu (or auto)", file=sys.stderr)
         return 2
-    sources = find_sources(args.runs, args.checkpoint)
+    sources = find_sources(args.runs, args.checkpoint, warn=warn)
     if not sources:
         print(f"app/demo.py: error: no exported runs under {args.runs} and no --checkpoint: train the quickstart "
               f"pair (make quickstart) or pass --checkpoint PATH --tokenizer PATH", file=sys.stderr)
@@ -242,19 +318,208 @@ def main(argv: list[str] | None = None) -> int:
     warn_unloadable(sources)
     backend = Backend(sources, tokenizer=args.tokenizer, device=args.device)
     print(f"models on {backend.device}: {', '.join(backend.names)}", flush=True)
-    demo = build_demo(backend)
-    demo.queue(max_size=QUEUE_SIZE, default_concurrency_limit=1)
+    demo = build_demo(backend, queue_size=args.queue_size, max_wait_s=args.max_wait)
+    demo.queue(max_size=args.queue_size, default_concurrency_limit=1)
     # The page asks for no file, yet Gradio serves its upload route anyway: without a limit, anyone who
-    # reaches the app could fill the server's disk through it.
-    demo.launch(server_name=args.host, server_port=args.port, show_error=False, max_file_size="1mb")
+    # reaches the app could fill the server's disk through it (1 MB a file here, UPLOAD_BUDGET in all).
+    guard = Middleware(ServerGuard, uploads=UploadLedger(Path(gradio_upload_folder()), UPLOAD_BUDGET, UPLOAD_TTL_S))
+    try:
+        demo.launch(server_name=args.host, server_port=args.port, show_error=False, max_file_size="1mb",
+                    app_kwargs={"middleware": [guard]})
+    except OSError as err:  # taken between our check and Gradio's bind
+        if "Cannot find empty port" not in str(err):
+            raise
+        print(f"app/demo.py: error: port {args.port} on {args.host} is already in use: choose a free one with "
+              f"--port", file=sys.stderr)
+        return 2
     return 0
+
+
+def warn(message: str) -> None:
+    print(f"app/demo.py: warning: {message}", file=sys.stderr, flush=True)
 
 
 def warn_unloadable(sources: list[Source]) -> None:
     """One line per --checkpoint that cannot be read: the operator hears at start-up, not from a user."""
     for source in sources:
         if source.kind == "checkpoint" and (problem := checkpoint_problem(source.path)):
-            print(f"app/demo.py: warning: {source.name} cannot be loaded: {problem}", file=sys.stderr, flush=True)
+            warn(f"{source.name} cannot be loaded: {problem}")
+
+
+# ------------------------------------------------------------------------------------------------
+# In front of Gradio: uploads held within a budget and never answered with a server path; arrival times
+# ------------------------------------------------------------------------------------------------
+
+class UploadLedger:
+    """The uploads Gradio has stored for us: their bytes stay within `budget`, each is deleted `ttl_s` after it
+    came (nothing in this app reads an upload), and those refused are deleted at once."""
+
+    def __init__(self, folder: Path, budget: int, ttl_s: float):
+        self.folder, self.budget, self.ttl_s = folder, budget, ttl_s
+        self._held: dict[Path, tuple[int, float]] = {}
+        """path → (bytes, monotonic time it came)."""
+
+    @property
+    def held(self) -> int:
+        return sum(size for size, _ in self._held.values())
+
+    def prune(self) -> None:
+        """Forget uploads Gradio's cache clean-up removed; delete those past their time."""
+        now = time.monotonic()
+        for path, (_, came) in list(self._held.items()):
+            if not path.exists():
+                del self._held[path]
+            elif now - came > self.ttl_s:
+                self.delete(path)
+
+    def room(self) -> int:
+        self.prune()
+        return self.budget - self.held
+
+    def admit(self, paths: list[Path]) -> bool:
+        """Keep the new files when they fit the budget, else delete them; whether they were kept."""
+        new = [p for p in dict.fromkeys(paths) if p not in self._held and self._inside(p) and p.is_file()]
+        sizes = [p.stat().st_size for p in new]
+        if self.held + sum(sizes) > self.budget:
+            for path in new:
+                self.delete(path)
+            return False
+        now = time.monotonic()
+        self._held.update({p: (size, now) for p, size in zip(new, sizes)})
+        return True
+
+    def delete(self, path: Path) -> None:
+        """Remove an upload and its folder (Gradio puts each in a folder named by its hash) when empty."""
+        self._held.pop(path, None)
+        if not self._inside(path):
+            return
+        path.unlink(missing_ok=True)
+        try:
+            path.parent.rmdir()
+        except OSError:  # other files still in it
+            pass
+
+    def _inside(self, path: Path) -> bool:
+        """Only files under Gradio's upload folder are ever deleted, whatever a reply said."""
+        return path.resolve().is_relative_to(self.folder.resolve())
+
+    def describe(self) -> str:
+        return (f"this app holds at most {self.budget / 2**20:g} MB of uploads ({self.held / 2**20:.1f} MB "
+                f"held now) and reads none of them: try again in {self.ttl_s / 60:g} minutes")
+
+
+FILES_ALIAS = "/app-files"
+"""What replies say instead of Gradio's temporary folder: the images a request draws are files there, and
+Gradio names each by its absolute path (in "path" and in its /file= URL)."""
+TEXT_TYPES = (b"json", b"text/", b"javascript")
+"""Content types whose bodies may name the temporary folder (JSON replies, event streams, the page)."""
+
+
+class ServerGuard:
+    """ASGI middleware in front of Gradio's routes.
+
+    Every request gets its arrival time in its scope (the sampling handler drops a request that waited too
+    long). An upload must say its length and fit what the UploadLedger has room for; what Gradio stored
+    is admitted or deleted, and the reply names each file by its base name only. Every other reply says
+    FILES_ALIAS for Gradio's temporary folder, and a /file= request for the alias is served from the real
+    folder: the absolute path tells a remote user how the server's disk is laid out (a GRADIO_TEMP_DIR in
+    "/home/me/Secret Projects/client-acme/" would name a client).
+    """
+
+    def __init__(self, app, uploads: UploadLedger):
+        self.app, self.uploads = app, uploads
+        folders = {str(uploads.folder), str(uploads.folder.resolve())}
+        spellings = {form for folder in folders for form in (folder, urllib.parse.quote(folder, safe="/"))}
+        self._real = str(uploads.folder)
+        self._spellings = [form.encode() for form in sorted(spellings, key=len, reverse=True)]
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        scope[ARRIVAL] = time.monotonic()
+        if scope["method"] == "POST" and scope["path"].rstrip("/").endswith("/gradio_api/upload"):
+            return await self._upload(scope, receive, send)
+        self._unalias(scope)
+        return await self.app(scope, receive, SendWithout(send, self._hide))
+
+    def _unalias(self, scope) -> None:
+        """/gradio_api/file=/app-files/… is the file /real/folder/…."""
+        head, sep, tail = scope["path"].partition("/file=" + FILES_ALIAS + "/")
+        if sep:
+            scope["path"] = f"{head}/file={self._real}/{tail}"
+            scope["raw_path"] = urllib.parse.quote(scope["path"], safe="/=:").encode()
+
+    def _hide(self, body: bytes) -> bytes:
+        for spelling in self._spellings:
+            body = body.replace(spelling, FILES_ALIAS.encode())
+        return body
+
+    async def _upload(self, scope, receive, send) -> None:
+        length = dict(scope["headers"]).get(b"content-length", b"")
+        if not length.isdigit():
+            return await _plain(send, 411, "upload refused: send its Content-Length")
+        if int(length) > self.uploads.room():
+            return await _plain(send, 413, f"upload refused: {self.uploads.describe()}")
+        start, body = {}, []
+
+        async def capture(message) -> None:
+            if message["type"] == "http.response.start":
+                start.update(message)
+            else:
+                body.append(message.get("body", b""))
+
+        await self.app(scope, receive, capture)
+        if start.get("status") != 200:
+            return await _plain(send, start.get("status", 500), b"".join(body).decode("utf-8", "replace"))
+        stored = [Path(p) for p in json.loads(b"".join(body))]
+        if not self.uploads.admit(stored):
+            return await _plain(send, 413, f"upload refused and deleted: {self.uploads.describe()}")
+        return await _json(send, 200, [p.name for p in stored])
+
+
+class SendWithout:
+    """An ASGI `send` that passes text bodies through `hide`: whole (with their Content-Length set again)
+    when the length was declared, chunk by chunk when streamed (one event-stream message a chunk)."""
+
+    def __init__(self, send, hide: Callable[[bytes], bytes]):
+        self.send, self.hide = send, hide
+        self.start: dict | None = None
+        self.rewrite, self.held = False, []
+
+    async def __call__(self, message) -> None:
+        if message["type"] == "http.response.start":
+            headers = dict(message.get("headers", []))
+            self.rewrite = any(t in headers.get(b"content-type", b"") for t in TEXT_TYPES) \
+                and b"content-encoding" not in headers
+            if self.rewrite and b"content-length" in headers:
+                self.start = message  # sent with the body, once its new length is known
+                return
+            return await self.send(message)
+        if message["type"] != "http.response.body" or not self.rewrite:
+            return await self.send(message)
+        if self.start is None:
+            return await self.send({**message, "body": self.hide(message.get("body", b""))})
+        self.held.append(message.get("body", b""))
+        if message.get("more_body", False):
+            return
+        body = self.hide(b"".join(self.held))
+        headers = [(k, v) for k, v in self.start.get("headers", []) if k != b"content-length"]
+        await self.send({**self.start, "headers": [*headers, (b"content-length", str(len(body)).encode())]})
+        await self.send({"type": "http.response.body", "body": body})
+
+
+async def _plain(send, status: int, text: str) -> None:
+    await _respond(send, status, text.encode(), b"text/plain; charset=utf-8")
+
+
+async def _json(send, status: int, value: Any) -> None:
+    await _respond(send, status, json.dumps(value).encode(), b"application/json")
+
+
+async def _respond(send, status: int, body: bytes, content_type: bytes) -> None:
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", content_type), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
 
 
 if __name__ == "__main__":
