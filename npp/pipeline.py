@@ -18,8 +18,8 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from npp.config import SamplerConfig
-from npp.errors import ConfigError, check, check_device, require
+from npp.config import SamplerConfig, VQConfig
+from npp.errors import CheckpointError, ConfigError, check, check_device, require
 from npp.model import GPT
 from npp.runs import RunDir
 from npp.sampling import StepCallback, generate
@@ -47,6 +47,36 @@ def tokenizer_from_reference(info: dict[str, Any], *, override: str | os.PathLik
         raise ConfigError(f"the tokenizer at {path} is not the one the codes of {where} were extracted with "
                           f"(fingerprint {vq.fingerprint()[:12]} ≠ {expected[:12]}): {fix}")
     return vq
+
+
+def read_tokenizer_reference(path: Path, *, override: str | os.PathLike | None = None) -> dict[str, Any]:
+    """An export's tokenizer.json, checked before any weights are read: a JSON object that names a tokenizer
+    which exists (a shipped one, or a path; `override` stands in for the path). {} when the file is absent
+    (an export made by GPT.save_pretrained alone: then --tokenizer is needed)."""
+    if not path.is_file():
+        return {}
+    fix = "pass --tokenizer PATH (the tokenizer its codes were extracted with), or export the run again"
+    try:
+        info = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise CheckpointError(f"{path} is damaged (not valid JSON): {fix}") from None
+    if not isinstance(info, dict):
+        raise CheckpointError(f"{path} is damaged (a JSON {type(info).__name__}, not an object): {fix}")
+    missing = [key for key in ("data", "fingerprint") if key not in info]
+    types = {"data": str, "path": str, "fingerprint": str, "config": dict}
+    bad = [key for key, kind in types.items() if info.get(key) is not None and not isinstance(info[key], kind)]
+    unknown = sorted(set(info.get("config") or {}) - set(VQConfig.__dataclass_fields__)) if "config" not in bad else []
+    problems = [f"{what} {', '.join(keys)}" for what, keys in (("missing", missing), ("bad", bad),
+                                                              ("unknown config field", unknown)) if keys]
+    if problems:
+        raise CheckpointError(f"{path} is damaged ({'; '.join(problems)}): {fix}")
+    named = info.get("path")
+    if override is None and named and not Path(named).exists():
+        raise CheckpointError(f"{path} names the tokenizer {named}, which does not exist: {fix}")
+    if override is None and not named and info["data"] not in EMBEDDED_TOKENIZERS:
+        raise CheckpointError(f"{path} names no tokenizer that exists (data {info['data']!r} is not one of the "
+                              f"shipped {', '.join(EMBEDDED_TOKENIZERS)}, and no path is given): {fix}")
+    return info
 
 
 def on_embedded_data(info: dict[str, Any]) -> bool:
@@ -92,9 +122,8 @@ class Pipeline:
         `tokenizer` stands in for that one's path, and its fingerprint must match."""
         check_device(device)  # before anything is read: a missing GPU is not a damaged file
         export = export_folder(path)
+        info = read_tokenizer_reference(export / "tokenizer.json", override=tokenizer)
         model = GPT.from_pretrained(export, device=device)
-        info_file = export / "tokenizer.json"
-        info = json.loads(info_file.read_text()) if info_file.is_file() else {}
         vq = tokenizer_from_reference(info, override=tokenizer, where=str(export)).to(device)
         return cls(model, vq, tokenizer_info=info, export=export)
 
