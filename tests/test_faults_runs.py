@@ -211,6 +211,7 @@ torch.save = save
 """
 
 
+@pytest.mark.heavy  # two trainings (~40 s); the export case covers a full tmpfs by default
 def test_a_checkpoint_that_fills_a_real_tmpfs_is_one_line_and_the_run_resumes_once_there_is_room(codes, mount,
                                                                                                   tmp_path):
     runs = tmp_path / "runs"
@@ -230,6 +231,7 @@ def test_a_checkpoint_that_fills_a_real_tmpfs_is_one_line_and_the_run_resumes_on
     assert train_steps(run) == list(range(1, 21))
 
 
+@pytest.mark.heavy  # a 400-step training remounted read-only part way (~20 s)
 def test_a_checkpoints_folder_that_turns_read_only_mid_run_is_one_line(codes, mount, tmp_path):
     # A fresh run on a read-only folder is refused before training (check_run_folder); here the folder turns
     # read-only while the run trains (a remount, as a failing disk does), between two checkpoints.
