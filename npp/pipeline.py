@@ -74,8 +74,9 @@ def read_tokenizer_reference(path: Path, *, override: str | os.PathLike | None =
     if override is None and named and not Path(named).exists():
         raise CheckpointError(f"{path} names the tokenizer {named}, which does not exist: {fix}")
     if override is None and not named and info["data"] not in EMBEDDED_TOKENIZERS:
-        raise CheckpointError(f"{path} names no tokenizer that exists (data {info['data']!r} is not one of the "
-                              f"shipped {', '.join(EMBEDDED_TOKENIZERS)}, and no path is given): {fix}")
+        raise CheckpointError(f"{path} names no tokenizer to load (data {info['data']!r} is not one of the shipped "
+                              f"{', '.join(EMBEDDED_TOKENIZERS)}, and it gives no tokenizer path): pass --tokenizer "
+                              f"PATH (the tokenizer its codes were extracted with)")
     return info
 
 

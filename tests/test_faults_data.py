@@ -21,7 +21,8 @@ from PIL import Image
 
 import npp
 from npp.batches import data_facts
-from npp.data import CodeDataset, DataError, ImageFolderSource, read_manifest
+from npp.data import CodeDataset, CropConfig, DataError, ImageFolderSource, MnistSource, read_manifest
+from npp.extract import extract_codes
 from npp.images import to_rgb8
 from npp.pipeline import Pipeline
 from npp.tokenizer import load_embedded_tokenizer
@@ -336,6 +337,22 @@ def test_a_damaged_extraction_folder_is_refused_naming_the_file(case, codes, tmp
     assert "\n" not in message
 
 
+@pytest.mark.parametrize("damage, fragment", [
+    (lambda d: (d / "extract.json").write_text("[1, 2"), "extract.json is damaged (not the JSON object extraction "
+                                                         "wrote): the folder cannot be resumed"),
+    (_truncate_codes, "codes.npy cannot be read as a plain array"),
+])
+def test_resuming_an_extraction_into_a_damaged_folder_is_refused(damage, fragment, codes, tmp_path):
+    folder = tmp_path / "damaged"
+    shutil.copytree(codes, folder)
+    (folder / "manifest.json").unlink()  # an extraction still to finish
+    damage(folder)
+    vq = npp.VQModel.from_pretrained(Path(codes).parent / "vq")
+    with pytest.raises(DataError, match=re.escape(fragment)) as caught:
+        extract_codes(MnistSource("train", limit=256), vq, folder, CropConfig("none", size=32), progress=False)
+    assert "extract the codes again" in str(caught.value) and not (folder / "manifest.json").exists()
+
+
 CLI_DAMAGE = ["object-array labels.npy", "code beyond the vocabulary"]
 
 
@@ -373,7 +390,7 @@ TOKENIZER_DAMAGE = {
     "bad config": (lambda ref: json.dumps({**ref, "config": {"codebook_sise": 7}}).encode(),
                    "is damaged (unknown config field codebook_sise)"),
     "no such shipped tokenizer": (lambda ref: json.dumps({**ref, "data": "mnist-99x99"}).encode(),
-                                  "names no tokenizer that exists (data 'mnist-99x99' is not one of the shipped"),
+                                  "names no tokenizer to load (data 'mnist-99x99' is not one of the shipped"),
     "no such path": (lambda ref: json.dumps({**ref, "path": "/nowhere/vq"}).encode(),
                      "names the tokenizer /nowhere/vq, which does not exist"),
 }
