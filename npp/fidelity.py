@@ -147,7 +147,7 @@ class ImageFiles(torch.utils.data.Dataset):
         from PIL import Image  # npp.data has imported it already
 
         with Image.open(self.files[index]) as image:
-            return torch.from_numpy(np.asarray(to_rgb8(image))).permute(2, 0, 1).contiguous()
+            return torch.from_numpy(np.array(to_rgb8(image))).permute(2, 0, 1).contiguous()  # a writable copy
 
 
 PIXELS = "npp.to_rgb8/1"

@@ -21,8 +21,10 @@ from PIL import Image
 
 import npp
 from npp.batches import data_facts
-from npp.data import CodeDataset, CropConfig, DataError, ImageFolderSource, MnistSource, read_manifest
+from npp.data import (CodeDataset, CropConfig, DataError, ImageFolderSource, MnistSource, mnist_images,
+                      read_manifest)
 from npp.extract import extract_codes
+from npp.fidelity import MNIST_EXTRACTOR, resolve_reference, save_reference_statistics
 from npp.images import to_rgb8
 from npp.pipeline import Pipeline
 from npp.tokenizer import load_embedded_tokenizer
@@ -206,6 +208,24 @@ def test_pixels_without_an_8bit_reading_are_refused_not_guessed(pixels, reason, 
     image = saved(Image.fromarray(pixels), tmp_path / "a.tif")
     with pytest.raises(ValueError, match=re.escape(reason)):
         to_rgb8(image)
+
+
+def test_a_16bit_reference_folder_has_the_statistics_of_its_8bit_twin(tmp_path, monkeypatch):
+    """`npp evaluate --reference FOLDER` reads through the same conversion: FID statistics of 16-bit digits equal
+    those of the 8-bit digits they were made from (torch-fidelity's own reading clipped them to white)."""
+    monkeypatch.setenv("NPP_CACHE", str(tmp_path / "cache"))
+    digits_NHW = mnist_images("test")[0][:24, 0].numpy()
+    for name, images in (("eight", digits_NHW), ("sixteen", digits_NHW.astype(np.uint16) * 257)):
+        (tmp_path / name).mkdir()
+        for i, image in enumerate(images):
+            Image.fromarray(image).save(tmp_path / name / f"{i:03d}.png")
+    stats = {name: np.load(save_reference_statistics(resolve_reference(str(tmp_path / name), True),
+                                                     tmp_path / f"{name}.npz", extractor=MNIST_EXTRACTOR))
+             for name in ("eight", "sixteen")}
+    with Image.open(tmp_path / "sixteen" / "000.png") as first:
+        assert first.mode == "I;16"
+    assert np.array_equal(stats["eight"]["mu"], stats["sixteen"]["mu"])
+    assert np.array_equal(stats["eight"]["sigma"], stats["sixteen"]["sigma"])
 
 
 # ---- through `npp extract`: a 16-bit image encodes as its 8-bit twin; a bad name is skipped and listed ----
