@@ -374,6 +374,61 @@ def cache_dir() -> Path:
     return Path(os.environ.get("NPP_CACHE") or Path.home() / ".cache" / "npp")
 
 
+RUN_NAME_MAX = 100
+"""Longest run name: far below the 255 bytes a file name may have, so that `previous-<time>` folders and
+temporary names beside it fit too."""
+
+
+def _shorten(text: str, keep: int = 40) -> str:
+    return text if len(text) <= keep else text[:keep] + "…"
+
+
+def run_name_problem(name: str) -> str | None:
+    """What makes `name` unusable as a run folder's name, or None: it must be one path component (no '/',
+    not '.' or '..'), hold no NUL or other control character, and not be longer than RUN_NAME_MAX."""
+    if not name:
+        return "is empty"
+    if "/" in name or "\\" in name or name in (".", ".."):
+        return "is not a single folder name (no '/', '\\', '.' or '..')"
+    if "\0" in name:
+        return "contains a NUL byte"
+    if not name.isprintable():
+        return "contains a control character (a newline, a tab, ...)"
+    if len(name) > RUN_NAME_MAX:
+        return f"has {len(name)} characters, more than {RUN_NAME_MAX}"
+    return None
+
+
+def same_data(saved: str, given: str) -> bool:
+    """Whether two `TrainConfig.data` values name the same training codes: the same string; or, for folders,
+    the same folder however it is spelled (codes/x, ./codes/x/, a symlink to it), or one whose manifest is
+    byte for byte the same (a copy or a move: the manifest records the source's digest, the tokenizer's
+    fingerprint and the crops, so equal manifests mean equal codes). An embedded data set (mnist-8x8) is
+    only ever itself."""
+    if saved == given:
+        return True
+    from npp.tokenizer import EMBEDDED_TOKENIZERS
+
+    if saved in EMBEDDED_TOKENIZERS or given in EMBEDDED_TOKENIZERS:
+        return False
+    if not (os.path.isdir(saved) and os.path.isdir(given)):
+        return False
+    if os.path.samefile(saved, given):
+        return True
+    digests = {_file_digest(Path(folder) / "manifest.json") for folder in (saved, given)}
+    return len(digests) == 1 and None not in digests
+
+
+def _file_digest(path: Path) -> str | None:
+    """sha256 of a file, or None where it cannot be read."""
+    import hashlib
+
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError:
+        return None
+
+
 PRECISIONS = ("auto", "fp32", "amp-bf16", "bf16")
 
 
@@ -465,8 +520,12 @@ class TrainConfig:
         for name in ("name", "recipe", "runs_dir", "data", "model", "precision", "deepspeed", "wandb_project",
                      "eval_reference", "eval_inception_weights"):
             check(isinstance(getattr(self, name), str), f"TrainConfig.{name}={getattr(self, name)!r}: must be a string")
-        check(bool(self.name) and "/" not in self.name and self.name not in (".", ".."),
-              f"TrainConfig.name={self.name!r}: give a plain folder name such as 'ntp-tiny'")
+        for name in ("runs_dir", "data", "deepspeed", "eval_reference", "eval_inception_weights"):
+            check("\0" not in getattr(self, name), f"TrainConfig.{name} contains a NUL byte, which no path can "
+                                                   f"hold: remove it")
+        problem = run_name_problem(self.name)
+        check(problem is None, f"TrainConfig.name={_shorten(self.name)!r}: {problem}; give a plain folder name "
+                               f"such as 'ntp-tiny' (one path component, at most {RUN_NAME_MAX} characters)")
         check(self.model in MODEL_PRESETS,
               f"TrainConfig.model={self.model!r}: choose one of {', '.join(MODEL_PRESETS)}")
         check(isinstance(self.model_overrides, dict),
@@ -544,7 +603,10 @@ class TrainConfig:
         config.json). Read back through TrainConfig, so that fields added since it was saved take their
         defaults; how a run is observed, sharded or named may change between resumes (RESUMABLE)."""
         before = TrainConfig.from_dict(saved).to_dict()
-        return sorted(k for k, v in self.to_dict().items() if k not in RESUMABLE and before.get(k) != v)
+        changed = sorted(k for k, v in self.to_dict().items() if k not in RESUMABLE and before.get(k) != v)
+        if "data" in changed and same_data(before["data"], self.data):
+            changed.remove("data")  # the same folder spelled otherwise (./codes/x/, a symlink), or a copy of it
+        return changed
 
 
 RESUMABLE = frozenset({"name", "recipe", "runs_dir", "deepspeed", "num_workers", "log_every", "ckpt_every", "keep_last",

@@ -15,12 +15,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import types
 import typing
 from typing import Any, Iterable, NoReturn
 
-from npp.errors import USER_ERRORS
+from npp.errors import USER_ERRORS, ConfigError
 
 
 class Parser(argparse.ArgumentParser):
@@ -211,8 +212,40 @@ def overlay(cls: type, base: dict[str, Any], flags: dict[str, Any]) -> dict[str,
     out = dict(base)
     for key, value in flags.items():
         nested = hints.get(key)
-        if dataclasses.is_dataclass(nested) and isinstance(out.get(key), dict):
+        # Only an object merges into an object: anything else replaces it, and the dataclass then says
+        # in one line that it is not an object of fields.
+        if dataclasses.is_dataclass(nested) and isinstance(out.get(key), dict) and isinstance(value, dict):
             out[key] = overlay(nested, out[key], value)
         else:
             out[key] = value
     return out
+
+
+def read_config_file(path: str, cls: type) -> dict[str, Any]:
+    """The fields of a `--config` JSON file for the dataclass `cls`, or a one-line ConfigError: a missing file,
+    one that is not UTF-8 JSON, not an object, or whose nested sections (`"schedule": 5`) are not objects."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"--config {path}: no such file")
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"--config {path} is not UTF-8 text (at byte offset {err.start}): save it as UTF-8 "
+                          f"JSON") from None
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"--config {path} is not valid JSON ({err}): fix the file") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config {path} holds a JSON {type(data).__name__}, not an object of "
+                          f"{cls.__name__} fields")
+    check_sections(cls, data, f"--config {path}")
+    return data
+
+
+def check_sections(cls: type, data: dict[str, Any], where: str) -> None:
+    """Every field of `data` that is a nested dataclass of `cls` (schedule, eval_sampler) holds an object."""
+    hints = typing.get_type_hints(cls)
+    for key, value in data.items():
+        nested = hints.get(key)
+        if dataclasses.is_dataclass(nested) and not isinstance(value, dict):
+            raise ConfigError(f"{where}: {key!r} is a JSON {type(value).__name__} ({json.dumps(value)[:40]}), not "
+                              f"an object of {nested.__name__} fields: write it as {{\"field\": value, ...}}")

@@ -15,19 +15,19 @@ trainer sees; a finished run is reused, an interrupted one resumes.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 
 import torch
 
 from npp.config import PAPER_SAMPLER, TrainConfig, cache_dir
-from npp.errors import TrainingError
+from npp.errors import ConfigError, TrainingError, check
 from npp.evaluate import EvalConfig, evaluate
+from npp.flags import Parser, parse_int, run_command
 from npp.images import image_grid, save_png
 from npp.pipeline import Pipeline
 from npp.recipes import resolve
-from npp.runs import RunDir, launch
+from npp.runs import RunDir, check_run_folder, launch
 
 QUICKSTART_RUNS = ("quickstart-ntp", "quickstart-npp")
 
@@ -46,20 +46,45 @@ def digit_grid(pipe: Pipeline, per_class: int, seed: int = 0) -> torch.Tensor:
     return pipe(labels_B, PAPER_SAMPLER, generator=torch.Generator().manual_seed(seed))
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="npp quickstart", description=__doc__.splitlines()[0])
-    parser.add_argument("--runs-dir", default="runs", help="where the two run directories go")
-    parser.add_argument("--per-class", type=int, default=10, help="samples of each digit in the grid")
-    parser.add_argument("--eval-samples", type=int, default=1000, help="samples per run for npp evaluate")
-    args = parser.parse_args(argv)
+PROG = "npp quickstart"
 
+
+def build_parser() -> Parser:
+    parser = Parser(prog=PROG, description=__doc__.splitlines()[0])
+    parser.add_argument("--runs-dir", default="runs", help="where the two run directories go")
+    parser.add_argument("--per-class", type=parse_int, default=10, help="samples of each digit in the grid")
+    parser.add_argument("--eval-samples", type=parse_int, default=1000, help="samples per run for npp evaluate")
+    return parser
+
+
+def preflight(per_class: int, eval_samples: int, configs: list[TrainConfig]) -> EvalConfig:
+    """Everything the quickstart can refuse, checked before the first of its minutes of training: its own
+    options, the evaluation settings they make, and the run folders. Returns the evaluation settings."""
+    check(per_class >= 1, f"--per-class {per_class}: give a whole number ≥ 1 (samples of each digit in the grid)")
+    try:
+        settings = EvalConfig(num_samples=eval_samples, progress=False)
+    except ConfigError as err:  # its own check of the count, said with the flag's name
+        raise ConfigError(f"--eval-samples {eval_samples}: {err}") from None
+    for config in configs:
+        check_run_folder(config)
+    return settings
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return run_command(PROG, lambda: quickstart(args.runs_dir, args.per_class, args.eval_samples))
+
+
+def quickstart(runs_dir: str, per_class: int, eval_samples: int) -> int:
+    """The three steps of the module docstring; every refusal comes before the training."""
+    configs = [quickstart_config(name, runs_dir) for name in QUICKSTART_RUNS]
+    settings = preflight(per_class, eval_samples, configs)
     print(f"1/3 embedded data: shipped tokenizer mnist-8x8 and classifier; codes cached in {cache_dir()}",
           flush=True)
     report = []
     print("2/3 training", flush=True)
-    for name in QUICKSTART_RUNS:
-        config = quickstart_config(name, args.runs_dir)
-        run = RunDir(config.run_dir)
+    for config in configs:
+        name, run = config.name, RunDir(config.run_dir)
         seconds = None
         if run.is_finished(config):
             print(f"{run.path} is already trained: reusing it (delete the folder to train again)")
@@ -70,12 +95,12 @@ def main(argv: list[str] | None = None) -> int:
             seconds = time.perf_counter() - started
         report.append((name, run, seconds))
 
-    print(f"3/3 a grid of every digit per run, and {args.eval_samples} samples each for npp evaluate "
+    print(f"3/3 a grid of every digit per run, and {eval_samples} samples each for npp evaluate "
           f"(domain metrics: MNIST classifier features, not comparable to ImageNet FID)", flush=True)
     for name, run, seconds in report:
-        grid = save_png(image_grid(digit_grid(Pipeline.from_run(run.path), args.per_class), nrow=args.per_class),
+        grid = save_png(image_grid(digit_grid(Pipeline.from_run(run.path), per_class), nrow=per_class),
                         run.samples / "quickstart.png")
-        results = evaluate(run.path, EvalConfig(num_samples=args.eval_samples, progress=False))
+        results = evaluate(run.path, settings)
         m, rows = results["metrics"], run.train_rows()
         took = "" if seconds is None else f" in {seconds / 60:.1f} min"
         print(f"  {name}: {rows[-1]['flops_seen'] / 1e12:.1f} TFLOP{took}, final loss {rows[-1]['loss']:.3f}; "

@@ -133,7 +133,7 @@ class RunDir:
         pointer = self.checkpoints / "latest"
         if not pointer.is_file():
             return None
-        tag = pointer.read_text().strip()
+        tag = read_pointer(pointer, self.checkpoint_tags())
         return tag if tag and (self.checkpoints / tag / "meta.json").is_file() else None
 
     def set_latest(self, tag: str) -> None:
@@ -155,10 +155,12 @@ class RunDir:
 
     def checkpoint_meta(self, tag: str) -> dict[str, Any]:
         """meta.json of a checkpoint: step, world_size, zero_stage, stage, model (ModelConfig), tokenizer."""
+        path = self.checkpoints / tag / "meta.json"
         try:
-            return json.loads((self.checkpoints / tag / "meta.json").read_text())
+            meta = json.loads(path.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError, OSError) as err:
-            raise CheckpointError(f"{self.checkpoints / tag / 'meta.json'} is damaged ({err})") from None
+            raise CheckpointError(f"{path} is damaged ({err})") from None
+        return checked_meta(meta, path)
 
     # ---- metrics ---------------------------------------------------------------------------
 
@@ -198,11 +200,84 @@ class RunDir:
         if not self.config.is_file():
             raise ConfigError(f"{self.path} is not a run directory (no config.json): "
                                     f"give runs/<name> of a run started with `npp train`")
-        return json.loads(self.config.read_text())
+        return read_run_config(self.config)
 
     def write_config(self, config: dict[str, Any]) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
         dump_json(config, self.config)
+
+
+# ------------------------------------------------------------------------------------------------
+# Reading what a run folder holds: a damaged file is a one-line error that names it and the fix
+# ------------------------------------------------------------------------------------------------
+
+META_FIELDS = {"step": int, "world_size": int, "zero_stage": int, "model": dict, "tokenizer": dict,
+               "tokens_seen": int, "flops_seen": (int, float)}
+"""The meta.json fields that resuming and exporting read (every checkpoint the trainer has written has them)."""
+
+
+_META_FIX = ("that checkpoint cannot be used: `npp train` resumes from the one before it; to export an earlier "
+             "one, write its tag into checkpoints/latest")
+
+
+def checked_meta(meta: Any, path: Path) -> dict[str, Any]:
+    """A checkpoint's meta.json after checking that it holds every field its readers use, with its type:
+    `{}` (or a field of the wrong kind) is a damaged checkpoint, not a KeyError deep in an export."""
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path} is damaged (a JSON {type(meta).__name__}, not an object): {_META_FIX}")
+    wrong = [name for name, kind in META_FIELDS.items()
+             if not isinstance(meta.get(name), kind) or isinstance(meta.get(name), bool)]
+    if wrong:
+        raise CheckpointError(f"{path} is damaged (missing or malformed: {', '.join(wrong)}): {_META_FIX}")
+    return meta
+
+
+def read_pointer(pointer: Path, tags: list[str]) -> str:
+    """The tag that the `latest` pointer names. The trainer writes a tag and a newline and nothing else, so
+    anything else (binary bytes, a path) is damage: refused in one line rather than guessed at."""
+    fix = (f"write the tag of a complete checkpoint into it (echo {tags[-1]} > {pointer})" if tags
+           else f"remove it ({pointer})")
+    try:
+        tag = pointer.read_text(encoding="utf-8").strip()
+    except UnicodeDecodeError:
+        raise CheckpointError(f"{pointer} is damaged (not text): {fix}") from None
+    if tag and not (tag.isprintable() and " " not in tag and "/" not in tag and "\\" not in tag
+                    and tag not in (".", "..")):
+        raise CheckpointError(f"{pointer} is damaged (it holds {tag[:40]!r}, not a checkpoint tag): {fix}")
+    return tag
+
+
+def read_run_config(path: Path) -> dict[str, Any]:
+    """A run's config.json as a dict; a file that is not UTF-8 JSON of an object is a one-line error."""
+    fix = ("restore it from a copy of the run, or start the run again with `npp train ... --no-resume` "
+           "(its files are then set aside, not deleted)")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path} is damaged ({' '.join(str(err).split())[:120]}): {fix}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} is damaged (a JSON {type(data).__name__}, not an object of TrainConfig "
+                          f"fields): {fix}")
+    return data
+
+
+def check_run_folder(config: TrainConfig) -> None:
+    """Before any training: the runs folder and the run folder are folders (or can be made) and can be written
+    to, so that a file in their place or a read-only disk is one line now, not a traceback after the data is
+    loaded. Nothing is created here: os.access asks the system (it answers for read-only mounts and
+    immutable folders even to root)."""
+    run = Path(config.run_dir)
+    for folder, fix in ((Path(config.runs_dir), "give a folder as --runs-dir (it is made if missing)"),
+                        (run, "move the file away, or give another --name")):
+        if folder.exists() and not folder.is_dir():
+            raise ConfigError(f"{folder} is a file, not a folder: {fix}")
+    existing = next(p for p in (run, *run.parents) if p.exists() or p == Path(p.anchor or "."))
+    if not existing.is_dir():
+        raise ConfigError(f"{existing} is a file, not a folder, so {run} cannot be made: give another --runs-dir")
+    for folder in (existing, run / "checkpoints"):
+        if folder.is_dir() and not os.access(folder, os.W_OK | os.X_OK):
+            raise ConfigError(f"{folder} cannot be written to (a read-only file system, or no permission): choose "
+                              f"another --runs-dir, or make it writable")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -48,13 +48,13 @@ from npp.config import TrainConfig
 from npp.distributed import deepspeed_config, init_distributed, offloads_optimizer, zero_stage
 from npp.errors import USER_ERRORS, CheckpointError, ConfigError, TrainingError, require
 from npp.files import dump_json
-from npp.flags import Parser, add_flags, fail, given, overlay
+from npp.flags import Parser, add_flags, fail, given, overlay, read_config_file
 from npp.model import GPT
 from npp.patching import next_patch_loss
 from npp.preflight import check_run
 from npp.recipes import resolve
 from npp.lock import RunLock
-from npp.runs import RunDir
+from npp.runs import RunDir, check_run_folder
 from npp.schedule import Stage, lr_at, plan_stages, stage_at
 from npp.tokenizer import EMBEDDED_TOKENIZERS
 from npp.trainlog import MetricsLogger
@@ -96,8 +96,12 @@ class Trainer:
                               "(ds_configs/zero2.json) or set ema_decay to 0 with ZeRO-3")
         self.start_step, self.tokens_seen, self.flops_seen = 0, 0, 0.0
         resume_tag = self.run.latest_tag() if resume else None
+        self.experiment = config.experiment_id()
         if resume_tag is not None:
-            changed = config.changes_from(self.run.read_config())
+            saved = self.run.read_config()
+            changed = config.changes_from(saved)
+            # The run's own identity: the same data spelled otherwise (./codes/x/, a symlink) is the same experiment.
+            self.experiment = TrainConfig.from_dict(saved).experiment_id()
             if changed:
                 raise ConfigError(f"{self.run.path} was started with other values of {', '.join(changed)}: resume "
                                   f"it unchanged, give a new --name, or pass --no-resume to start it again")
@@ -386,7 +390,7 @@ class Trainer:
         dump_json({"step": step, "world_size": self.world, "zero_stage": zero_stage(self.ds_config),
                    "stage": stage_at(self.stages, max(step - 1, 0)).index, "model": self.model_config.to_dict(),
                    "tokenizer": self.tokenizer, "tokens_seen": self.tokens_seen, "flops_seen": self.flops_seen,
-                   "experiment": self.config.experiment_id()}, folder / "meta.json")
+                   "experiment": self.experiment}, folder / "meta.json")
         self.run.set_latest(folder.name)
         stage_ends = {RunDir.tag(s.end) for s in self.stages}
         for old in self.run.checkpoint_tags()[:-self.config.keep_last]:
@@ -410,7 +414,7 @@ class Trainer:
         if meta is None:
             raise TrainingError(f"no checkpoint of {self.run.path} has a readable meta.json: start the run again "
                                 f"with --no-resume (its files are then set aside, not deleted)")
-        if meta.get("experiment") not in (None, self.config.experiment_id()):
+        if meta.get("experiment") not in (None, self.experiment):
             raise ConfigError(f"{self.run.checkpoints / RunDir.tag(meta['step'])} was written by another experiment than "
                               f"{self.run.config} describes: move the checkpoints folder away, or pass --no-resume")
         self._resume_universal = meta["world_size"] != self.world and meta["zero_stage"] > 0
@@ -510,18 +514,7 @@ def build_parser() -> Parser:
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    data: dict[str, Any] = {}
-    if args.config:
-        path = Path(args.config)
-        if not path.is_file():
-            raise ConfigError(f"--config {args.config}: no such file")
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
-            raise ConfigError(f"--config {args.config} is not valid JSON ({err}): fix the file") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"--config {args.config} holds a JSON {type(data).__name__}, not an object of "
-                              f"TrainConfig fields")
+    data = read_config_file(args.config, TrainConfig) if args.config else {}
     return resolve(overlay(TrainConfig, data, given(args, TrainConfig, exclude=["recipe"])), args.recipe)
 
 
@@ -540,6 +533,7 @@ def main(argv: list[str] | None = None) -> int:
         config = config_from_args(args)
         plan_stages(config.schedule)  # fail on an impossible schedule before any process starts
         check_run(config)  # and on a run that cannot fit this machine
+        check_run_folder(config)  # and on a runs folder that is a file or read-only
         require("deepspeed", "npp train")
         trainer = Trainer(config, resume=not args.no_resume)
     except USER_ERRORS as err:
