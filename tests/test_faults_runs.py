@@ -128,6 +128,18 @@ def test_export_removes_the_partial_export_a_kill_left(runs, tmp_path):
     assert not run.partial_exports() and run.exported and not (run.path / ".lock").exists()
 
 
+@pytest.mark.heavy  # an evaluation (~15 s); export and train remove partial exports by default
+def test_an_evaluation_into_the_run_removes_the_partial_export_a_kill_left(codes, runs, tmp_path):
+    run = RunDir(tmp_path / "a")
+    shutil.copytree(runs[0] / "a", run.path)
+    (run.path / ".export.ev1").mkdir()
+    result = npp("evaluate", str(run.path), "--num-samples", "8", "--no-progress", "--tokenizer",
+                 str(Path(codes).parent / "vq"), tmp=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"npp evaluate: warning: removed {run.path / '.export.ev1'}" in result.stderr
+    assert not run.partial_exports() and (run.path / "eval").is_dir()
+
+
 def test_export_refuses_a_checkpoint_of_another_experiment_or_model(runs, tmp_path):
     runs = runs[0]
     run = RunDir(tmp_path / "a")
