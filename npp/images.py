@@ -58,8 +58,9 @@ def to_rgb8(image: Image.Image) -> Image.Image:
     the image and lists the reason). The rules, mode by mode:
 
     1, L, P, RGB, RGBX, HSV   PIL's exact conversion (a palette is looked up, grey is replicated).
-    LA, PA, RGBA, La, RGBa    composited on BACKGROUND (white): round((c·a + 255·(255 − a)) / 255); so is
+    LA, PA, RGBA              composited on BACKGROUND (white): round((c·a + 255·(255 − a)) / 255); so is
                               any image with a transparency key (a palette entry, a grey or RGB value).
+    La, RGBa                  premultiplied (c·a/255 stored): the same composite, c + 255 − a.
     I;16, I;16B, I;16L, I;16N 16-bit integers: round(v / 257), i.e. 65535 → 255, never clipped.
     I                         integers scaled by the file's bit depth: 16-bit for PNG and PGM/PPM (PIL
                               stretches other PGM maxvals to 65535), the BitsPerSample of a TIFF; refused
@@ -78,7 +79,9 @@ def to_rgb8(image: Image.Image) -> Image.Image:
     mode = image.mode
     if mode in ("L", "RGB", "1", "P", "RGBX", "HSV") and "transparency" not in image.info:
         return image.convert("RGB")
-    if mode in ("LA", "PA", "RGBA", "La", "RGBa", "L", "RGB", "1", "P"):
+    if mode in ("La", "RGBa"):  # premultiplied alpha (e.g. TIFFs with associated alpha)
+        return _composite_premultiplied(np.asarray(image))
+    if mode in ("LA", "PA", "RGBA", "L", "RGB", "1", "P"):
         return _composite(np.asarray(image.convert("RGBA")))
     if mode.startswith("I"):
         return _integer_to_rgb8(image)
@@ -103,6 +106,15 @@ def _composite(rgba_HW4: np.ndarray, background: tuple[int, int, int] = BACKGROU
     alpha = rgba_HW4[..., 3:].astype(np.int64)
     out = (rgb * alpha + np.asarray(background, dtype=np.int64) * (255 - alpha) + 127) // 255
     return Image.fromarray(out.astype(np.uint8), "RGB")
+
+
+def _composite_premultiplied(pixels: np.ndarray, background: tuple[int, int, int] = BACKGROUND) -> Image.Image:
+    """Premultiplied colour (c·a/255 stored) on an opaque background: c + round(b·(255 − a) / 255)."""
+    colour = pixels[..., :-1].astype(np.int64)
+    alpha = pixels[..., -1:].astype(np.int64)
+    rgb = np.broadcast_to(colour, (*colour.shape[:-1], 3))
+    out = rgb + (np.asarray(background, dtype=np.int64) * (255 - alpha) + 127) // 255
+    return Image.fromarray(np.clip(out, 0, 255).astype(np.uint8), "RGB")
 
 
 def _scaled(values: np.ndarray, full_scale: int) -> np.ndarray:

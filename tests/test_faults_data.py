@@ -107,6 +107,23 @@ def _mode_RGBA(tmp):
     return saved(Image.fromarray(rgba, "RGBA"), tmp / "a.png"), composite_on_white(rgba[..., :3], rgba[..., 3])
 
 
+def _premultiplied(mode: str, channels: int):
+    """La / RGBa (premultiplied: c·a/255 stored; PIL reads TIFFs with associated alpha so): c + 255 − a on white."""
+    pixels = RNG.integers(0, 256, (8, 8, channels), dtype=np.uint8)
+    pixels[..., :-1] = np.minimum(pixels[..., :-1], pixels[..., -1:])
+    colour, alpha = pixels[..., :-1].astype(int), pixels[..., -1:].astype(int)
+    expected = np.broadcast_to(np.clip(colour + 255 - alpha, 0, 255), (8, 8, 3)).astype(np.uint8)
+    return Image.frombytes(mode, (8, 8), pixels.tobytes()), expected
+
+
+def _mode_La(tmp):
+    return _premultiplied("La", 2)
+
+
+def _mode_RGBa(tmp):
+    return _premultiplied("RGBa", 4)
+
+
 def _mode_CMYK(tmp):
     cmyk = RNG.integers(0, 256, (8, 8, 4), dtype=np.uint8).astype(np.float64)
     expected = np.round((255 - cmyk[..., :3]) * (255 - cmyk[..., 3:]) / 255).astype(np.uint8)
@@ -151,7 +168,7 @@ def _mode_F(tmp):
 
 
 MODES = {"1": _mode_1, "L": _mode_L, "LA": _mode_LA, "P": _mode_P, "P+transparency": _mode_P_transparent,
-         "RGB": _mode_RGB, "RGBA": _mode_RGBA, "CMYK": _mode_CMYK, "YCbCr": _mode_YCbCr, "I;16": _mode_I16,
+         "RGB": _mode_RGB, "RGBA": _mode_RGBA, "La": _mode_La, "RGBa": _mode_RGBa, "CMYK": _mode_CMYK, "YCbCr": _mode_YCbCr, "I;16": _mode_I16,
          "I;16B": _mode_I16B, "I (16-bit PGM)": _mode_I_pgm16, "I (32-bit TIFF)": _mode_I_tiff32, "F": _mode_F}
 
 
