@@ -164,8 +164,8 @@ def _check_resumable(output: Path, settings: dict[str, Any], layout: _Layout) ->
         path = output / name
         array = open_array(path)
         if array.shape != shape or array.dtype != dtype:
-            raise DataError(f"{path} is missing or misshapen: the folder is damaged; delete it and "
-                            f"extract again")
+            raise DataError(f"{path} is {array.dtype} {array.shape}, this extraction writes {dtype} {shape}: "
+                            f"the folder is damaged; {EXTRACT_AGAIN}")
 
 
 def _check_same_source(output: Path, layout: _Layout, rank: int) -> None:

@@ -378,6 +378,8 @@ def test_a_damaged_extraction_folder_is_refused_naming_the_file(case, codes, tmp
     (lambda d: (d / "extract.json").write_text("[1, 2"), "extract.json is damaged (not the JSON object extraction "
                                                          "wrote): the folder cannot be resumed"),
     (_truncate_codes, "codes.npy cannot be read as a plain array"),
+    (lambda d: np.save(d / "done.npy", np.zeros(3, np.uint8)), "done.npy is uint8 (3,), this extraction writes "
+                                                               "uint8 (256,)"),
 ])
 def test_resuming_an_extraction_into_a_damaged_folder_is_refused(damage, fragment, codes, tmp_path):
     folder = tmp_path / "damaged"
