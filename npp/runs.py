@@ -133,7 +133,7 @@ class RunDir:
         pointer = self.checkpoints / "latest"
         if not pointer.is_file():
             return None
-        tag = read_pointer(pointer, self.checkpoint_tags())
+        tag = read_pointer(pointer, self.checkpoint_tags)
         return tag if tag and (self.checkpoints / tag / "meta.json").is_file() else None
 
     def set_latest(self, tag: str) -> None:
@@ -232,19 +232,24 @@ def checked_meta(meta: Any, path: Path) -> dict[str, Any]:
     return meta
 
 
-def read_pointer(pointer: Path, tags: list[str]) -> str:
+def read_pointer(pointer: Path, tags: Callable[[], list[str]]) -> str:
     """The tag that the `latest` pointer names. The trainer writes a tag and a newline and nothing else, so
-    anything else (binary bytes, a path) is damage: refused in one line rather than guessed at."""
-    fix = (f"write the tag of a complete checkpoint into it (echo {tags[-1]} > {pointer})" if tags
-           else f"remove it ({pointer})")
+    anything else (binary bytes, a path) is damage: refused in one line rather than guessed at. `tags` lists
+    the complete checkpoints, for the fix."""
     try:
         tag = pointer.read_text(encoding="utf-8").strip()
+        damage = None
     except UnicodeDecodeError:
-        raise CheckpointError(f"{pointer} is damaged (not text): {fix}") from None
+        tag, damage = "", "not text"
     if tag and not (tag.isprintable() and " " not in tag and "/" not in tag and "\\" not in tag
                     and tag not in (".", "..")):
-        raise CheckpointError(f"{pointer} is damaged (it holds {tag[:40]!r}, not a checkpoint tag): {fix}")
-    return tag
+        damage = f"it holds {tag[:40]!r}, not a checkpoint tag"
+    if damage is None:
+        return tag
+    complete = tags()
+    fix = (f"write the tag of a complete checkpoint into it (echo {complete[-1]} > {pointer})" if complete
+           else f"remove it ({pointer})")
+    raise CheckpointError(f"{pointer} is damaged ({damage}): {fix}")
 
 
 def read_run_config(path: Path) -> dict[str, Any]:
