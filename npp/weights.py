@@ -280,15 +280,16 @@ def write_weights(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike,
 
 def verified_sha256(path: str | os.PathLike, fix: str) -> str:
     """The sha256 of a weights file after checking it against its record; `fix` says what to do about a
-    mismatch (and about a missing record, in the warning)."""
+    mismatch. A missing record is a warning, not a refusal: files npp wrote before it kept records must load."""
     path = Path(path)
     record = record_path(path)
     digest = file_sha256(path)
     if not record.is_file():
         if str(path) not in _WARNED:
             _WARNED.add(str(path))
-            print(f"npp: warning: {path} has no sha256 record ({record.name}; written by an older npp or by hand), "
-                  f"so damage to it cannot be detected: {fix} to add one", file=sys.stderr, flush=True)
+            print(f"npp: warning: {path} has no sha256 record ({record.name}: written by an older npp or by hand), "
+                  f"so it loads unverified; npp records one whenever it writes the file (npp export RUN for a run's "
+                  f"export)", file=sys.stderr, flush=True)
         return digest
     try:
         expected = record.read_text().split()[0].lower()

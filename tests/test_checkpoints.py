@@ -46,7 +46,7 @@ def test_llamagen_roundtrip_keeps_logits(tmp_path, wrap):
     torch.testing.assert_close(logits_of(model), expected, rtol=0, atol=0)
 
     model.save_pretrained(tmp_path / "export")
-    assert sorted(os.listdir(tmp_path / "export")) == ["config.json", "model.safetensors"]
+    assert sorted(os.listdir(tmp_path / "export")) == ["config.json", "model.safetensors", "model.safetensors.sha256"]
     again = npp.GPT.from_pretrained(tmp_path / "export")
     assert again.config == cfg and not again.training
     torch.testing.assert_close(logits_of(again), expected, rtol=0, atol=0)

@@ -107,7 +107,7 @@ def test_llamagen_state_loads_and_round_trips(tmp_path, wrap):
     assert decoded.shape == (3, 3, 16, 16) and decoded.dtype == torch.float32
 
     vq.save_pretrained(tmp_path / "export")
-    assert sorted(os.listdir(tmp_path / "export")) == ["config.json", "model.safetensors"]
+    assert sorted(os.listdir(tmp_path / "export")) == ["config.json", "model.safetensors", "model.safetensors.sha256"]
     again = npp.VQModel.from_pretrained(tmp_path / "export")
     assert again.config == vq.config
     assert torch.equal(again.encode(images), codes)

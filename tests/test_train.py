@@ -111,8 +111,8 @@ def test_kill_9_then_resume_continues_the_same_trajectory(codes, reference):
 
 def test_export_loads_and_samples(reference):
     export = RunDir(reference / "full").export
-    assert sorted(p.name for p in export.iterdir()) == ["config.json", "model.safetensors", "source.json",
-                                                         "tokenizer.json"]
+    assert sorted(p.name for p in export.iterdir()) == ["config.json", "model.safetensors", "model.safetensors.sha256",
+                                                         "source.json", "tokenizer.json"]
     model = npp.GPT.from_pretrained(export)
     assert model.config.grid == 8 and model.config.vocab_size == 64 and model.config.num_classes == 10
     tokens = npp.generate(model, torch.tensor([3, 7]), cfg_scale=2.0, generator=torch.Generator().manual_seed(0))
