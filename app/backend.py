@@ -603,7 +603,8 @@ def memory_text(peak_bytes: int | None) -> str:
 
 
 def stream(sides: Sequence[Loaded], settings: Settings) -> Iterator[list[Frame]]:
-    """Sample every side with the same labels and seeds, one token row per side and round, in turns.
+    """Sample every side with the same labels and seeds, one token row per side and round, in turns (who
+    goes first alternating from round to round).
 
     Yields the frames after every round, so viewers watch both models draw; the last yield has
     every side done. Closing the iterator (a cancelled request) stops the worker threads. A model's
@@ -623,8 +624,14 @@ def stream(sides: Sequence[Loaded], settings: Settings) -> Iterator[list[Frame]]
                                            warm_rows=warm))
         for sampler in samplers:
             sampler.ready.wait()
-        while not all(f.done for f in frames):
-            for frame, sampler in zip(frames, samplers):
+        for round_ in itertools.count():
+            if all(f.done for f in frames):
+                break
+            # Who goes first alternates: the work each yield sets off (the previews encoded, the browser
+            # fetching them from this process) lands on the round's first turn, so always one side would
+            # take it and show the slower speed.
+            order = list(zip(frames, samplers))
+            for frame, sampler in order if round_ % 2 == 0 else order[::-1]:
                 if not frame.done:
                     _turn(frame, sampler)
             yield frames
