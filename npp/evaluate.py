@@ -199,18 +199,14 @@ def _manifest_key(folder: Path) -> str | None:
     return key if isinstance(key, str) else None
 
 
-def _free_name(path: Path) -> Path:
-    """path, or path-2, path-3 … : the first name not taken."""
-    candidate, n = path, 1
+def _aside(path: Path, label: str) -> Path:
+    """Where to move a file or folder of another model: beside it, named by that model's key
+    (`samples.<key>`, `results.<key>.json`; `-2`, `-3` … after the key when that name is taken)."""
+    candidate, n = path.with_name(f"{path.stem}.{label}{path.suffix}"), 1
     while candidate.exists():
         n += 1
-        candidate = path.with_name(f"{path.name}-{n}")
+        candidate = path.with_name(f"{path.stem}.{label}-{n}{path.suffix}")
     return candidate
-
-
-def _aside(path: Path, label: str) -> Path:
-    """Where to move a file or folder of another model: beside it, named by that model's key."""
-    return _free_name(path.with_name(f"{path.stem}.{label}{path.suffix}"))
 
 
 def claim_samples(folder: Path, identity: dict[str, Any]) -> str:

@@ -89,6 +89,17 @@ def test_a_second_models_evaluation_in_a_shared_folder_reports_its_own_fid(share
     assert len(warnings) == 2 and all(f"{a['samples_key']}" in w for w in warnings), warnings
 
 
+def test_the_first_model_evaluated_again_gets_its_own_samples_back(shared_folder, shared, runs, tmp_path):
+    a, b = shared_folder["a"], shared_folder["b"]
+    out = tmp_path / "X"
+    shutil.copytree(shared_folder["root"] / "X", out)  # a's samples aside, b's in place
+    again = results(evaluate(shared, runs, runs["a"].path, out), out)
+    assert (again["drawn_this_run"], again["reused"]) == (0, 20)
+    assert again["metrics"] == a["metrics"]
+    assert len(pngs(out / f"samples.{b['samples_key']}")) == 20 and not (out / f"samples.{a['samples_key']}").exists()
+    assert json.loads((out / f"results.{b['samples_key']}.json").read_text())["metrics"] == b["metrics"]
+
+
 def test_a_reexport_with_other_weights_does_not_reuse_the_old_samples(shared_folder, shared, runs, tmp_path):
     a, fresh_b = shared_folder["a"], shared_folder["b fresh"]
     export = tmp_path / "export"
