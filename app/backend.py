@@ -375,6 +375,11 @@ def redact(text: str, source: Source) -> str:
     spellings = {str(source.path), str(source.path.absolute()), str(source.path.resolve())}
     for spelling in sorted(spellings, key=len, reverse=True):  # the longest first: the others are inside it
         text = text.replace(spelling, source.name)
+    return hide_paths(text)
+
+
+def hide_paths(text: str) -> str:
+    """`text` with every absolute path cut to its last part (a file's name says what; its folders, where)."""
     return _ABSOLUTE_PATH.sub(r"\1", text)
 
 

@@ -36,12 +36,12 @@ from npp.flags import field_docs  # noqa: E402
 
 if __package__:  # imported as app.demo (python -m app.demo)
     from app.backend import (MAX_IMAGES, MAX_SEED, Backend, Frame, LoadError, Loaded, Settings, Source,  # noqa: E402
-                             checkpoint_problem, default_pair, find_sources, paper_sampler, parse_class,
+                             checkpoint_problem, default_pair, find_sources, hide_paths, paper_sampler, parse_class,
                              shared_classes, stream, training_plots)
 else:  # run as a script: python app/demo.py puts app/ first on the import path
     from backend import (MAX_IMAGES, MAX_SEED, Backend, Frame, LoadError, Loaded, Settings, Source,  # noqa: E402
-                         checkpoint_problem, default_pair, find_sources, paper_sampler, parse_class, shared_classes,
-                         stream, training_plots)
+                         checkpoint_problem, default_pair, find_sources, hide_paths, paper_sampler, parse_class,
+                         shared_classes, stream, training_plots)
 
 QUEUE_SIZE = 32
 """Requests waiting beyond this are turned away with a message rather than piling up."""
@@ -189,7 +189,7 @@ def make_generate(backend: Backend, sampler: type[SamplerConfig], max_wait_s: fl
                 stats = [message if frame is None else frame.stats(settings) for frame, message in zip(shown, messages)]
                 yield gallery(shown[0], caption), gallery(shown[1], caption), stats[0], stats[1], settings.seed, status
         except Exception as err:  # noqa: BLE001 (a readable message in the UI, never a traceback)
-            raise gr.Error(f"sampling failed: {type(err).__name__}: {err}") from None
+            raise gr.Error(f"sampling failed: {type(err).__name__}: {hide_paths(str(err))}") from None
 
     return generate
 

@@ -12,8 +12,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -25,9 +23,8 @@ import pytest
 import torch
 
 import npp
-from app.backend import find_sources, run_rows
+from app.backend import find_sources, hide_paths, run_rows
 from npp.errors import DataError
-from npp.files import ASSETS
 from npp.runs import RunDir
 from test_app import CHROMIUM, CHROMIUM_ARGS, GRID, free_port, make_run, request
 
@@ -199,7 +196,8 @@ def test_uploads_are_bounded_in_total_named_by_base_name_and_refused_beyond(serv
     held = uploads_on_disk(served["temp"])
     assert sum(held.values()) <= 4 * 2**20 and "upload-4.bin" not in held and "upload-5.bin" not in held, held
 
-    chunked = httpx.post(upload, content=iter([b"--x\r\n"]), headers={"content-type": "multipart/form-data; boundary=x"})
+    chunked = httpx.post(upload, content=iter([b"--x\r\n"]),
+                         headers={"content-type": "multipart/form-data; boundary=x"})
     assert chunked.status_code == 411 and "Content-Length" in chunked.text
     for reply in [*statuses, chunked]:
         assert SECRET not in reply.text and str(served["temp"]) not in reply.text
@@ -235,6 +233,12 @@ def test_no_reply_names_a_server_folder_and_images_still_load(served):
     client = Client(served["url"], verbose=False, download_files=str(served["folder"] / "downloads"))
     left, *_ = client.predict(*request(right="broken", n=1), api_name="/generate")
     assert len(left) == 1 and Path(left[0]["image"]).stat().st_size > 0  # gradio_client downloads through it
+
+
+def test_a_path_with_spaces_in_an_error_is_cut_to_its_file_name():
+    said = ("/home/me/Secret Projects/client-acme/tokenizers/vq.pt is damaged; "
+            "see /srv/data/client-acme/x.json or /opt/my models/model weights.pt (1/2 done, http://a/b)")
+    assert hide_paths(said) == "vq.pt is damaged; see x.json or model weights.pt (1/2 done, http://a/b)"
 
 
 def test_the_upload_ledger_deletes_what_it_refuses_and_what_outlived_its_time(tmp_path):
