@@ -189,12 +189,15 @@ def exported(codes, tmp_path_factory):
     return RunDir(runs / "e")
 
 
-def test_a_truncated_export_is_one_line_naming_the_file(exported, tmp_path):
+def test_a_truncated_export_is_one_line_naming_the_file(codes, exported, tmp_path):
     damaged = tmp_path / "damaged"
     shutil.copytree(exported.export, damaged)
     data = (damaged / "model.safetensors").read_bytes()
     (damaged / "model.safetensors").write_bytes(data[: len(data) // 3])
-    error = one_line(subprocess.run([NPP, "evaluate", str(damaged), "--num-samples", "4"], capture_output=True,
+    # codes extracted in memory name no tokenizer file: give the one that encoded them
+    tokenizer = str(Path(codes).parent / "vq")
+    error = one_line(subprocess.run([NPP, "evaluate", str(damaged), "--num-samples", "4", "--tokenizer", tokenizer],
+                                    capture_output=True,
                                     text=True, timeout=300, env=env(tmp_path)), "npp evaluate")
     assert f"{damaged}/model.safetensors is damaged" in error and "npp export" in error
     with pytest.raises(npp.CheckpointError, match="is damaged"):
