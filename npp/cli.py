@@ -124,8 +124,9 @@ def tokenizer(argv: list[str]) -> int:
     args = parser.parse_args(argv[1:] if argv[:1] == ["train"] else ["--help"])
 
     def body() -> None:
-        check_device(args.device, auto=False)
-        _, metrics = train_tokenizer(TokenizerTrainConfig(**given(args, TokenizerTrainConfig)), args.out,
+        config = TokenizerTrainConfig(**given(args, TokenizerTrainConfig))
+        check_device(config.device, auto=False)  # the config's default when --device is not given
+        _, metrics = train_tokenizer(config, args.out,
                                      resume=args.resume, command=shlex.join(["npp", "tokenizer", *argv]))
         test = metrics["test"]
         judged = (f", classifier recognises {test['recon_classifier_accuracy']:.2%} of reconstructions"
@@ -146,8 +147,9 @@ def classifier(argv: list[str]) -> int:
     args = parser.parse_args(argv[1:] if argv[:1] == ["train"] else ["--help"])
 
     def body() -> None:
-        check_device(args.device, auto=False)
-        _, metrics = train_classifier(ClassifierTrainConfig(**given(args, ClassifierTrainConfig)), args.out,
+        config = ClassifierTrainConfig(**given(args, ClassifierTrainConfig))
+        check_device(config.device, auto=False)  # the config's default when --device is not given
+        _, metrics = train_classifier(config, args.out,
                                       command=shlex.join(["npp", "classifier", *argv]))
         print(f"{args.out}: test accuracy {metrics['test_accuracy']:.2%} on {metrics['test_images']} digits, "
               f"{metrics['wall_time_s']:.0f} s")

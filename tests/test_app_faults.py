@@ -40,10 +40,10 @@ BAD_ROWS = {  # run name → the last line of its metrics.jsonl (bytes), and wha
 }
 
 
-def same_architecture(run: Path, seed: int) -> None:
+def same_architecture(run: Path, seed: int, **overrides) -> None:
     """Replace the run's export by a 'tiny'-preset GPT (the same architecture for every seed)."""
     torch.manual_seed(seed)
-    model = npp.GPT(npp.ModelConfig.preset("tiny", vocab_size=256, num_classes=10, grid=GRID))
+    model = npp.GPT(npp.ModelConfig.preset("tiny", vocab_size=256, num_classes=10, grid=GRID, **overrides))
     torch.nn.init.normal_(model.output.weight, std=0.02)
     model.save_pretrained(run / "export")
 
@@ -52,6 +52,9 @@ def make_runs(runs: Path) -> None:
     """The quickstart pair (one architecture), a broken export, and one run per kind of malformed row."""
     for name, patches, seed in (("quickstart-ntp", [1, 1, 1, 1], 1), ("quickstart-npp", [2, 2, 1, 1], 2)):
         same_architecture(make_run(runs, name, patches, fid=50.0, seed=seed), seed)
+    # Wide and deep enough that sampling 16 images takes seconds: the queue test's first request outlasts
+    # the others' arrival by far more than the allowed wait, however fast the machine.
+    same_architecture(make_run(runs, "slow", [1, 1, 1, 1], fid=60.0, seed=5), 5, dim=512, n_layer=12)
     broken = make_run(runs, "broken", [1, 1, 1, 1], fid=90.0, seed=3)
     weights = broken / "export" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])
@@ -148,7 +151,7 @@ def test_start_up_skips_each_run_with_a_malformed_metrics_row_in_one_line(served
         assert says in line and line.endswith("remove or repair it" if name == "bad-bytes" else
                                               "remove or repair that line"), line
     offered = (served["folder"] / "server.log").read_text().splitlines()[0]
-    assert offered == "models on cpu: broken, quickstart-npp, quickstart-ntp"
+    assert offered == "models on cpu: broken, quickstart-npp, quickstart-ntp, slow"
 
 
 def test_a_torn_last_line_is_a_crash_not_damage_and_a_bad_line_before_it_is_damage(tmp_path):
@@ -267,18 +270,26 @@ def test_the_upload_ledger_deletes_what_it_refuses_and_what_outlived_its_time(tm
 # ------------------------------------------------------------------------------------------------
 
 def test_a_crowded_queue_is_bounded_and_a_request_that_waited_too_long_is_dropped(served):
-    """One request samples (8 images per side: seconds on a CPU), QUEUE wait, the rest are turned away; the
+    """One request samples (16 images per side, the most: seconds on a CPU), QUEUE wait, the rest are turned away; the
     waiting ones, their turn come after more than MAX_WAIT_S, are dropped with a message, not served late."""
     from gradio_client import Client
     from gradio_client.exceptions import AppError
+    from gradio_client.utils import Status
 
     client = Client(served["url"], verbose=False, download_files=str(served["folder"] / "downloads"))
-    first = client.submit(*request(n=8, seed=1), api_name="/generate")
+    first = client.submit(*request(left="slow", right="slow", n=16, seed=1), api_name="/generate")
     deadline = time.monotonic() + 120
     while not first.outputs():  # sampling: its first row is out
         assert time.monotonic() < deadline and not first.done()
         time.sleep(0.05)
-    later = [client.submit(*request(n=1, seed=2 + i), api_name="/generate") for i in range(QUEUE + 3)]
+    later = []
+    for i in range(QUEUE + 3):  # one at a time: each has reached the server before the next is sent
+        job = client.submit(*request(n=1, seed=2 + i), api_name="/generate")
+        while job.status().code in (Status.STARTING, Status.JOINING_QUEUE):
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        later.append(job)
+    assert not first.done(), "the first request ended before the others arrived: the test needs a slower one"
     outcomes = []
     for job in later:
         try:
@@ -289,7 +300,7 @@ def test_a_crowded_queue_is_bounded_and_a_request_that_waited_too_long_is_droppe
         except Exception as err:  # noqa: BLE001 (gradio_client's queue-full error)
             outcomes.append(f"{type(err).__name__}: {err}")
     left, right, *_ = first.result(timeout=180)
-    assert len(left) == len(right) == 8
+    assert len(left) == len(right) == 16
     dropped = [o for o in outcomes if o.startswith("dropped: this request waited")]
     full = [o for o in outcomes if o.startswith("QueueError")]
     assert len(dropped) == QUEUE and len(full) == 3, outcomes
