@@ -314,20 +314,20 @@ def plots(runs: dict[tuple[str, str, int], dict], out: Path) -> list[Path]:
 RESULTS_PAGE = ROOT / "docs" / "results" / "README.md"
 
 
-def readme_block(block: str) -> tuple[str, str]:
-    """The results page's text before and after its block named `block` (the results folder's name)."""
+def readme_block(block: str, page: Path = RESULTS_PAGE) -> tuple[str, str]:
+    """The page's text before and after its block named `block` (a results folder's name, or one of study.py's)."""
     begin, end = f"<!-- results:{block}:begin -->", f"<!-- results:{block}:end -->"
-    text = RESULTS_PAGE.read_text()
+    text = page.read_text()
     if begin not in text or end not in text:
-        raise SystemExit(f"{RESULTS_PAGE.relative_to(ROOT)} has no {begin} … {end} block: add one where the "
+        raise SystemExit(f"{page} has no {begin} … {end} block: add one where the "
                          f"table belongs, or drop --readme")
     head, rest = text.split(begin, 1)
     return head + begin, end + rest.split(end, 1)[1]
 
 
-def update_readme(table: str, block: str) -> None:
-    head, tail = readme_block(block)
-    RESULTS_PAGE.write_text(f"{head}\n{table}\n{tail}")
+def update_readme(table: str, block: str, page: Path = RESULTS_PAGE) -> None:
+    head, tail = readme_block(block, page)
+    page.write_text(f"{head}\n{table}\n{tail}")
 
 
 def make_parser() -> argparse.ArgumentParser:

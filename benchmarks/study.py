@@ -43,7 +43,7 @@ from npp.config import ScheduleConfig
 from npp.schedule import plan_stages
 
 from analysis import Paired, holm, paired, relative, spread, trend
-from reproduce import make_parser, settings
+from reproduce import RESULTS_PAGE, make_parser, settings, update_readme
 
 ROOT = Path(__file__).resolve().parents[1]
 STUDY_DIR = "docs/results/study"
@@ -450,7 +450,8 @@ def summary_markdown(found: dict) -> str:
         lines.append("The preregistered decisive set (0.49M, NTP against #L2 λ½ at 9,600 steps, seeds 6–13; "
                      "docs/results/study/w96-9600-steps/preregistration.md) has not finished: not measured yet.")
     else:
-        lines.append(f"Preregistered (0.49M, 9,600 steps, eight seeds): {preregistered_sentence(primary)}")
+        relative_to_ntp = found["preregistered"]["same_step"]["fid_relative"]
+        lines.append(f"Preregistered (0.49M, 9,600 steps, eight seeds): {preregistered_sentence(primary, relative_to_ntp)}")
     return "\n".join(lines)
 
 
@@ -459,21 +460,26 @@ def preregistered_reading(p: Paired) -> str:
     return "better" if high < 0 else "worse" if low > 0 else "not significant"
 
 
-def preregistered_sentence(p: Paired) -> str:
-    """The decision rule's sentence for the outcome (docs/results/study/w96-9600-steps/preregistration.md)."""
+def preregistered_sentence(p: Paired, relative_to_ntp: Paired) -> str:
+    """The decision rule's sentence for the outcome, with what the rule reports whatever the outcome: the
+    difference relative to NTP's FID, the sign count and the rank-based tests
+    (docs/results/study/w96-9600-steps/preregistration.md)."""
     low, high = p.interval
     reading = preregistered_reading(p)
+    lower = sum(d < 0 for d in p.diffs)
+    always = (f" Relative to NTP's FID: {pct(relative_to_ntp)}; #L2 lower on {lower} of {len(p.diffs)} seeds "
+              f"(sign test p = {p.sign_p:.2g}, Wilcoxon p = {p.wilcoxon_p:.2g}).")
     if reading == "better":
         weaker = max(p.sign_p, p.wilcoxon_p)
-        tail = "" if weaker < 0.05 else (f" The rank-based tests are weaker (sign test p = {p.sign_p:.2g}, "
-                                         f"Wilcoxon p = {p.wilcoxon_p:.2g}).")
+        tail = "" if weaker < 0.05 else " The rank-based tests are weaker."
         return ("#L2 λ½ reaches a lower FID than NTP at the same step: the paper's same-step direction holds on "
-                f"our data once NTP is trained for about five epochs ({p.shown()}).{tail}")
+                f"our data once NTP is trained for about five epochs ({p.shown()}).{tail}{always}")
     if reading == "worse":
         return ("#L2 λ½ is worse than NTP at the same step: on our data the paper's same-step gain does not appear "
-                f"even after about five epochs ({p.shown()}); the 4× result is not confirmed.")
-    return (f"the same-step difference is not significant: mean {p.mean:+.3g} FID [{low:+.3g}, {high:+.3g}], the "
-            "range of effects the data leave open; the 4× result is not confirmed.")
+                f"even after about five epochs ({p.shown()}); the 4× result is not confirmed.{always}")
+    return (f"the same-step difference is not significant: mean {p.mean:+.3g} FID [{low:+.3g}, {high:+.3g}] (t-test "
+            f"p = {p.p_value:.2g}), the range of effects the data leave open; the 4× result is not confirmed."
+            f"{always}")
 
 
 def quickstart_draws(found: dict, loaded: dict[StudySet, dict]) -> list[dict]:
@@ -560,9 +566,18 @@ def gather(root: Path) -> dict:
     return found
 
 
+PAGE_BLOCKS = {"README.md": {"draws": "draws.md", "summary": "summary.md"},
+               str(RESULTS_PAGE.relative_to(ROOT)): {"summary": "summary.md", "study": "results.md"}}
+"""The generated blocks (<!-- results:NAME:begin --> … end) of each page under --root, and the study file each
+shows. A root without the pages (a copy of the results folders alone) gets the study folder only."""
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--root", type=Path, default=ROOT, help="where the sets' results folders are")
+    parser.add_argument("--no-pages", action="store_true",
+                        help="write the study folder only, not its blocks in README.md and docs/results/README.md "
+                             "under --root")
     args = parser.parse_args()
     found = gather(args.root)
     out = args.root / STUDY_DIR
@@ -576,6 +591,10 @@ def main() -> None:
         fig = ladder_figure(found)
         fig.write_html(out / "scale_ladder.html", include_plotlyjs="cdn", div_id="scale_ladder")  # reruns diff clean
         viz.save_png(fig, out / "scale_ladder.png", width=900, height=480)
+    if not args.no_pages:
+        for page, blocks in PAGE_BLOCKS.items():
+            for block, name in blocks.items() if (args.root / page).is_file() else ():
+                update_readme((out / name).read_text().rstrip("\n"), block, args.root / page)
     print(table)
 
 

@@ -107,7 +107,10 @@ def test_each_set_costs_the_runs_it_adds_and_a_set_of_other_settings_is_missing(
     assert f"| {study.EIGHT_SEEDS.name} | `{study.EIGHT_SEEDS.command}` | missing |" in study.markdown(found)
 
 
-def test_the_script_writes_its_tables_and_the_ladder_plot(root):
+def test_the_script_writes_its_tables_and_the_ladder_plot_and_fills_the_pages_blocks(root):
+    page = "intro\n<!-- results:draws:begin -->\nold\n<!-- results:draws:end -->\nmiddle\n" \
+           "<!-- results:summary:begin -->\nold\n<!-- results:summary:end -->\nend\n"
+    (root / "README.md").write_text(page)
     done = subprocess.run([sys.executable, "benchmarks/study.py", "--root", str(root)], cwd=ROOT,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -118,6 +121,12 @@ def test_the_script_writes_its_tables_and_the_ladder_plot(root):
     assert "Scale ladder" in (out / "results.md").read_text()
     # A fixed element id, not plotly's random one, so that rerunning the script leaves the file unchanged.
     assert 'id="scale_ladder"' in (out / "scale_ladder.html").read_text()
+    filled = (root / "README.md").read_text()  # the root's own README; it has no results page: none is written
+    assert filled.startswith("intro\n") and "\nmiddle\n" in filled and filled.endswith("end\n") and "old" not in filled
+    for block, name in (("draws", "draws.md"), ("summary", "summary.md")):
+        shown = filled.split(f"<!-- results:{block}:begin -->\n")[1].split(f"\n<!-- results:{block}:end -->")[0]
+        assert shown == (out / name).read_text().rstrip("\n")
+    assert not (root / "docs" / "results" / "README.md").exists()
 
 
 def test_every_study_command_is_a_valid_reproduce_command_with_its_own_folder():
@@ -183,18 +192,23 @@ def test_the_summary_lists_only_holm_survivors_and_words_the_preregistered_outco
     summary = study.summary_markdown(found)
     decided = [e for e in found["family"] if e["verdict"] in ("better", "worse")]
     assert summary.count("\n| ") == 1 + len(decided)  # the rule line, then one row each
-    assert "suggestive" not in summary.split("\n\n")[0] and "not measured yet" in summary
+    assert "suggestive" not in summary.split("\n\n")[0]
+    assert ("not measured yet" in summary) == ("preregistered" not in found)
     assert f"{len(decided)} of the {len(found['family'])} paired FID comparisons" in summary
     from analysis import Paired
 
-    lower = Paired((-1.0, -2.0, -3.0, -1.5, -2.5, -1.0, -2.0, -3.0))
-    assert study.preregistered_sentence(lower).startswith("#L2 λ½ reaches a lower FID than NTP at the same step")
-    assert "rank-based" not in study.preregistered_sentence(lower)  # 8 of 8: sign and Wilcoxon p = 0.0078
-    mixed = Paired((-5.0, -6.0, -4.0, -5.5, -4.5, -6.5, -5.0, 1.0))  # t clears zero, the sign test (7 of 8) does not
-    assert "rank-based tests are weaker (sign test p = 0.07" in study.preregistered_sentence(mixed)
-    assert study.preregistered_sentence(Paired((1.0, 2.0, 3.0, 1.5, 2.5, 1.0, 2.0, 3.0))).startswith("#L2 λ½ is worse")
-    open_ = study.preregistered_sentence(Paired((1.0, -1.0, 2.0, -2.0, 0.5, -0.5, 1.0, -1.0)))
+    def sentence(diffs):  # relative to an NTP FID of 20 on every seed
+        return study.preregistered_sentence(Paired(diffs), Paired(tuple(d / 20 for d in diffs)))
+
+    lower = sentence((-1.0, -2.0, -3.0, -1.5, -2.5, -1.0, -2.0, -3.0))
+    assert lower.startswith("#L2 λ½ reaches a lower FID than NTP at the same step")
+    assert "weaker" not in lower and "lower on 8 of 8 seeds (sign test p = 0.0078" in lower
+    mixed = sentence((-5.0, -6.0, -4.0, -5.5, -4.5, -6.5, -5.0, 1.0))  # t clears zero, the sign test (7 of 8) does not
+    assert "rank-based tests are weaker" in mixed and "7 of 8 seeds (sign test p = 0.07" in mixed
+    assert sentence((1.0, 2.0, 3.0, 1.5, 2.5, 1.0, 2.0, 3.0)).startswith("#L2 λ½ is worse")
+    open_ = sentence((1.0, -1.0, 2.0, -2.0, 0.5, -0.5, 1.0, -1.0))
     assert open_.startswith("the same-step difference is not significant") and "not confirmed" in open_
+    assert "Relative to NTP's FID: +0.0% [-6%, +6%]" in open_ and "lower on 4 of 8 seeds" in open_
 
 
 def test_the_correlation_of_the_arms_across_seeds_is_reported_with_what_it_means_for_pairing():
