@@ -138,7 +138,8 @@ class Pipeline:
         arguments, its file name), never the tokenizer's default size; `image_size` is divided by the
         tokenizer's downsampling. `pipe.model.inferred` says what was inferred and from where."""
         tokenizer = load_tokenizer(vq, **vq_architecture)
-        if image_size is not None and grid is None:
+        check(grid is None or image_size is None, "give grid= or image_size=, not both")
+        if image_size is not None:
             down = tokenizer.config.downsample
             check(isinstance(image_size, int) and image_size > 0 and image_size % down == 0,
                   f"image_size={image_size!r}: must be a positive multiple of the tokenizer's downsampling {down}")

@@ -164,3 +164,22 @@ def test_what_a_file_cannot_tell_is_asked_for_in_one_line(tmp_path):
     error = one_line_refusal(str(nameless), str(tmp_path / "out"))
     assert "does not say its image size" in error and "--grid" in error and "--image-size" in error
     assert not (tmp_path / "out").exists()
+
+
+def test_the_pipeline_takes_the_gpts_grid_not_the_tokenizers(tmp_path):
+    """A GPT trained at twice its tokenizer's training size (the mnist-8x8 VQ: 32 px, 4 px per code) keeps its
+    own 16×16 grid; image_size= is divided by the tokenizer's downsampling."""
+    from npp.files import ASSETS
+
+    model = npp.GPT(npp.ModelConfig.preset("debug", vocab_size=256, num_classes=10, grid=16))
+    args = argparse.Namespace(gpt_model="debug", image_size=64, downsample_size=4)
+    torch.save({"model": model.state_dict(), "args": args}, tmp_path / "c2i.pt")
+    pipe = npp.Pipeline.from_llamagen(tmp_path / "c2i.pt", ASSETS / "mnist-8x8")
+    assert (pipe.grid, pipe.image_size, pipe.vq.config.grid) == (16, 64, 8)
+    assert pipe.model.inferred == ("c2i.pt: 2 layers × 64, 2 heads of 32 (npp preset debug), "
+                                   "grid 16×16 (stored args: image_size 64, downsample_size 4)")
+
+    torch.save({"model": model.state_dict()}, tmp_path / "bare.pt")
+    with pytest.raises(npp.CheckpointError, match="does not say its image size"):
+        npp.Pipeline.from_llamagen(tmp_path / "bare.pt", ASSETS / "mnist-8x8")
+    assert npp.Pipeline.from_llamagen(tmp_path / "bare.pt", ASSETS / "mnist-8x8", image_size=64).grid == 16
