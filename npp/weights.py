@@ -29,6 +29,10 @@ from npp.files import atomic_path, dump_json, sha256_file, write_text
 
 _WRAPPER_KEYS = ("model", "module", "state_dict")
 
+FOREIGN_CHECKPOINT_CLASSES = (argparse.Namespace,)
+"""Non-tensor classes a foreign .pt may hold, allowed by safe_load: LlamaGen's train script stores its argparse
+arguments beside the weights."""
+
 DEEPSPEED_STATE_CLASSES = ("deepspeed.runtime.fp16.loss_scaler.LossScaler",
                            "deepspeed.runtime.zero.config.ZeroStageEnum",
                            "deepspeed.utils.tensor_fragment.fragment_address")
@@ -138,7 +142,7 @@ def read_foreign_checkpoint(path_or_state_dict) -> ForeignCheckpoint:
         obj, source = path_or_state_dict, "the given state dict"
     else:
         source = os.fspath(path_or_state_dict)
-        obj = safe_load(source, allow=[argparse.Namespace])
+        obj = safe_load(source, allow=FOREIGN_CHECKPOINT_CLASSES)
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"{source} holds a {type(obj).__name__}, not a state dict")
     args = _training_args(obj.get("args"))
