@@ -39,7 +39,7 @@ from npp.model import GPT
 from npp.pipeline import Pipeline
 from npp.runs import RunDir
 from npp.sampling import generate
-from npp.weights import safe_load
+from npp.weights import FOREIGN_CHECKPOINT_CLASSES, safe_load
 
 MAX_IMAGES = 16
 """Images per side and request: enough to compare, small enough that one request cannot hog the queue."""
@@ -167,7 +167,7 @@ def checkpoint_problem(path: Path) -> str | None:
     """Why a .pt file cannot be read as a checkpoint, or None. Cheap even for a large one: a weights-only
     load that memory-maps the zip format reads little more than the index."""
     try:
-        safe_load(path)
+        safe_load(path, allow=FOREIGN_CHECKPOINT_CLASSES)  # LlamaGen's files hold their training arguments
     except Exception as err:  # noqa: BLE001 (a junk pickle can fail in ways safe_load does not translate)
         return _reason(err)
     return None

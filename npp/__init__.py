@@ -6,7 +6,7 @@ app and the notebooks come with extras (`pip install "npp[train,eval,app,noteboo
 
 from npp.config import PAPER_SAMPLER, ModelConfig, SamplerConfig, ScheduleConfig, TrainConfig, VQConfig
 from npp.errors import CheckpointError, ConfigError, DataError, MissingExtraError, TrainingError
-from npp.model import GPT, KVCache
+from npp.model import GPT, KVCache, LlamaGenInference, infer_llamagen
 from npp.patching import group_patches, next_patch_loss, patch_targets, patchify, unpatchify
 from npp.pipeline import Pipeline
 from npp.sampling import generate
@@ -16,7 +16,7 @@ from npp.tokenizer import VQModel
 __version__ = "0.2.0"
 
 __all__ = [
-    "GPT", "KVCache", "ModelConfig", "ScheduleConfig", "TrainConfig", "SamplerConfig", "PAPER_SAMPLER",
+    "GPT", "KVCache", "infer_llamagen", "LlamaGenInference", "ModelConfig", "ScheduleConfig", "TrainConfig", "SamplerConfig", "PAPER_SAMPLER",
     "VQModel", "VQConfig", "Pipeline",
     "ConfigError", "CheckpointError", "DataError", "TrainingError", "MissingExtraError",
     "group_patches", "next_patch_loss", "patch_targets", "patchify", "unpatchify",

@@ -37,15 +37,25 @@ def convert(argv: list[str]) -> int:
                                                     "(model.safetensors + config.json).")
     parser.add_argument("checkpoint", help="path of the .pt file (state dict under model/module/state_dict, or bare)")
     parser.add_argument("output", help="folder to write model.safetensors and config.json into")
-    parser.add_argument("--n-head", type=int, default=None, help="attention heads (default: width // 64)")
-    parser.add_argument("--grid", type=int, default=None, help="token grid side (default: 16, i.e. 256 px with VQ-16)")
+    parser.add_argument("--n-head", type=int, default=None,
+                        help="attention heads (default: LlamaGen's preset for the file's layers and width; asked "
+                             "for when none matches)")
+    parser.add_argument("--grid", type=int, default=None,
+                        help="token grid side (default: image_size // downsample_size from the file's stored "
+                             "training args, else its name's _256/_384/_512 ÷ 16; asked for when neither says)")
+    parser.add_argument("--image-size", type=int, default=None,
+                        help="image size in pixels, instead of --grid (grid = image size ÷ the downsampling, 16 "
+                             "for LlamaGen's VQ-16)")
     args = parser.parse_args(argv)
+    if args.grid is not None and args.image_size is not None:
+        parser.error("give --grid or --image-size, not both")
 
     def body() -> None:
         from npp.model import GPT
 
-        model = GPT.from_llamagen(args.checkpoint, n_head=args.n_head, grid=args.grid)
-        model.save_pretrained(args.output)
+        model = GPT.from_llamagen(args.checkpoint, n_head=args.n_head, grid=args.grid, image_size=args.image_size)
+        print(model.inferred, flush=True)
+        model.save_pretrained(args.output, inferred=model.inferred)
         c = model.config
         print(f"{args.checkpoint} -> {args.output}: {model.num_params() / 1e6:.1f}M parameters, "
               f"{c.n_layer} layers × {c.n_head} heads × {c.dim}, vocab {c.vocab_size}, "

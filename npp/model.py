@@ -23,10 +23,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from npp.config import ModelConfig
+from npp.config import MODEL_PRESETS, ModelConfig
 from npp.patching import group_patches
-from npp.errors import CheckpointError
-from npp.weights import Pretrained, check_finite, load_foreign_state_dict, load_strict
+from npp.errors import CheckpointError, is_int
+from npp.weights import Pretrained, check_finite, load_strict, read_foreign_checkpoint
 
 
 class RMSNorm(nn.Module):
@@ -218,6 +218,8 @@ class GPT(Pretrained, nn.Module):
         self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
         self.activation_checkpointing = False
         """Recompute each block in the backward pass (set by the trainer; saves activation memory)."""
+        self.inferred: str | None = None
+        """For a model read by from_llamagen: one line saying what was inferred about it and from where."""
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -308,23 +310,62 @@ class GPT(Pretrained, nn.Module):
 
     @classmethod
     def from_llamagen(cls, path_or_state_dict: str | os.PathLike | Mapping[str, torch.Tensor], *,
-                      n_head: int | None = None, grid: int | None = None, **overrides: Any) -> "GPT":
-        """Load a LlamaGen or NPP class-conditional GPT checkpoint, strictly.
+                      n_head: int | None = None, grid: int | None = None, image_size: int | None = None,
+                      **overrides: Any) -> "GPT":
+        """Load a LlamaGen or NPP class-conditional GPT checkpoint, strictly (weights_only, strict keys).
 
-        Vocabulary, width, depth, classes, FFN width and GQA heads are read from tensor shapes;
-        n_head defaults to dim // 64 and grid to 16 (256 px with VQ-16). Other ModelConfig fields
-        (dropouts, rope_base, …) can be given as keyword overrides.
+        Layouts: {"model": state} with or without LlamaGen's stored `args`, "module"/"state_dict", or a
+        bare (FSDP) state dict; `module.`/`_orig_mod.` prefixes; bf16 or fp32 tensors. Vocabulary, width,
+        depth, classes, FFN width and GQA heads are read from tensor shapes; heads and grid as
+        `infer_llamagen` says (explicit arguments win; otherwise the preset table, the stored training
+        arguments, the file name; a fact the file cannot tell is asked for in one line). The line saying
+        what was inferred and from where is kept as `model.inferred`. Other ModelConfig fields (dropouts,
+        rope_base, …) can be given as keyword overrides.
         """
-        state, source = load_foreign_state_dict(path_or_state_dict)
-        config = infer_llamagen_config(state, source, n_head=n_head, grid=grid, **overrides)
+        checkpoint = read_foreign_checkpoint(path_or_state_dict)
+        inferred = infer_llamagen(checkpoint.state, checkpoint.source, args=checkpoint.args, n_head=n_head,
+                                  grid=grid, image_size=image_size, **overrides)
         with torch.device("meta"):
-            model = cls(config)
-        check_finite(state, source)
-        return load_strict(model, state, source).eval()
+            model = cls(inferred.config)
+        check_finite(checkpoint.state, checkpoint.source)
+        model = load_strict(model, checkpoint.state, checkpoint.source).eval()
+        model.inferred = inferred.description
+        return model
 
 
-def infer_llamagen_config(state: Mapping[str, torch.Tensor], source: str, *, n_head: int | None,
-                          grid: int | None, **overrides: Any) -> ModelConfig:
+# ---- what a LlamaGen / NPP file says about its architecture -------------------------------------
+
+LLAMAGEN_PRESETS = ("B", "L", "XL", "XXL", "3B")
+"""LlamaGen's released class-conditional architectures (its gpt.py GPT-B … GPT-3B), in MODEL_PRESETS."""
+
+LLAMAGEN_DOWNSAMPLE = 16
+"""VQ-16, the tokenizer of every released LlamaGen c2i GPT: one code per 16×16 pixels."""
+
+_SIZE_IN_NAME = re.compile(r"_(256|384|512)(?=$|[._-])")
+"""The image size in a released file's name: c2i_B_256.pt, c2i_XXL_384.pt, …"""
+
+
+@dataclass(frozen=True)
+class LlamaGenInference:
+    """The architecture of a foreign checkpoint and one line saying what was inferred and from where."""
+
+    config: ModelConfig
+    description: str
+
+
+def infer_llamagen(state: Mapping[str, torch.Tensor], source: str, *, args: Mapping[str, Any] | None = None,
+                   n_head: int | None = None, grid: int | None = None, image_size: int | None = None,
+                   **overrides: Any) -> LlamaGenInference:
+    """The ModelConfig of a LlamaGen/NPP GPT state dict, never from a guess.
+
+    Shapes give vocabulary, width, depth, classes, FFN width and GQA heads. Heads (not in any shape):
+    an explicit `n_head`; else the preset with this (layers, width) in MODEL_PRESETS; else the LlamaGen
+    preset the stored `args.gpt_model` names, when its width matches; else the LlamaGen preset with this
+    width, when exactly one has it (a file cut to fewer layers than its preset, e.g. a test stand-in: the
+    description says so); else refused, asking for n_head. Grid: an explicit `grid` or `image_size`
+    (÷ the stored downsample_size, else 16); else the stored `args` (image_size // downsample_size);
+    else the file name's _256/_384/_512 (÷ 16, VQ-16); else refused, asking for grid or image_size.
+    """
     if "tok_embeddings.weight" not in state or "cls_embedding.embedding_table.weight" not in state:
         hint = ("it looks like a VQ tokenizer: use npp.VQModel.from_llamagen"
                 if any(k.startswith(("encoder.", "quantize.")) for k in state)
@@ -334,18 +375,87 @@ def infer_llamagen_config(state: Mapping[str, torch.Tensor], source: str, *, n_h
     layer_ids = {int(m.group(1)) for k in state if (m := re.match(r"layers\.(\d+)\.", k))}
     if not layer_ids:
         raise CheckpointError(f"{source} has no transformer layers (layers.N.*): not a GPT checkpoint")
-    n_head = n_head or dim // 64
+    n_layer = max(layer_ids) + 1
+    args = dict(args or {})
+    name = os.path.basename(source) if source != "the given state dict" else source
+
+    n_head, heads_from = _infer_heads(n_layer, dim, n_head, args, source)
     if dim % n_head:
         raise CheckpointError(f"{source}: width {dim} is not divisible by n_head={n_head}; pass n_head=")
+    grid, grid_from = _infer_grid(grid, image_size, args, source)
+
     head_dim = dim // n_head
     qkv_rows = state["layers.0.attention.wqkv.weight"].shape[0] if "layers.0.attention.wqkv.weight" in state else 3 * dim
     n_kv_head = (qkv_rows // head_dim - n_head) // 2
     config = ModelConfig(
-        vocab_size=vocab_size, dim=dim, n_layer=max(layer_ids) + 1, n_head=n_head,
+        vocab_size=vocab_size, dim=dim, n_layer=n_layer, n_head=n_head,
         n_kv_head=None if n_kv_head == n_head else n_kv_head,
-        num_classes=state["cls_embedding.embedding_table.weight"].shape[0] - 1, grid=grid or 16, **overrides,
+        num_classes=state["cls_embedding.embedding_table.weight"].shape[0] - 1, grid=grid, **overrides,
     )
     ffn = state.get("layers.0.feed_forward.w1.weight")
     if ffn is not None and ffn.shape[0] != config.hidden_dim:  # keep the default rule when it fits
         config = dataclasses.replace(config, ffn_dim=ffn.shape[0])
-    return config
+    kv = f", {config.kv_heads} kv heads" if config.n_kv_head is not None else ""
+    description = (f"{name}: {n_layer} layer{'s' * (n_layer != 1)} × {dim}, {n_head} heads of {head_dim}{kv} ({heads_from}), "
+                   f"grid {grid}×{grid} ({grid_from})")
+    return LlamaGenInference(config, description)
+
+
+def infer_llamagen_config(state: Mapping[str, torch.Tensor], source: str, *, n_head: int | None = None,
+                          grid: int | None = None, **overrides: Any) -> ModelConfig:
+    """infer_llamagen's config alone (kept for callers of the older name)."""
+    return infer_llamagen(state, source, n_head=n_head, grid=grid, **overrides).config
+
+
+def _preset_label(name: str) -> str:
+    return f"LlamaGen preset {name}" if name in LLAMAGEN_PRESETS else f"npp preset {name}"
+
+
+def _infer_heads(n_layer: int, dim: int, n_head: int | None, args: Mapping[str, Any],
+                 source: str) -> tuple[int, str]:
+    if n_head is not None:
+        if not (is_int(n_head) and n_head > 0):
+            raise CheckpointError(f"{source}: n_head={n_head!r} must be a positive whole number")
+        return n_head, "n_head given"
+    for name, (layers, heads, width) in MODEL_PRESETS.items():
+        if (layers, width) == (n_layer, dim):
+            return heads, _preset_label(name)
+    stored = str(args.get("gpt_model", "")).removeprefix("GPT-")
+    if stored in LLAMAGEN_PRESETS and MODEL_PRESETS[stored][2] == dim:
+        return MODEL_PRESETS[stored][1], f"LlamaGen preset {stored}, from the stored args.gpt_model"
+    same_width = [name for name, (_, _, width) in MODEL_PRESETS.items() if width == dim]
+    if len(same_width) == 1 and same_width[0] in LLAMAGEN_PRESETS:
+        name = same_width[0]
+        layers, heads, _ = MODEL_PRESETS[name]
+        return heads, f"LlamaGen preset {name} by width {dim} alone: the file has {n_layer} of its {layers} layers"
+    raise CheckpointError(f"{source}: {n_layer} layers × width {dim} match no LlamaGen preset, and the head count "
+                          f"is in no tensor shape: pass n_head= (npp convert --n-head N)")
+
+
+def _infer_grid(grid: int | None, image_size: int | None, args: Mapping[str, Any],
+                source: str) -> tuple[int, str]:
+    stored_size, stored_down = args.get("image_size"), args.get("downsample_size")
+    if grid is not None:
+        if image_size is not None:
+            raise CheckpointError(f"{source}: give grid= or image_size=, not both")
+        return grid, "grid given"
+    if image_size is not None:
+        if not (is_int(image_size) and image_size > 0):
+            raise CheckpointError(f"{source}: image_size={image_size!r} must be a positive whole number of pixels")
+        down = stored_down if isinstance(stored_down, int) and stored_down > 0 else LLAMAGEN_DOWNSAMPLE
+        if image_size % down:
+            raise CheckpointError(f"{source}: image_size={image_size} is not a multiple of the tokenizer's "
+                                  f"downsampling {down}; pass a multiple of {down}, or grid=")
+        return image_size // down, f"image_size {image_size} given, VQ-{down}"
+    if isinstance(stored_size, int) and isinstance(stored_down, int) and stored_down > 0 and stored_size > 0:
+        if stored_size % stored_down:
+            raise CheckpointError(f"{source}: its stored args say image_size {stored_size} and downsample_size "
+                                  f"{stored_down}, which do not give a whole grid; pass grid=")
+        return stored_size // stored_down, f"stored args: image_size {stored_size}, downsample_size {stored_down}"
+    stem = os.path.basename(source)
+    match = _SIZE_IN_NAME.search(stem) if source != "the given state dict" else None
+    if match:
+        size = int(match.group(1))
+        return size // LLAMAGEN_DOWNSAMPLE, f"file name _{size}, VQ-{LLAMAGEN_DOWNSAMPLE}"
+    raise CheckpointError(f"{source} does not say its image size (no stored args.image_size, no _256/_384/_512 in "
+                          f"its name): pass grid= or image_size= (npp convert --grid N or --image-size PX)")

@@ -130,12 +130,21 @@ class Pipeline:
 
     @classmethod
     def from_llamagen(cls, gpt_pt: str | os.PathLike, vq: str | os.PathLike, *, grid: int | None = None,
-                      n_head: int | None = None, device: str | torch.device = "cpu", **vq_architecture: Any
-                      ) -> "Pipeline":
+                      image_size: int | None = None, n_head: int | None = None,
+                      device: str | torch.device = "cpu", **vq_architecture: Any) -> "Pipeline":
         """A LlamaGen/NPP GPT .pt and its tokenizer (a LlamaGen VQ .pt, described by `vq_architecture`
-        when it is not VQ-16, or a save_pretrained folder); the grid defaults to the tokenizer's."""
+        when it is not VQ-16, or a save_pretrained folder). Heads and grid are the GPT file's own
+        (GPT.from_llamagen: explicit n_head/grid/image_size win, else the preset table, its stored training
+        arguments, its file name), never the tokenizer's default size; `image_size` is divided by the
+        tokenizer's downsampling. `pipe.model.inferred` says what was inferred and from where."""
         tokenizer = load_tokenizer(vq, **vq_architecture)
-        model = GPT.from_llamagen(gpt_pt, n_head=n_head, grid=grid or tokenizer.config.grid)
+        check(grid is None or image_size is None, "give grid= or image_size=, not both")
+        if image_size is not None:
+            down = tokenizer.config.downsample
+            check(isinstance(image_size, int) and image_size > 0 and image_size % down == 0,
+                  f"image_size={image_size!r}: must be a positive multiple of the tokenizer's downsampling {down}")
+            grid = image_size // down
+        model = GPT.from_llamagen(gpt_pt, n_head=n_head, grid=grid)
         return cls(model.to(device), tokenizer.to(device))
 
     def to(self, device: str | torch.device) -> "Pipeline":

@@ -16,6 +16,7 @@ import sys
 import warnings
 import zipfile
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
@@ -27,6 +28,10 @@ from npp.files import atomic_path, dump_json, sha256_file, write_text
 
 
 _WRAPPER_KEYS = ("model", "module", "state_dict")
+
+FOREIGN_CHECKPOINT_CLASSES = (argparse.Namespace,)
+"""Non-tensor classes a foreign .pt may hold, allowed by safe_load: LlamaGen's train script stores its argparse
+arguments beside the weights."""
 
 DEEPSPEED_STATE_CLASSES = ("deepspeed.runtime.fp16.loss_scaler.LossScaler",
                            "deepspeed.runtime.zero.config.ZeroStageEnum",
@@ -114,20 +119,33 @@ def deepspeed_loads_weights_only() -> Iterator[None]:
         torch.load = _original_torch_load
 
 
-def load_foreign_state_dict(path_or_state_dict) -> tuple[dict[str, torch.Tensor], str]:
-    """The bare state dict of a .pt file (or mapping) saved by DDP, DeepSpeed, FSDP or by hand.
+@dataclass(frozen=True)
+class ForeignCheckpoint:
+    """What a foreign .pt file holds: its bare state dict, a name for it in messages, and the training
+    arguments stored beside the weights (LlamaGen's train script saves its argparse Namespace as "args"),
+    as a plain dict, or None when the file has none (a bare FSDP state dict, a hand-saved {"model": …})."""
+
+    state: dict[str, torch.Tensor]
+    source: str
+    args: dict[str, Any] | None = None
+
+
+def read_foreign_checkpoint(path_or_state_dict) -> ForeignCheckpoint:
+    """The state dict (and stored training arguments) of a .pt file or mapping saved by DDP, DeepSpeed,
+    FSDP or by hand: under "model", "module" or "state_dict", or bare; `module.`/`_orig_mod.` prefixes
+    stripped when every key has them. Tensors keep their dtype (bf16 files stay bf16).
 
     Unpickling uses weights_only=True (safe_load): a malicious file cannot run code. argparse.Namespace is
     allowed because LlamaGen's training script stores its arguments in the checkpoint.
-    Returns the state dict and a name for it to use in messages.
     """
     if isinstance(path_or_state_dict, Mapping):
         obj, source = path_or_state_dict, "the given state dict"
     else:
         source = os.fspath(path_or_state_dict)
-        obj = safe_load(source, allow=[argparse.Namespace])
+        obj = safe_load(source, allow=FOREIGN_CHECKPOINT_CLASSES)
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"{source} holds a {type(obj).__name__}, not a state dict")
+    args = _training_args(obj.get("args"))
     for key in _WRAPPER_KEYS:
         if key in obj and isinstance(obj[key], Mapping):
             obj = obj[key]
@@ -140,7 +158,23 @@ def load_foreign_state_dict(path_or_state_dict) -> tuple[dict[str, torch.Tensor]
     for prefix in ("_orig_mod.", "module."):
         if all(k.startswith(prefix) for k in state):
             state = {k[len(prefix):]: v for k, v in state.items()}
-    return state, source
+    return ForeignCheckpoint(state, source, args)
+
+
+def _training_args(args: Any) -> dict[str, Any] | None:
+    """Stored training arguments as a dict: an argparse.Namespace (LlamaGen) or a plain mapping."""
+    if isinstance(args, argparse.Namespace):
+        return dict(vars(args))
+    if isinstance(args, Mapping):
+        return dict(args)
+    return None
+
+
+def load_foreign_state_dict(path_or_state_dict) -> tuple[dict[str, torch.Tensor], str]:
+    """The bare state dict of a .pt file (or mapping) and a name for it in messages (read_foreign_checkpoint
+    without the training arguments)."""
+    checkpoint = read_foreign_checkpoint(path_or_state_dict)
+    return checkpoint.state, checkpoint.source
 
 
 def check_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
@@ -184,9 +218,12 @@ class Pretrained:
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def save_pretrained(self, directory: str | os.PathLike) -> Path:
-        """Write model.safetensors and config.json (atomically) into directory."""
-        return save_safetensors(self, directory, {"architecture": self.architecture(), **self.config.to_dict()})
+    def save_pretrained(self, directory: str | os.PathLike, *, inferred: str | None = None) -> Path:
+        """Write model.safetensors and config.json (atomically) into directory. `inferred`, when given, is
+        recorded in config.json as provenance (what a conversion inferred, and from where); loading ignores it."""
+        provenance = {"inferred": inferred} if inferred else {}
+        return save_safetensors(self, directory, {"architecture": self.architecture(), **self.config.to_dict(),
+                                                  **provenance})
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, *, device: str | torch.device = "cpu"):
@@ -214,6 +251,11 @@ EMA_FIX = "copy the checkpoint again, or move that checkpoint folder away so tha
 """What to do about a damaged ema.safetensors of a training checkpoint."""
 
 
+PROVENANCE_KEYS = ("inferred",)
+"""config.json entries that record where a model came from (npp convert's inferred architecture); loading
+ignores them, every other unknown entry is still refused."""
+
+
 def read_safetensors(directory: str | os.PathLike, architecture: str, writer: str,
                      device: str | torch.device = "cpu") -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """The config (without its architecture tag) and tensors of a folder written by save_safetensors."""
@@ -229,6 +271,8 @@ def read_safetensors(directory: str | os.PathLike, architecture: str, writer: st
     if found != architecture:
         raise CheckpointError(f"{directory}/config.json describes {found!r}, not {architecture!r}: "
                               f"load it with the matching class")
+    for key in PROVENANCE_KEYS:  # a record for people, not a config field
+        config.pop(key, None)
     return config, read_weights(directory / "model.safetensors", device=device, fix=EXPORT_FIX)
 
 

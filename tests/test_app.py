@@ -6,6 +6,7 @@ tokenizer), named like the quickstart pair so that the app's defaults pick them.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import os
@@ -46,6 +47,12 @@ def tiny_model(seed: int) -> npp.GPT:
     model = npp.GPT(npp.ModelConfig.preset("debug", vocab_size=256, num_classes=10, grid=GRID))
     torch.nn.init.normal_(model.output.weight, std=0.02)  # the head starts at zero: give it real logits
     return model
+
+
+def llamagen_pt(model: npp.GPT) -> dict:
+    """A .pt as LlamaGen's train script writes it: the weights and the arguments, whose image size (32 px, the
+    mnist-8x8 tokenizer's 4-px codes: GRID) is what tells npp the model's grid."""
+    return {"model": model.state_dict(), "args": argparse.Namespace(gpt_model="debug", image_size=32, downsample_size=4)}
 
 
 def make_run(runs: Path, name: str, patch_sizes: list[int], fid: float, seed: int) -> Path:
@@ -132,16 +139,16 @@ def test_sources_defaults_classes_and_settings(runs_dir, tmp_path):
 
 
 def test_a_llamagen_checkpoint_loads_with_its_tokenizer(tmp_path):
-    torch.save({"model": tiny_model(3).state_dict()}, tmp_path / "c2i.pt")
+    torch.save(llamagen_pt(tiny_model(3)), tmp_path / "c2i.pt")
     sources = find_sources(None, [tmp_path / "c2i.pt"])
     with pytest.raises(LoadError, match="needs its tokenizer: start the app with --tokenizer"):
         Backend(sources, device="cpu").load("c2i.pt")
     loaded = Backend(sources, tokenizer=ASSETS / "mnist-8x8", device="cpu").load("c2i.pt")
-    assert loaded.pipe.grid == GRID and loaded.train_flops is None  # grid from the tokenizer: 32 px / 4
+    assert loaded.pipe.grid == GRID and loaded.train_flops is None  # grid from the stored args: 32 px / 4
     assert loaded.class_names[3] == "class 3" and "FLOPs unknown" in loaded.describe()
 
     other_codes = npp.GPT(npp.ModelConfig.preset("debug", vocab_size=64, num_classes=10, grid=GRID))
-    torch.save({"model": other_codes.state_dict()}, tmp_path / "c2i-64.pt")
+    torch.save(llamagen_pt(other_codes), tmp_path / "c2i-64.pt")
     backend = Backend(find_sources(None, [tmp_path / "c2i-64.pt"]), tokenizer=ASSETS / "mnist-8x8", device="cpu")
     with pytest.raises(LoadError, match="has 256 codes but the model predicts 64: pass the tokenizer"):
         backend.load("c2i-64.pt")
@@ -168,7 +175,7 @@ def test_the_default_pair_skips_models_that_do_not_load(runs_dir, tmp_path):
 def test_load_errors_name_the_model_and_leave_the_paths_to_the_console(tmp_path, capsys):
     for folder in ("a", "b"):
         (tmp_path / folder).mkdir()
-        torch.save({"model": tiny_model(3).state_dict()}, tmp_path / folder / "c2i.pt")
+        torch.save(llamagen_pt(tiny_model(3)), tmp_path / folder / "c2i.pt")
     sources = find_sources(None, [tmp_path / "a" / "c2i.pt", tmp_path / "b" / "c2i.pt"])
     assert [s.name for s in sources] == ["c2i.pt", "b/c2i.pt"]  # told apart without the server's folders
     backend = Backend(sources, tokenizer=tmp_path / "tokenizers" / "vq.pt", device="cpu")
@@ -242,7 +249,7 @@ def server(runs_dir, tmp_path_factory):
     """`python app/demo.py --runs RUNS --checkpoint c2i.pt junk.pt --tokenizer mnist-8x8 --port PORT` as a user
     starts it (no --host); stdout goes to server.log, stderr to server.err."""
     folder = tmp_path_factory.mktemp("server")
-    torch.save({"model": tiny_model(3).state_dict()}, folder / "c2i.pt")
+    torch.save(llamagen_pt(tiny_model(3)), folder / "c2i.pt")
     (folder / "junk.pt").write_text("<html>404 Not Found</html>")  # a download that went wrong
     port = free_port()
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "GRADIO_TEMP_DIR": str(folder / "gradio"),

@@ -40,7 +40,7 @@ def test_llamagen_roundtrip_keeps_logits(tmp_path, wrap):
         payload = {wrap: state, "args": argparse.Namespace(gpt_model="GPT-B", lr=1e-4), "steps": 10}
     torch.save(payload, tmp_path / "c2i.pt")
 
-    model = npp.GPT.from_llamagen(tmp_path / "c2i.pt", grid=8)  # n_head inferred as 128 // 64 = 2
+    model = npp.GPT.from_llamagen(tmp_path / "c2i.pt", grid=8, n_head=2)  # 2 × 128 is no preset: heads given
     assert model.config == cfg
     expected = logits_of(reference)
     torch.testing.assert_close(logits_of(model), expected, rtol=0, atol=0)
@@ -54,13 +54,13 @@ def test_llamagen_roundtrip_keeps_logits(tmp_path, wrap):
 
 def test_gqa_and_ffn_width_are_inferred():
     state, cfg = llamagen_state(n_kv_head=1)
-    model = npp.GPT.from_llamagen(state, grid=8)
+    model = npp.GPT.from_llamagen(state, grid=8, n_head=2)
     assert model.config.n_kv_head == 1 and model.config.hidden_dim == cfg.hidden_dim
 
 
 def test_overrides_reach_the_config():
     state, _ = llamagen_state()
-    model = npp.GPT.from_llamagen(state, grid=8, resid_dropout=0.0, class_dropout=0.0)
+    model = npp.GPT.from_llamagen(state, grid=8, n_head=2, resid_dropout=0.0, class_dropout=0.0)
     assert model.config.resid_dropout == 0.0 and model.config.class_dropout == 0.0
 
 
@@ -76,13 +76,13 @@ def test_missing_unexpected_and_misshapen_keys_are_named():
     state, _ = llamagen_state()
     missing = dict(state)
     del missing["layers.1.ffn_norm.weight"]
-    assert "missing keys layers.1.ffn_norm.weight" in _error(missing, grid=8)
+    assert "missing keys layers.1.ffn_norm.weight" in _error(missing, grid=8, n_head=2)
 
     extra = dict(state, **{"layers.0.attention.kv_cache.k_cache": torch.zeros(1)})
-    assert "unexpected keys layers.0.attention.kv_cache.k_cache" in _error(extra, grid=8)
+    assert "unexpected keys layers.0.attention.kv_cache.k_cache" in _error(extra, grid=8, n_head=2)
 
     bad = dict(state, **{"layers.1.feed_forward.w2.weight": torch.zeros(128, 100)})
-    assert "shape mismatches" in _error(bad, grid=8) and "layers.1.feed_forward.w2.weight" in _error(bad, grid=8)
+    assert "shape mismatches" in _error(bad, grid=8, n_head=2) and "layers.1.feed_forward.w2.weight" in _error(bad, grid=8, n_head=2)
 
     assert "not divisible by n_head=3" in _error(state, n_head=3)
 
@@ -126,7 +126,8 @@ def test_from_pretrained_names_a_wrong_folder(tmp_path):
 def test_convert_command(tmp_path, capsys):
     state, cfg = llamagen_state()
     torch.save({"model": state}, tmp_path / "c2i.pt")
-    assert cli.main(["convert", str(tmp_path / "c2i.pt"), str(tmp_path / "out"), "--grid", "8"]) == 0
+    assert cli.main(["convert", str(tmp_path / "c2i.pt"), str(tmp_path / "out"), "--grid", "8",
+                     "--n-head", "2"]) == 0
     assert "2 layers × 2 heads × 128" in capsys.readouterr().out
     assert npp.GPT.from_pretrained(tmp_path / "out").config == cfg
 

@@ -1,0 +1,185 @@
+"""LlamaGen's seven released class-conditional GPTs, as stand-ins: what npp infers from each file.
+
+No download: each stand-in has the released file's name, layout (DDP {"model": …} or FSDP's bare state
+dict), key names, real width, FFN width and bf16 dtype, but one layer, a 64-code vocabulary and 4 classes,
+so that the whole zoo fits in a few hundred MB. With one layer a file cannot match its preset by (layers,
+width); it is matched by width alone (each LlamaGen width belongs to one preset), and the inferred line
+says so. The truth is LlamaGen's table: heads from gpt.py's presets, 384 px with VQ-16 is a 24×24 grid.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import npp
+from npp import cli
+
+NPP = os.path.join(os.path.dirname(sys.executable), "npp")
+
+# file -> (layout, preset, width, heads, grid): LlamaGen's README and gpt.py.
+ZOO = {
+    "c2i_B_256.pt": ("ddp", "B", 768, 12, 16),
+    "c2i_B_384.pt": ("ddp", "B", 768, 12, 24),
+    "c2i_L_256.pt": ("ddp", "L", 1024, 16, 16),
+    "c2i_L_384.pt": ("ddp", "L", 1024, 16, 24),
+    "c2i_XL_384.pt": ("ddp", "XL", 1280, 20, 24),
+    "c2i_XXL_384.pt": ("fsdp", "XXL", 1536, 24, 24),
+    "c2i_3B_384.pt": ("fsdp", "3B", 3200, 32, 24),
+}
+VOCAB, CLASSES = 64, 4
+
+
+def llamagen_hidden(dim: int) -> int:
+    """LlamaGen's SwiGLU width: find_multiple(int(2·4·dim/3), 256)."""
+    hidden = int(2 * 4 * dim / 3)
+    return -(-hidden // 256) * 256
+
+
+def stand_in_state(dim: int, n_layer: int = 1, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A state dict with LlamaGen's key names and shapes (written from its naming, not from npp.GPT), bf16."""
+    g = torch.Generator().manual_seed(seed)
+    hidden = llamagen_hidden(dim)
+
+    def w(*shape):
+        return (torch.randn(*shape, generator=g) * 0.02).to(torch.bfloat16)
+
+    state = {"cls_embedding.embedding_table.weight": w(CLASSES + 1, dim), "tok_embeddings.weight": w(VOCAB, dim)}
+    for i in range(n_layer):
+        state |= {f"layers.{i}.attention.wqkv.weight": w(3 * dim, dim), f"layers.{i}.attention.wo.weight": w(dim, dim),
+                  f"layers.{i}.feed_forward.w1.weight": w(hidden, dim), f"layers.{i}.feed_forward.w3.weight": w(hidden, dim),
+                  f"layers.{i}.feed_forward.w2.weight": w(dim, hidden),
+                  f"layers.{i}.attention_norm.weight": torch.ones(dim, dtype=torch.bfloat16),
+                  f"layers.{i}.ffn_norm.weight": torch.ones(dim, dtype=torch.bfloat16)}
+    return state | {"norm.weight": torch.ones(dim, dtype=torch.bfloat16), "output.weight": w(VOCAB, dim)}
+
+
+def llamagen_args(preset: str, image_size: int) -> argparse.Namespace:
+    """The arguments LlamaGen's train_c2i.py stores in its checkpoints (the ones that matter here, and a few more)."""
+    return argparse.Namespace(gpt_model=f"GPT-{preset}", image_size=image_size, downsample_size=16, vocab_size=16384,
+                              num_classes=1000, cls_token_num=1, gpt_type="c2i", lr=1e-4, global_batch_size=256)
+
+
+def write(path, state, layout, args=None, prefix=""):
+    state = {prefix + k: v for k, v in state.items()}
+    if layout == "fsdp" and args is None:
+        payload = state  # FSDP's consolidated export: the bare state dict
+    else:
+        payload = {"model": state, "optimizer": None, "steps": 100} | ({"args": args} if args is not None else {})
+    torch.save(payload, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def states():
+    return {width: stand_in_state(width) for width in sorted({row[2] for row in ZOO.values()})}
+
+
+@pytest.mark.parametrize("with_args", [False, True], ids=["no-args", "args"])
+@pytest.mark.parametrize("name", list(ZOO))
+def test_each_released_file_gets_its_heads_and_grid(name, with_args, states, tmp_path):
+    layout, preset, width, heads, grid = ZOO[name]
+    image_size = grid * 16
+    prefix = {"c2i_B_256.pt": "module.", "c2i_L_384.pt": "_orig_mod."}.get(name, "")  # wrappers' prefixes
+    path = write(tmp_path / name, states[width], layout, llamagen_args(preset, image_size) if with_args else None,
+                 prefix)
+    model = npp.GPT.from_llamagen(path)
+    c = model.config
+    assert (c.n_head, c.grid, c.dim, c.n_layer, c.head_dim) == (heads, grid, width, 1, width // heads)
+    assert (c.vocab_size, c.num_classes, c.hidden_dim, c.n_kv_head) == (VOCAB, CLASSES, llamagen_hidden(width), None)
+    assert model.tok_embeddings.weight.dtype == torch.bfloat16  # kept as the file holds it
+    line = model.inferred
+    assert "\n" not in line and line.startswith(f"{name}: 1 layer × {width}, {heads} heads of {width // heads}")
+    assert f"grid {grid}×{grid}" in line
+    if with_args:
+        assert f"LlamaGen preset {preset}, from the stored args.gpt_model" in line
+        assert f"stored args: image_size {image_size}, downsample_size 16" in line
+    else:
+        assert f"LlamaGen preset {preset} by width {width} alone" in line
+        assert f"file name _{image_size}, VQ-16" in line
+
+
+def test_full_depth_matches_the_preset_by_layers_and_width():
+    """A file with its preset's real depth (GPT-B: 12 layers; meta tensors, nothing allocated) needs no fallback."""
+    state = {k: v.to("meta") for k, v in stand_in_state(768, n_layer=1).items()}
+    for i in range(1, 12):
+        state |= {k.replace("layers.0.", f"layers.{i}."): v for k, v in state.items() if k.startswith("layers.0.")}
+    inferred = npp.infer_llamagen(state, "/zoo/c2i_B_384.pt")
+    assert (inferred.config.n_layer, inferred.config.n_head, inferred.config.grid) == (12, 12, 24)
+    assert inferred.description == ("c2i_B_384.pt: 12 layers × 768, 12 heads of 64 (LlamaGen preset B), "
+                                    "grid 24×24 (file name _384, VQ-16)")
+
+
+def test_explicit_arguments_win_and_stored_args_beat_the_name(states, tmp_path):
+    state = states[3200]
+    # stored args say 256 px, the name says 384: the file's own record wins over its name
+    path = write(tmp_path / "c2i_3B_384.pt", state, "fsdp", llamagen_args("3B", 256))
+    assert npp.GPT.from_llamagen(path).config.grid == 16
+    # explicit arguments win over everything
+    model = npp.GPT.from_llamagen(path, n_head=25, grid=12)
+    assert (model.config.n_head, model.config.grid) == (25, 12) and "n_head given" in model.inferred
+    assert npp.GPT.from_llamagen(path, image_size=512).config.grid == 32
+    # a file called model.pt tells its grid through the stored args
+    path = write(tmp_path / "model.pt", state, "fsdp", llamagen_args("3B", 384))
+    assert npp.GPT.from_llamagen(path).config.grid == 24
+
+
+def test_convert_prints_and_records_what_it_inferred(states, tmp_path, capsys):
+    path = write(tmp_path / "c2i_XXL_384.pt", states[1536], "fsdp")
+    assert cli.main(["convert", str(path), str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out.splitlines()
+    expected = ("c2i_XXL_384.pt: 1 layer × 1536, 24 heads of 64 (LlamaGen preset XXL by width 1536 alone: the file "
+                "has 1 of its 48 layers), grid 24×24 (file name _384, VQ-16)")
+    assert out[0] == expected
+    saved = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert saved["inferred"] == expected and saved["n_head"] == 24 and saved["grid"] == 24
+    again = npp.GPT.from_pretrained(tmp_path / "out")  # strict loading tolerates the record
+    assert (again.config.n_head, again.config.grid) == (24, 24)
+
+    assert cli.main(["convert", str(path), str(tmp_path / "out2"), "--image-size", "256", "--n-head", "12"]) == 0
+    assert json.loads((tmp_path / "out2" / "config.json").read_text())["grid"] == 16
+
+
+def one_line_refusal(*argv: str) -> str:
+    result = subprocess.run([NPP, "convert", *argv], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("npp convert: error: "), result.stderr[-2000:]
+    return lines[0]
+
+
+def test_what_a_file_cannot_tell_is_asked_for_in_one_line(tmp_path):
+    unknown = write(tmp_path / "c2i_custom_256.pt", stand_in_state(640, n_layer=2), "ddp")  # no preset is 640 wide
+    error = one_line_refusal(str(unknown), str(tmp_path / "out"))
+    assert "2 layers × width 640 match no LlamaGen preset" in error and "--n-head" in error
+    assert not (tmp_path / "out").exists()
+
+    nameless = write(tmp_path / "model.pt", stand_in_state(768), "ddp")
+    error = one_line_refusal(str(nameless), str(tmp_path / "out"))
+    assert "does not say its image size" in error and "--grid" in error and "--image-size" in error
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_pipeline_takes_the_gpts_grid_not_the_tokenizers(tmp_path):
+    """A GPT trained at twice its tokenizer's training size (the mnist-8x8 VQ: 32 px, 4 px per code) keeps its
+    own 16×16 grid; image_size= is divided by the tokenizer's downsampling."""
+    from npp.files import ASSETS
+
+    model = npp.GPT(npp.ModelConfig.preset("debug", vocab_size=256, num_classes=10, grid=16))
+    args = argparse.Namespace(gpt_model="debug", image_size=64, downsample_size=4)
+    torch.save({"model": model.state_dict(), "args": args}, tmp_path / "c2i.pt")
+    pipe = npp.Pipeline.from_llamagen(tmp_path / "c2i.pt", ASSETS / "mnist-8x8")
+    assert (pipe.grid, pipe.image_size, pipe.vq.config.grid) == (16, 64, 8)
+    assert pipe.model.inferred == ("c2i.pt: 2 layers × 64, 2 heads of 32 (npp preset debug), "
+                                   "grid 16×16 (stored args: image_size 64, downsample_size 4)")
+
+    torch.save({"model": model.state_dict()}, tmp_path / "bare.pt")
+    with pytest.raises(npp.CheckpointError, match="does not say its image size"):
+        npp.Pipeline.from_llamagen(tmp_path / "bare.pt", ASSETS / "mnist-8x8")
+    assert npp.Pipeline.from_llamagen(tmp_path / "bare.pt", ASSETS / "mnist-8x8", image_size=64).grid == 16
