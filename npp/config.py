@@ -327,9 +327,9 @@ class VQConfig:
         for name in ("image_size", "base_channels", "num_res_blocks", "z_channels", "codebook_size",
                      "codebook_dim", "in_channels"):
             value = getattr(self, name)
-            check(isinstance(value, int) and value > 0,
+            check(is_int(value) and value > 0,
                    f"VQConfig.{name}={value!r}: must be a positive integer")
-        check(len(self.ch_mult) >= 1 and all(isinstance(m, int) and m > 0 for m in self.ch_mult),
+        check(len(self.ch_mult) >= 1 and all(is_int(m) and m > 0 for m in self.ch_mult),
                f"VQConfig.ch_mult={self.ch_mult}: give one positive multiplier per level, e.g. (1, 2, 2)")
         widths = [self.base_channels * m for m in self.ch_mult]
         check(all(w % 32 == 0 for w in [self.base_channels, *widths]),
