@@ -147,7 +147,7 @@ def step_figures(model: ModelConfig, patch_size: int, batch: int, seconds: Seque
     """Rates of optimizer steps of `batch` images at one patch side, from the wall time of each step.
 
     Every side covers the same grid² image tokens per image, so tokens/s counts those, not positions.
-    FLOPs are the model's own count (6·N_matmul·S + 12·n_layer·dim·S², REFERENCE §9); recomputation
+    FLOPs are the model's own count (6·N_matmul·S + 12·n_layer·dim·S², docs/method.md §9); recomputation
     under activation checkpointing is not counted, as is usual for MFU.
     """
     step_s = statistics.mean(seconds)

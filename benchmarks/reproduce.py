@@ -78,14 +78,14 @@ class Arm:
     of its own recipe names itself."""
 
 
-# The paper's recipe shape scaled to a 1,200-step CPU run (REFERENCE §10, docs/recipes.md): dropouts 0.1,
+# The paper's recipe shape scaled to a 1,200-step CPU run (docs/method.md §10, docs/recipes.md): dropouts 0.1,
 # every stage warmed up and decayed over its last 20% to a tenth of the peak. The peak LR stays the CPU
 # recipe's 2e-3: the paper's 1e-4 is tuned for 300 epochs and barely moves a model in 0.64 of an epoch.
 PAPER_SHAPED_MODEL = {"token_dropout": 0.1, "resid_dropout": 0.1, "ffn_dropout": 0.1}
 PAPER_SHAPED_SCHEDULE = {"decay_fraction": 0.2, "end_lr": 2e-4}
 
 ARMS = {
-    # the paper's schedules (REFERENCE §3)
+    # the paper's schedules (docs/method.md §3)
     "ntp": Arm("NTP", 1),
     "l2": Arm("NPP #L2 λ½", 2),
     "l3": Arm("NPP #L3 λ½", 3),

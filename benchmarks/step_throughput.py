@@ -10,7 +10,7 @@ Every level sees the same images per step (batch × grid² image tokens), as in 
 speed-up of a p×p level over NTP (p = 1) is the saving NPP buys in that stage. Levels are p = …, 4,
 2, 1 while the coarse grid grid/p is at least 2 (a 1×1 coarse grid would be a single position).
 Tokens and labels are random (fixed seed); FLOPs are the model's own count
-(``ModelConfig.flops_per_sample(p) × batch``: 6·N_matmul·S + 12·n_layer·dim·S², REFERENCE §9). Each
+(``ModelConfig.flops_per_sample(p) × batch``: 6·N_matmul·S + 12·n_layer·dim·S², docs/method.md §9). Each
 step is timed on its own (the device synchronised around it), as the trainer, which reads every
 step's loss, runs them.
 

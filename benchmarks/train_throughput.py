@@ -24,7 +24,7 @@ The codes are synthetic: seeded random images of grid×grid pixels (benchmarks/c
 `npp extract` folder with a manifest), labels cycling over --num-classes. Speed depends on shapes,
 not on the codes.
 FLOPs are the model's own count (`ModelConfig.flops_per_sample(p)`: 6·N_matmul·S + 12·n_layer·dim·S²,
-REFERENCE §9); recomputation under activation checkpointing is not counted, as is usual for MFU.
+docs/method.md §9); recomputation under activation checkpointing is not counted, as is usual for MFU.
 
 Usage (from the repository root, npp importable: installed, or PYTHONPATH=.):
 

@@ -28,7 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from npp.data import MNIST_CLASSES, MNIST_SIZE, mnist_images, to_unit_range
-from npp.errors import check, known_fields
+from npp.errors import check, is_int, known_fields
 from npp.files import ASSETS, dump_json
 from npp.weights import Pretrained
 
@@ -55,11 +55,11 @@ class ClassifierConfig:
 
     def __post_init__(self) -> None:
         self.widths = tuple(self.widths)
-        check(len(self.widths) >= 1 and all(isinstance(w, int) and w > 0 for w in self.widths),
+        check(len(self.widths) >= 1 and all(is_int(w) and w > 0 for w in self.widths),
                f"ClassifierConfig.widths={self.widths}: give one positive channel count per block, e.g. (32, 64)")
         for name in ("feature_dim", "num_classes", "image_size", "in_channels"):
             value = getattr(self, name)
-            check(isinstance(value, int) and value > 0,
+            check(is_int(value) and value > 0,
                    f"ClassifierConfig.{name}={value!r}: must be a positive integer")
         check(self.image_size % 2 ** len(self.widths) == 0,
                f"ClassifierConfig.image_size={self.image_size} must be divisible by 2^{len(self.widths)} "
@@ -184,7 +184,7 @@ class ClassifierTrainConfig:
             self.model = ClassifierConfig.from_dict(self.model)
         for name in ("epochs", "batch_size"):
             value = getattr(self, name)
-            check(isinstance(value, int) and value > 0,
+            check(is_int(value) and value > 0,
                    f"ClassifierTrainConfig.{name}={value!r}: must be a positive integer")
         check(self.lr > 0, f"ClassifierTrainConfig.lr={self.lr}: must be positive, e.g. 3e-3")
         check(self.weight_decay >= 0, f"ClassifierTrainConfig.weight_decay={self.weight_decay}: must be ≥ 0")
@@ -193,7 +193,7 @@ class ClassifierTrainConfig:
                                              f"(0 turns that augmentation off)")
         check(0 <= self.max_scale < 1,
                f"ClassifierTrainConfig.max_scale={self.max_scale}: must lie in [0, 1), e.g. 0.1")
-        check(isinstance(self.train_images, int) and self.train_images >= 0,
+        check(is_int(self.train_images) and self.train_images >= 0,
                f"ClassifierTrainConfig.train_images={self.train_images!r}: must be ≥ 0 (0 = all)")
 
     def to_dict(self) -> dict[str, Any]:

@@ -20,7 +20,7 @@ def _is_power_of_two(n: int) -> bool:
     return is_int(n) and n > 0 and n & (n - 1) == 0
 
 
-# name -> (n_layer, n_head, dim). B..XXL and 3B are LlamaGen's; 2B is ours (REFERENCE §2).
+# name -> (n_layer, n_head, dim). B..XXL and 3B are LlamaGen's; 2B is ours (docs/method.md §2).
 MODEL_PRESETS: dict[str, tuple[int, int, int]] = {
     "debug": (2, 2, 64),
     "tiny": (6, 4, 256),
@@ -148,7 +148,7 @@ class ModelConfig:
         return self.n_layer * per_layer + D * self.vocab_size
 
     def flops_per_sample(self, patch_size: int = 1) -> float:
-        """Training FLOPs for one image: 6·N_matmul·S + 12·n_layer·dim·S², S = (grid/p)² (REFERENCE §9)."""
+        """Training FLOPs for one image: 6·N_matmul·S + 12·n_layer·dim·S², S = (grid/p)² (docs/method.md §9)."""
         self.check_patch_size(patch_size)
         seq = (self.grid // patch_size) ** 2
         return 6.0 * self.matmul_params() * seq + 12.0 * self.n_layer * self.dim * seq**2
@@ -166,7 +166,7 @@ class ScheduleConfig:
     """The coarse-to-fine plan: patch levels, their lengths, and the learning rate in each stage.
 
     Stage sides are 2^(levels-1), …, 2, 1 and cumulative stage ends are total_steps·λ^i for
-    i = levels-1 … 0, so the last stage is always plain next-token prediction (REFERENCE §3).
+    i = levels-1 … 0, so the last stage is always plain next-token prediction (docs/method.md §3).
     """
 
     total_steps: int = 1000
@@ -281,11 +281,11 @@ class SamplerConfig:
 
 
 PAPER_SAMPLER = SamplerConfig(cfg_scale=2.0)
-"""The paper's FID sampler for GPT-B (REFERENCE §4): CFG 2.0, no top-k or top-p, temperature 1; the
+"""The paper's FID sampler for GPT-B (docs/method.md §4): CFG 2.0, no top-k or top-p, temperature 1; the
 default of evaluation, the trainer's periodic evaluation and the app."""
 
 
-# name -> VQConfig fields. llamagen-vq16 is LlamaGen's VQ-16 (REFERENCE §6); the MNIST ones are
+# name -> VQConfig fields. llamagen-vq16 is LlamaGen's VQ-16 (docs/method.md §6); the MNIST ones are
 # ours, sized so that `make quickstart` trains them on a laptop CPU in minutes.
 VQ_PRESETS: dict[str, dict[str, Any]] = {
     "llamagen-vq16": dict(image_size=256, base_channels=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2,
@@ -327,9 +327,9 @@ class VQConfig:
         for name in ("image_size", "base_channels", "num_res_blocks", "z_channels", "codebook_size",
                      "codebook_dim", "in_channels"):
             value = getattr(self, name)
-            check(isinstance(value, int) and value > 0,
+            check(is_int(value) and value > 0,
                    f"VQConfig.{name}={value!r}: must be a positive integer")
-        check(len(self.ch_mult) >= 1 and all(isinstance(m, int) and m > 0 for m in self.ch_mult),
+        check(len(self.ch_mult) >= 1 and all(is_int(m) and m > 0 for m in self.ch_mult),
                f"VQConfig.ch_mult={self.ch_mult}: give one positive multiplier per level, e.g. (1, 2, 2)")
         widths = [self.base_channels * m for m in self.ch_mult]
         check(all(w % 32 == 0 for w in [self.base_channels, *widths]),

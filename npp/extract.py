@@ -1,4 +1,4 @@
-"""Code extraction: images → crop variants → VQ codes, in memory-mapped arrays (REFERENCE §7).
+"""Code extraction: images → crop variants → VQ codes, in memory-mapped arrays (docs/method.md §7).
 
     npp extract imagenet/train codes/imagenet256 --tokenizer vq_ds16_c2i.pt
     torchrun --nproc_per_node 8 -m npp.cli extract imagenet/train codes/imagenet256 --tokenizer ...

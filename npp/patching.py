@@ -1,6 +1,6 @@
 """Next patch prediction: group the token grid into p×p squares and score whole patches.
 
-Patches are squares of the token grid in row-major order over the coarse grid (REFERENCE §3): on a
+Patches are squares of the token grid in row-major order over the coarse grid (docs/method.md §3): on a
 16×16 grid with p = 2, patch 0 holds tokens {0, 1, 16, 17} and patch 1 holds {2, 3, 18, 19}. All of
 it is reshapes, so it works for every dtype (integer targets included) and under torch.compile.
 """

@@ -1,6 +1,6 @@
 """Will this run fit? A memory estimate per process, checked before any data is read or model is built.
 
-The estimate adds what a training process holds (REFERENCE §9 and DeepSpeed's ZeRO partitioning):
+The estimate adds what a training process holds (docs/method.md §9 and DeepSpeed's ZeRO partitioning):
 
     weights        4 B/param in fp32 and amp-bf16 (fp32 master weights), 2 in DeepSpeed's bf16 mode;
                    ZeRO-3 shards them over the processes

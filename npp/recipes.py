@@ -4,7 +4,7 @@
     npp train --recipe llamagen --model XXL --data codes/imagenet256       # the NTP baseline, as LlamaGen
     npp train --recipe quickstart --name my-run                            # the CPU recipe of make quickstart
 
-`paper` holds the settings of the NPP paper and of its authors' training code (REFERENCE §3, §10),
+`paper` holds the settings of the NPP paper and of its authors' training code (docs/method.md §3, §10),
 `llamagen` the NTP baseline as LlamaGen trained it (constant LR: the paper's baseline rows), and
 `quickstart` the CPU recipe that trains the tiny quickstart pair in minutes. `auto` (the default of
 `npp train` and the train notebook) is `quickstart` for the debug and tiny presets and `paper` for B
@@ -82,7 +82,7 @@ class Recipe:
 PAPER_CODE = "the authors' train_c2i.py"
 LLAMAGEN_CODE = "LlamaGen's train_c2i.py"
 
-# What the paper's and LlamaGen's runs share (REFERENCE §2, §10); the recipes below add their differences.
+# What the paper's and LlamaGen's runs share (docs/method.md §2, §10); the recipes below add their differences.
 _COMMON = (
     Setting("betas", [0.9, 0.95], f"paper appendix; {PAPER_CODE}"),
     Setting("weight_decay", 0.05, f"paper appendix; {PAPER_CODE} (on tensors of ≥ 2 dimensions, embeddings "
@@ -116,10 +116,10 @@ PAPER = Recipe(
 LLAMAGEN = Recipe(
     "llamagen", "The NTP baseline as LlamaGen trained it: next-token prediction at a constant LR, 300 epochs.",
     _COMMON + (
-        Setting("batch_size", 256, "LlamaGen (REFERENCE §3; 2B and 3B: ours, as XXL)",
+        Setting("batch_size", 256, "LlamaGen (docs/method.md §3; 2B and 3B: ours, as XXL)",
                 per_preset={"XXL": 512, "2B": 512, "3B": 512}),
         Setting("schedule.levels", 1, "next-token prediction"),
-        Setting("schedule.lr", 1e-4, "LlamaGen (REFERENCE §3; 2B and 3B: ours, as XXL)",
+        Setting("schedule.lr", 1e-4, "LlamaGen (docs/method.md §3; 2B and 3B: ours, as XXL)",
                 per_preset={"XL": 2e-4, "XXL": 2e-4, "2B": 2e-4, "3B": 2e-4}),
         Setting("schedule.warmup_steps", 0, f"{LLAMAGEN_CODE}: no warm-up"),
         Setting("schedule.decay_fraction", 0.0, f"{LLAMAGEN_CODE} has no scheduler: the LR stays at its peak"),

@@ -1,4 +1,4 @@
-"""Ordinary next-token sampling with classifier-free guidance and a KV cache (REFERENCE §5).
+"""Ordinary next-token sampling with classifier-free guidance and a KV cache (docs/method.md §5).
 
 NPP changes only training: every model, whatever its schedule, samples one token at a time here.
 Every sampling knob lives in one typed, validated `SamplerConfig`; evaluation, the trainer's periodic

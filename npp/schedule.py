@@ -1,7 +1,7 @@
 """The coarse-to-fine stage plan, the learning rate in each stage, and the cost of a schedule.
 
 With #L levels and segment factor λ, stage sides are 2^(L-1), …, 2, 1 and cumulative stage ends are
-T·λ^i for i = L-1 … 0, so the final stage is plain next-token prediction ending at T (REFERENCE §3).
+T·λ^i for i = L-1 … 0, so the final stage is plain next-token prediction ending at T (docs/method.md §3).
 Every stage warms up from 0, holds the peak LR, then decays linearly to end_lr over its last
 decay_fraction (the paper; warmup_every_stage / decay_every_stage turn the restart off for ablations).
 The LR is a pure function of the global step, so resuming needs only the step.

@@ -1,4 +1,4 @@
-"""The VQ tokenizer: LlamaGen's VQ-GAN architecture with an L2-normalised codebook (REFERENCE §6).
+"""The VQ tokenizer: LlamaGen's VQ-GAN architecture with an L2-normalised codebook (docs/method.md §6).
 
 Read top to bottom: the building blocks (ResnetBlock, AttnBlock, resampling), the encoder and the
 decoder, the quantizer, and the VQModel with its import and export. Module names follow LlamaGen's

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from npp.classifier import MnistClassifier, load_mnist_classifier, predict, run_record
 from npp.config import VQ_PRESETS, VQConfig
 from npp.data import mnist_images, to_unit_range
-from npp.errors import check
+from npp.errors import check, is_int
 from npp.files import dump_json
 from npp.tokenizer import Quantized, VQModel
 from npp.weights import safe_load
@@ -94,12 +94,12 @@ class TokenizerTrainConfig:
                                           f"{', '.join(VQ_PRESETS)}")
         for name in ("steps", "batch_size"):
             value = getattr(self, name)
-            check(isinstance(value, int) and value > 0,
+            check(is_int(value) and value > 0,
                    f"TokenizerTrainConfig.{name}={value!r}: must be a positive integer")
         for name in ("warmup_steps", "reseed_every", "log_every", "eval_every", "ckpt_every", "train_images",
                      "test_images"):
             value = getattr(self, name)
-            check(isinstance(value, int) and value >= 0,
+            check(is_int(value) and value >= 0,
                    f"TokenizerTrainConfig.{name}={value!r}: must be a non-negative integer")
         check(self.warmup_steps < self.steps, f"TokenizerTrainConfig.warmup_steps={self.warmup_steps}: must be "
                                                f"less than steps={self.steps}")
@@ -115,7 +115,7 @@ class TokenizerTrainConfig:
         check(0 < self.dead_threshold < 1,
                f"TokenizerTrainConfig.dead_threshold={self.dead_threshold}: must lie in (0, 1) (a fraction of "
                f"the uniform share), e.g. 0.03")
-        check(isinstance(self.eval_images, int) and self.eval_images > 0,
+        check(is_int(self.eval_images) and self.eval_images > 0,
                f"TokenizerTrainConfig.eval_images={self.eval_images!r}: must be a positive integer")
 
     @property

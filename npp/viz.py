@@ -4,7 +4,7 @@
     training_figure(runs, "loss", x="flops")      # loss against training FLOPs, stage switches marked
     eval_figure(runs, "fid", x="flops")           # FID curves from the periodic evaluations
     cost_quality_figure(runs, "fid")              # the paper's Figure 1 from our runs
-    paper_results_figure()                        # REFERENCE §4: ImageNet 256 results of the paper
+    paper_results_figure()                        # docs/method.md §4: ImageNet 256 results of the paper
 
 Every builder takes plain rows (dicts as in metrics.jsonl) or RunDirs, so tests feed them synthetic
 metrics; every figure can be shown in JupyterLab, exported to HTML, or written as a PNG by kaleido.

@@ -13,7 +13,7 @@ from conftest import random_weights
 # ---- an independent, deliberately naive LlamaGen forward (float64, loops, complex RoPE) ----------
 
 def reference_logits(state, cfg: npp.ModelConfig, tokens_BL, labels_B, patch_size=1):
-    """LlamaGen's class-conditional forward written from REFERENCE §2–3 without any npp code."""
+    """LlamaGen's class-conditional forward written from docs/method.md §2–3 without any npp code."""
     sd = {k: v.double() for k, v in state.items()}
     B, grid, p, hd = tokens_BL.shape[0], cfg.grid, patch_size, cfg.head_dim
     g = grid // p

@@ -13,7 +13,7 @@ def test_paper_table3_costs(levels, lam, expected):
 
 
 def test_flop_cost_includes_attention():
-    # REFERENCE §3: with the attention term the FLOP ratio of #L 2, λ ½ is about 0.62 for GPT-B.
+    # docs/method.md §3: with the attention term the FLOP ratio of #L 2, λ ½ is about 0.62 for GPT-B.
     cost = relative_cost(npp.ScheduleConfig(total_steps=1000), npp.ModelConfig.preset("B"))
     assert 0.6 < cost < 0.625
 

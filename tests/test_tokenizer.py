@@ -16,7 +16,7 @@ SMALL = dict(base_channels=32, ch_mult=(1, 2), num_res_blocks=1, z_channels=32, 
 
 def llamagen_vq_shapes(ch, ch_mult, nrb, z, V, d, in_ch=3):
     """Every tensor LlamaGen's VQModel holds, with its shape, written from its construction rules
-    (REFERENCE §6) without npp code: encoder levels with nrb ResnetBlocks, decoder levels in reverse
+    (docs/method.md §6) without npp code: encoder levels with nrb ResnetBlocks, decoder levels in reverse
     with nrb + 1, attention at the lowest resolution, the quantizer's usage buffer."""
     shapes = {}
 
@@ -89,7 +89,7 @@ def test_vq16_has_llamagen_names_shapes_and_size():
     expected = llamagen_vq_shapes(128, (1, 1, 2, 2, 4), 2, 256, 16384, 8)
     del expected["quantize.codebook_used"]  # a training statistic, not loaded (see from_llamagen)
     assert {k: tuple(v.shape) for k, v in vq.state_dict().items()} == expected
-    assert vq.num_params() == 71_883_403  # REFERENCE §6: 71.9M
+    assert vq.num_params() == 71_883_403  # docs/method.md §6: 71.9M
     assert vq.config.grid == 16 and vq.config.downsample == 16
 
 
