@@ -235,7 +235,7 @@ class MnistSource:
     """The embedded MNIST digits (32×32, replicated to RGB), optionally only the first `limit`."""
 
     def __init__(self, split: str = "train", limit: int | None = None):
-        check(limit is None or (isinstance(limit, int) and limit > 0),
+        check(limit is None or (is_int(limit) and limit > 0),
                f"MnistSource.limit={limit!r}: must be a positive integer or None (all images)")
         try:
             images_N3HW, labels_N = mnist_images(split)
@@ -297,7 +297,7 @@ class CropConfig:
     def __post_init__(self) -> None:
         check(self.mode in CROP_MODES,
                f"CropConfig.mode={self.mode!r}: choose one of {', '.join(CROP_MODES)}")
-        check(isinstance(self.size, int) and self.size > 0,
+        check(is_int(self.size) and self.size > 0,
                f"CropConfig.size={self.size!r}: must be a positive integer (pixels)")
         if self.mode != "ten-crop":
             check(not self.ranges,

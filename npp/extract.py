@@ -41,7 +41,7 @@ from PIL import Image
 from npp.data import (CODES_FORMAT, EXTRACT_AGAIN, MNIST_SIZE, CodeDataset, CropConfig, ImageFolderSource, ImageSource,
                       MnistSource, crop_variants, open_array, to_unit_range)
 from npp.distributed import Ranks
-from npp.errors import DataError, check
+from npp.errors import DataError, check, is_int
 from npp.files import dump_json, write_text
 from npp.tokenizer import VQModel
 
@@ -320,9 +320,9 @@ def extract_codes(source: ImageSource, vq: VQModel, output: str | os.PathLike, c
     is called after each batch is stored, with this process's counts. Images that cannot be read
     are skipped (label -1, codes 0) and listed in the manifest with the reason.
     """
-    check(isinstance(batch_size, int) and batch_size > 0,
+    check(is_int(batch_size) and batch_size > 0,
            f"batch_size={batch_size!r}: must be a positive integer (images per batch)")
-    check(isinstance(num_workers, int) and num_workers >= 0,
+    check(is_int(num_workers) and num_workers >= 0,
            f"num_workers={num_workers!r}: must be ≥ 0 (0 decodes in the main process)")
     downsample = vq.config.downsample
     check(crops.size % downsample == 0,

@@ -442,12 +442,12 @@ def _infer_grid(grid: int | None, image_size: int | None, args: Mapping[str, Any
     if image_size is not None:
         if not (is_int(image_size) and image_size > 0):
             raise CheckpointError(f"{source}: image_size={image_size!r} must be a positive whole number of pixels")
-        down = stored_down if isinstance(stored_down, int) and stored_down > 0 else LLAMAGEN_DOWNSAMPLE
+        down = stored_down if is_int(stored_down) and stored_down > 0 else LLAMAGEN_DOWNSAMPLE
         if image_size % down:
             raise CheckpointError(f"{source}: image_size={image_size} is not a multiple of the tokenizer's "
                                   f"downsampling {down}; pass a multiple of {down}, or grid=")
         return image_size // down, f"image_size {image_size} given, VQ-{down}"
-    if isinstance(stored_size, int) and isinstance(stored_down, int) and stored_down > 0 and stored_size > 0:
+    if is_int(stored_size) and is_int(stored_down) and stored_down > 0 and stored_size > 0:
         if stored_size % stored_down:
             raise CheckpointError(f"{source}: its stored args say image_size {stored_size} and downsample_size "
                                   f"{stored_down}, which do not give a whole grid; pass grid=")

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from npp.config import SamplerConfig, VQConfig
-from npp.errors import CheckpointError, ConfigError, check, check_device, require
+from npp.errors import CheckpointError, ConfigError, check, check_device, is_int, require
 from npp.model import GPT
 from npp.runs import RunDir
 from npp.sampling import StepCallback, generate
@@ -141,7 +141,7 @@ class Pipeline:
         check(grid is None or image_size is None, "give grid= or image_size=, not both")
         if image_size is not None:
             down = tokenizer.config.downsample
-            check(isinstance(image_size, int) and image_size > 0 and image_size % down == 0,
+            check(is_int(image_size) and image_size > 0 and image_size % down == 0,
                   f"image_size={image_size!r}: must be a positive multiple of the tokenizer's downsampling {down}")
             grid = image_size // down
         model = GPT.from_llamagen(gpt_pt, n_head=n_head, grid=grid)
