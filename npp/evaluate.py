@@ -16,6 +16,7 @@ identity and size, sampler settings, seeds, model identity).
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import hashlib
 import json
@@ -30,14 +31,14 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from npp.config import PAPER_SAMPLER, SamplerConfig
+from npp.config import MODEL_PRESETS, PAPER_SAMPLER, SamplerConfig
 from npp.distributed import Ranks
 from npp.errors import DataError, check, check_device, is_int, require
 from npp.files import atomic_path, dump_json
 from npp.fidelity import (EMBEDDED_CLASSIFIER, INCEPTION_EXTRACTOR, METRICS, MNIST_EXTRACTOR, Reference,
                           check_image_size, class_accuracy, fidelity_metrics, resolve_extractor, resolve_reference)
-from npp.model import GPT
-from npp.pipeline import Pipeline
+from npp.model import GPT, LLAMAGEN_DOWNSAMPLE, LLAMAGEN_PRESETS
+from npp.pipeline import Pipeline, export_folder
 from npp.runs import RunDir
 from npp.sampling import sample_generators
 from npp.tokenizer import VQModel, to_uint8
@@ -485,10 +486,6 @@ def default_protocol(path: str | os.PathLike) -> Protocol:
     """A released LlamaGen GPT (an export `npp convert` wrote: its config.json records what was inferred, and
     its width is a LlamaGen preset's) is scored as LlamaGen scores it; a run of ours by its recipe's CFG (the
     run's eval_sampler); anything else by the paper's sampler. Read from the JSON files, before any weights."""
-    from npp.config import MODEL_PRESETS
-    from npp.model import LLAMAGEN_DOWNSAMPLE, LLAMAGEN_PRESETS
-    from npp.pipeline import export_folder
-
     export = export_folder(path)
     model = _json_object(export / "config.json")
     released = [name for name in LLAMAGEN_PRESETS if MODEL_PRESETS[name][2] == model.get("dim")]
@@ -513,7 +510,7 @@ def _json_object(path: Path) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
-def protocol_line(protocol: Protocol, config: EvalConfig, args) -> str:
+def protocol_line(protocol: Protocol, config: EvalConfig, args: argparse.Namespace) -> str:
     """One line: the CFG scale and scoring size in force, each with where it comes from."""
     from npp.flags import given
 
