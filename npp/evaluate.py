@@ -16,6 +16,7 @@ identity and size, sampler settings, seeds, model identity).
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import hashlib
 import json
@@ -30,17 +31,17 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from npp.config import PAPER_SAMPLER, SamplerConfig
+from npp.config import MODEL_PRESETS, PAPER_SAMPLER, SamplerConfig
 from npp.distributed import Ranks
 from npp.errors import DataError, check, check_device, is_int, require
 from npp.files import atomic_path, dump_json
 from npp.fidelity import (EMBEDDED_CLASSIFIER, INCEPTION_EXTRACTOR, METRICS, MNIST_EXTRACTOR, Reference,
                           check_image_size, class_accuracy, fidelity_metrics, resolve_extractor, resolve_reference)
-from npp.model import GPT
-from npp.pipeline import Pipeline
+from npp.model import GPT, LLAMAGEN_DOWNSAMPLE, LLAMAGEN_PRESETS
+from npp.pipeline import Pipeline, export_folder
 from npp.runs import RunDir
 from npp.sampling import sample_generators
-from npp.tokenizer import VQModel
+from npp.tokenizer import VQModel, to_uint8
 
 LABEL_MODES = ("balanced", "random")
 
@@ -77,6 +78,9 @@ class EvalConfig:
     """Write every sample as a PNG (needed to resume and to shard); off keeps them in memory."""
     export_npz: bool = False
     """Also write samples.npz with arr_0 (N×H×W×3 uint8), the batch the OpenAI ADM evaluator reads."""
+    eval_image_size: int = 0
+    """Resize every sample to this many pixels a side (bicubic) before the metrics, the PNGs and the npz,
+    as LlamaGen's --image-size-eval does (its 384-px models are scored at 256); 0 keeps the model's size."""
     device: str = "auto"
     """'cpu', 'cuda' (this rank's GPU under a launcher) or 'auto'."""
     progress: bool = True
@@ -86,6 +90,8 @@ class EvalConfig:
         if isinstance(self.sampler, dict):
             self.sampler = SamplerConfig.from_dict(self.sampler)
         self.metrics = tuple(self.metrics)
+        check(is_int(self.eval_image_size) and self.eval_image_size >= 0,
+              f"EvalConfig.eval_image_size={self.eval_image_size!r}: use a size in pixels, or 0 for the model's own")
         for name in ("num_samples", "batch_size", "kid_subset_size"):
             value = getattr(self, name)
             check(is_int(value) and value > 0, f"EvalConfig.{name}={value!r}: use a positive whole number")
@@ -105,8 +111,9 @@ class EvalConfig:
 
     def image_settings(self) -> dict[str, Any]:
         """The settings that decide the images (and so name the sample folder)."""
+        resize = {"eval_image_size": self.eval_image_size} if self.eval_image_size else {}
         return {"num_samples": self.num_samples, "batch_size": self.batch_size, "base_seed": self.base_seed,
-                "labels": self.labels, **self.sampler.to_dict()}
+                "labels": self.labels, **self.sampler.to_dict(), **resize}
 
     def folder_name(self) -> str:
         s = self.sampler
@@ -114,7 +121,8 @@ class EvalConfig:
                 f"-i{s.cfg_interval}-t{s.temperature:g}-k{s.top_k}-p{s.top_p:g}-b{self.batch_size}")
         # Knobs of a SamplerConfig subclass also decide the images: they name the folder too.
         extra = [f.name for f in dataclasses.fields(s) if f.name not in {g.name for g in dataclasses.fields(SamplerConfig)}]
-        return name + "".join(f"-{key}{getattr(s, key)}" for key in extra)
+        resize = f"-e{self.eval_image_size}" if self.eval_image_size else ""  # absent: older folders keep their names
+        return name + "".join(f"-{key}{getattr(s, key)}" for key in extra) + resize
 
     def to_dict(self) -> dict[str, Any]:
         return {**dataclasses.asdict(self), "metrics": list(self.metrics)}
@@ -136,7 +144,18 @@ def draw_samples(pipe: Pipeline, indices: Sequence[int], config: EvalConfig) -> 
     """Decoded samples (B, H, W, 3) uint8 and their labels for the given sample indices."""
     generators = sample_generators(indices, config.base_seed, pipe.device)
     labels_B = sample_labels(indices, pipe.model.config.num_classes, config.labels, generators)
-    return pipe(labels_B, config.sampler, generator=generators), labels_B
+    if not config.eval_image_size or config.eval_image_size == pipe.image_size:
+        return pipe(labels_B, config.sampler, generator=generators), labels_B
+    codes_Bhw = pipe(labels_B, config.sampler, generator=generators, output="codes")
+    with torch.no_grad():
+        images_B3HW = pipe.vq.decode(codes_Bhw.to(pipe.vq.device))
+    return to_uint8(resize_bicubic(images_B3HW, config.eval_image_size)), labels_B
+
+
+def resize_bicubic(images_B3HW: torch.Tensor, side: int) -> torch.Tensor:
+    """The decoder's [-1, 1] output resized to side × side as LlamaGen's sample_c2i_ddp.py does for
+    --image-size-eval: torch's bicubic interpolation on the floats, before they are rounded to pixels."""
+    return torch.nn.functional.interpolate(images_B3HW.float(), size=(side, side), mode="bicubic")
 
 
 def draw_all(pipe: Pipeline, config: EvalConfig) -> tuple[torch.Tensor, torch.Tensor]:
@@ -168,7 +187,9 @@ def samples_identity(pipe: Pipeline, config: EvalConfig) -> dict[str, Any]:
     return {"model_sha256": pipe.weights_sha256(), "tokenizer_fingerprint": pipe.tokenizer_fingerprint(),
             "num_classes": pipe.model.config.num_classes, "base_seed": config.base_seed, "labels": config.labels,
             "batch_size": config.batch_size, "sampler": config.sampler.to_dict(),
-            "sampler_class": type(config.sampler).__name__}
+            "sampler_class": type(config.sampler).__name__,
+            # only when resizing: the keys of folders drawn at the model's size stay what they were
+            **({"eval_image_size": config.eval_image_size} if config.eval_image_size else {})}
 
 
 def samples_key(identity: dict[str, Any]) -> str:
@@ -319,7 +340,7 @@ class QuickEval:
         self.extractor, self.weights, self.weights_sha = resolve_extractor(config.feature_extractor,
                                                                            config.inception_weights, mnist)
         self.reference = resolve_reference(config.reference, mnist)
-        check_image_size(self.reference, vq.config.downsample * grid)
+        check_image_size(self.reference, config.eval_image_size or vq.config.downsample * grid)
 
     def __call__(self, model: GPT) -> tuple[dict[str, float], torch.Tensor, torch.Tensor]:
         """(metrics, images (N, H, W, 3) uint8, labels (N,)) of the model as it is now."""
@@ -357,7 +378,7 @@ def evaluate(path: str | os.PathLike, config: EvalConfig, *, out: str | os.PathL
         extractor, weights, weights_sha = resolve_extractor(config.feature_extractor, config.inception_weights,
                                                             pipe.on_embedded_data)
         reference = resolve_reference(config.reference, pipe.on_embedded_data)
-        check_image_size(reference, pipe.image_size)
+        check_image_size(reference, config.eval_image_size or pipe.image_size)
         folder = Path(out) if out else pipe.export.parent / "eval" / config.folder_name()
         identity = samples_identity(pipe, config)
         key = samples_key(identity)
@@ -411,6 +432,9 @@ def _measure(pipe: Pipeline, config: EvalConfig, folder: Path, reference: Refere
         "note": ("domain metrics: features of the shipped MNIST classifier, not Inception; not comparable "
                  "to ImageNet FID" if domain else "Inception-v3 (torch-fidelity's inception-v3-compat) FID"),
         "num_samples": config.num_samples,
+        "image_size": {"sampled": pipe.image_size, "evaluated": config.eval_image_size or pipe.image_size,
+                       "resize": ("bicubic (torch, on the decoder's output)"
+                                  if config.eval_image_size not in (0, pipe.image_size) else None)},
         "sampler": config.image_settings(),
         "seeds": f"sample i uses torch.Generator().manual_seed({config.base_seed} + i)",
         "feature_extractor": {"name": extractor, "weights": str(weights) if weights else str(EMBEDDED_CLASSIFIER),
@@ -437,6 +461,67 @@ def _measure(pipe: Pipeline, config: EvalConfig, folder: Path, reference: Refere
 
 
 # ------------------------------------------------------------------------------------------------
+# Which protocol a model is scored by when no flag says otherwise
+# ------------------------------------------------------------------------------------------------
+
+LLAMAGEN_FID_CFG = {"B": 2.0, "L": 2.0, "XL": 1.75, "XXL": 1.75, "3B": 1.65}
+"""The CFG scale of each released LlamaGen c2i GPT's published FID (the sampling commands of its
+GETTING_STARTED.md)."""
+
+LLAMAGEN_EVAL_SIZES = {384: 256}
+"""LlamaGen scores its 384-px GPTs at 256 px (sample_c2i_ddp.py --image-size-eval 256); 256-px ones as drawn."""
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """The defaults a model is evaluated with, and where they come from (said when evaluate starts)."""
+
+    cfg_scale: float
+    eval_image_size: int
+    """0: the model's own size."""
+    source: str
+
+
+def default_protocol(path: str | os.PathLike) -> Protocol:
+    """A released LlamaGen GPT (an export `npp convert` wrote: its config.json records what was inferred, and
+    its width is a LlamaGen preset's) is scored as LlamaGen scores it; a run of ours by its recipe's CFG (the
+    run's eval_sampler); anything else by the paper's sampler. Read from the JSON files, before any weights."""
+    export = export_folder(path)
+    model = _json_object(export / "config.json")
+    released = [name for name in LLAMAGEN_PRESETS if MODEL_PRESETS[name][2] == model.get("dim")]
+    if "inferred" in model and released:
+        name, size = released[0], model.get("grid", 0) * LLAMAGEN_DOWNSAMPLE
+        return Protocol(LLAMAGEN_FID_CFG[name], LLAMAGEN_EVAL_SIZES.get(size, 0),
+                        f"LlamaGen's FID protocol for its released GPT-{name} at {size} px")
+    run = _json_object(export.parent / "config.json")
+    sampler = run.get("eval_sampler")
+    scale = sampler.get("cfg_scale") if isinstance(sampler, dict) else run.get("eval_cfg_scale")
+    if isinstance(scale, (int, float)) and not isinstance(scale, bool):
+        return Protocol(float(scale), 0, f"the run's recipe ({export.parent / 'config.json'}: eval_sampler)")
+    return Protocol(PAPER_SAMPLER.cfg_scale, 0, "the paper's sampler (PAPER_SAMPLER)")
+
+
+def _json_object(path: Path) -> dict[str, Any]:
+    """A JSON object file's content, or {} (absent or unreadable: the loader reports damage, not this guess)."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def protocol_line(protocol: Protocol, config: EvalConfig, args: argparse.Namespace) -> str:
+    """One line: the CFG scale and scoring size in force, each with where it comes from."""
+    from npp.flags import given
+
+    cfg_from = "--cfg-scale" if "cfg_scale" in given(args, SamplerConfig) else protocol.source
+    size_from = "--eval-image-size" if "eval_image_size" in given(args, EvalConfig) else protocol.source
+    size = (f"resized to {config.eval_image_size} px (bicubic) before the metrics" if config.eval_image_size
+            else "scored at the model's own size")
+    return f"npp evaluate: CFG scale {config.sampler.cfg_scale:g} ({cfg_from}); {size} ({size_from})"
+
+
+# ------------------------------------------------------------------------------------------------
 # Command line
 # ------------------------------------------------------------------------------------------------
 
@@ -445,7 +530,11 @@ def build_parser(sampler: type[SamplerConfig] = SamplerConfig):
     subclass brings its own knobs as flags."""
     from npp.flags import Parser, add_flags
 
-    parser = Parser(prog="npp evaluate", description=__doc__.splitlines()[0])
+    released = ", ".join(f"{name} {scale}" for name, scale in LLAMAGEN_FID_CFG.items())
+    parser = Parser(prog="npp evaluate", description=__doc__.splitlines()[0], epilog=(
+        f"Defaults of --cfg-scale and --eval-image-size, when not given: a released LlamaGen GPT (an export of "
+        f"`npp convert`) is scored by LlamaGen's FID protocol (CFG {released}; its 384-px models resized to "
+        f"256 px); a run by its recipe's CFG (its eval_sampler); the first line printed says which is in force."))
     parser.add_argument("path", help="a run directory (runs/<name>) or an export folder")
     parser.add_argument("--out", help="output folder (default: <run>/eval/<sampler settings>)")
     parser.add_argument("--tokenizer", help="tokenizer folder or LlamaGen VQ .pt (default: the export's tokenizer.json)")
@@ -455,11 +544,15 @@ def build_parser(sampler: type[SamplerConfig] = SamplerConfig):
     return parser
 
 
-def config_from_args(args, sampler: type[SamplerConfig] = SamplerConfig) -> EvalConfig:
+def config_from_args(args, sampler: type[SamplerConfig] = SamplerConfig,
+                     protocol: Protocol | None = None) -> EvalConfig:
+    """The flags given, over the protocol's defaults (default_protocol), over the paper's sampler."""
     from npp.flags import given
 
-    knobs = {**PAPER_SAMPLER.to_dict(), **given(args, sampler)}
-    return EvalConfig(**given(args, EvalConfig, exclude=["sampler"]), sampler=sampler(**knobs))
+    defaults = protocol or Protocol(PAPER_SAMPLER.cfg_scale, 0, "")
+    knobs = {**PAPER_SAMPLER.to_dict(), "cfg_scale": defaults.cfg_scale, **given(args, sampler)}
+    settings = {"eval_image_size": defaults.eval_image_size, **given(args, EvalConfig, exclude=["sampler"])}
+    return EvalConfig(**settings, sampler=sampler(**knobs))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -468,7 +561,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
     def body() -> int:
-        results = evaluate(args.path, config_from_args(args), out=args.out, tokenizer=args.tokenizer)
+        protocol = default_protocol(args.path)
+        config = config_from_args(args, protocol=protocol)
+        if os.environ.get("RANK", "0") == "0":  # once, not once per process under a launcher
+            print(protocol_line(protocol, config, args), flush=True)
+        results = evaluate(args.path, config, out=args.out, tokenizer=args.tokenizer)
         if results is not None:
             shown = ", ".join(f"{k} {v:.4g}" for k, v in results["metrics"].items())
             print(f"{shown}\n{results['note']}\nsamples: {results['num_samples']} scored, {results['drawn_this_run']} "
