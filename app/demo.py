@@ -33,6 +33,7 @@ from starlette.middleware import Middleware  # noqa: E402
 
 from npp.config import SamplerConfig  # noqa: E402
 from npp.flags import field_docs  # noqa: E402
+from npp.threads import THREADS_DOC, use_threads  # noqa: E402
 
 if __package__:  # imported as app.demo (python -m app.demo)
     from app.backend import (MAX_IMAGES, MAX_SEED, Backend, Frame, LoadError, Loaded, Settings, Source,  # noqa: E402
@@ -271,6 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="requests that may wait for their turn; more are told the app is busy")
     parser.add_argument("--max-wait", type=float, default=MAX_WAIT_S, metavar="SECONDS",
                         help="a request that waited longer for its turn is dropped with a message")
+    parser.add_argument("--threads", type=int, default=None, metavar="N", help=THREADS_DOC)
     return parser
 
 
@@ -296,6 +298,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.queue_size < 1 or not args.max_wait > 0:
         print("app/demo.py: error: --queue-size must be ≥ 1 and --max-wait > 0 seconds", file=sys.stderr)
         return 2
+    if args.threads is not None and args.threads < 1:
+        print(f"app/demo.py: error: --threads {args.threads}: give a whole number of threads ≥ 1 (or leave it out "
+              f"for the process's default)", file=sys.stderr)
+        return 2
+    use_threads(args.threads)
     if problem := port_problem(args.host, args.port):
         print(f"app/demo.py: error: {problem}", file=sys.stderr)
         return 2

@@ -133,17 +133,44 @@ def run_config(args: argparse.Namespace, data: str, schedule: str, seed: int) ->
     return dataclasses.replace(
         base, name=f"{data}-{model_name(args)}-{args.steps}steps-{schedule.replace('/', '_')}-s{seed}", data=data,
         seed=seed, model=args.model, model_overrides={**overrides, **arm.model}, batch_size=args.batch,
-        eval_every=args.eval_every, eval_samples=args.eval_samples, progress=False,
+        eval_every=args.eval_every, eval_samples=args.eval_samples, progress=False, threads=args.threads,
         ckpt_every=max(args.steps // 4, 1), log_every=10,
         schedule=dataclasses.replace(base.schedule, total_steps=arm_steps(arm, args.steps), lr=args.lr,
                                      warmup_steps=max(args.steps // 20, 1), levels=arm.levels,
                                      segment_factor=arm.segment_factor, **arm.schedule))
 
 
-def job_env() -> dict[str, str]:
-    """One thread per process: runs give the same numbers whatever --jobs, and two single-thread processes
-    use 2 cores better than one two-thread process for models this small."""
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+def job_env(threads: int) -> dict[str, str]:
+    """The jobs' environment: OMP_NUM_THREADS agrees with their --threads, for any OpenMP library besides
+    torch's operators."""
+    return {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
+
+
+def trained_threads(run: RunDir) -> int | None:
+    """The thread count a finished run was trained with (every metrics row records it); None for a run
+    trained before npp recorded it. A run resumed with another count has no single count: refused."""
+    counts = {row.get("threads") for row in run.train_rows()}
+    if len(counts) > 1:
+        raise SystemExit(f"{run.path} was trained with several thread counts ({sorted(counts, key=str)}): its "
+                         f"numbers pair with no run; delete the folder to train it again with one --threads")
+    return counts.pop() if counts else None
+
+
+def _threads_label(threads: int | None) -> str:
+    return f"{threads} thread(s)" if threads is not None else "an unrecorded thread count (trained before npp recorded it)"
+
+
+def check_threads(names: dict[tuple[str, str, int], str], threads: dict[tuple[str, str, int], int | None]) -> None:
+    """Refuse to pair runs of one data set and seed (every comparison pairs two of them) that were trained with
+    different thread counts: another count moves a seed's FID by far more than the differences measured.
+    Unrecorded counts pair only with each other, so that sets trained before the count was recorded still
+    regenerate while none of their runs is paired with a new one."""
+    for key, count in threads.items():
+        first = next(k for k in threads if k[0] == key[0] and k[2] == key[2])
+        if threads[first] != count:
+            raise SystemExit(f"cannot pair {names[first]} ({_threads_label(threads[first])}) with {names[key]} "
+                             f"({_threads_label(count)}): train both with one --threads (delete the run folder "
+                             f"of the other count), or give this set its own --runs-dir")
 
 
 def eval_settings(config: TrainConfig, samples: int) -> EvalConfig:
@@ -163,7 +190,7 @@ def run_job(config: TrainConfig, samples: int) -> tuple[float | None, dict[str, 
         run.path.mkdir(parents=True, exist_ok=True)
         started = time.perf_counter()
         with open(run.path / "train.log", "a") as log:
-            code = launch(config, echo=lambda text: (log.write(text), log.flush()), env=job_env())
+            code = launch(config, echo=lambda text: (log.write(text), log.flush()), env=job_env(config.threads))
         if code != 0:
             raise SystemExit(f"training {run.path} failed: see {run.path / 'train.log'}")
         dump_json({"wall_s": time.perf_counter() - started}, wall)
@@ -175,8 +202,8 @@ def run_job(config: TrainConfig, samples: int) -> tuple[float | None, dict[str, 
             flags = [f"--{k.replace('_', '-')}={v}" for k, v in settings.sampler.to_dict().items()]
             command = [sys.executable, "-m", "npp.evaluate", str(run.path), "--num-samples", str(samples),
                        "--batch-size", "100", "--metrics", "fid", "isc", "prc", "--no-save-png", "--no-progress",
-                       *flags]
-            done = subprocess.run(command, env=job_env(), capture_output=True, text=True)
+                       "--threads", str(config.threads), *flags]
+            done = subprocess.run(command, env=job_env(config.threads), capture_output=True, text=True)
             if done.returncode != 0:
                 raise SystemExit(f"evaluating {run.path} failed: {done.stderr[-2000:]}")
         final = json.loads(results.read_text())["metrics"]
@@ -196,7 +223,7 @@ def summarise(run: RunDir, seconds: float | None, final: dict[str, float] | None
     exported = json.loads((run.export / "config.json").read_text())
     model = ModelConfig.from_dict({k: v for k, v in exported.items() if k != "architecture"})
     return {"name": run.path.name, "parameters": parameters(model), "flops": rows[-1]["flops_seen"],
-            "steps": rows[-1]["step"],
+            "steps": rows[-1]["step"], "threads": trained_threads(run),
             "final_loss": rows[-1]["loss"], "wall_s": seconds, "loop_s": loop_s,
             "final": {k: (final or evals[-1])[k] for k in METRICS if k in (final or evals[-1])},
             "curve": [{"step": r["step"], "flops": r["flops_seen"], **{k: r[k] for k in METRICS if k in r}}
@@ -205,7 +232,10 @@ def summarise(run: RunDir, seconds: float | None, final: dict[str, float] | None
 
 def compare(runs: dict[tuple[str, str, int], dict], data_sets: list[str], schedules: list[str],
             seeds: list[int]) -> list[dict]:
-    """One row per (data, arm): every seed's final numbers and cost, in seed order."""
+    """One row per (data, arm): every seed's final numbers and cost, in seed order; refused where the runs it
+    pairs were trained with different thread counts."""
+    check_threads({key: run.get("name", "/".join(map(str, key))) for key, run in runs.items()},
+                  {key: run.get("threads") for key, run in runs.items()})
     rows = []
     for data in data_sets:
         for arm in arms_of(schedules):
@@ -350,7 +380,12 @@ def make_parser() -> argparse.ArgumentParser:
                         help="samples of the evaluation of each finished run (0: use the last periodic one)")
     parser.add_argument("--runs-dir", type=Path, default=ROOT / "runs" / "reproduce")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
-                        help="runs trained at once, one thread each (the numbers do not depend on it)")
+                        help="runs trained at once, --threads each (the numbers do not depend on it)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="CPU threads of every training and evaluation (npp's --threads, recorded in each run): "
+                             "another count changes a seed's numbers, so runs of other counts are never paired. "
+                             "Default 1: the numbers then do not depend on --jobs, and two one-thread processes use "
+                             "2 cores better than one two-thread process for models this small")
     parser.add_argument("--out", type=Path, help="results folder (default: docs/results/<data>)")
     parser.add_argument("--readme", action="store_true",
                         help="replace the results page's block (docs/results/README.md) for the folder with the new tables")
@@ -384,11 +419,18 @@ def main() -> None:
         parser.error(f"--eval-every {args.eval_every} must divide --steps {args.steps}, so that the final step "
                      f"is evaluated")
     args.out = args.out or ROOT / "docs" / "results" / "+".join(args.data)
+    if args.threads < 1:
+        parser.error(f"--threads {args.threads}: give a whole number of threads ≥ 1")
     check_out(args)  # before hours of training, not after
     if args.readme:
         readme_block(args.out.name)
     arms = arms_of(args.schedules)
     configs = {(d, a, seed): run_config(args, d, a, seed) for d in args.data for a in arms for seed in args.seeds}
+    # Before hours of training: the runs reused as they are must have been trained with this set's count.
+    reused = {key: RunDir(c.run_dir) for key, c in configs.items()}
+    check_threads({key: c.name for key, c in configs.items()},
+                  {key: trained_threads(run) if run.is_finished(configs[key]) else args.threads
+                   for key, run in reused.items()})
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         # Seed by seed, so that a set stopped part way holds whole pairs, not every NTP run and no NPP one.
         by_seed = sorted(configs, key=lambda key: key[2])

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from npp.errors import ConfigError, check, is_int, is_number, known_fields
+from npp.threads import check_threads
 
 
 def _is_power_of_two(n: int) -> bool:
@@ -494,6 +495,10 @@ class TrainConfig:
     """Log to this Weights & Biases project as well (empty: no wandb)."""
     progress: bool = True
     """Show a progress bar on rank 0."""
+    threads: int | None = None
+    """CPU threads for torch's operators, recorded in config.json and in every metrics row, since another
+    count changes the numbers. Default: the count the process would use anyway (OMP_NUM_THREADS if set, else
+    torch's), so that a command line or environment that worked before computes what it did."""
     eval_every: int = 0
     """Every this many steps, and at every stage end, sample eval_samples images and log FID, IS,
     precision, recall (and class accuracy on the embedded data) into metrics.jsonl, with a sample grid
@@ -558,6 +563,7 @@ class TrainConfig:
               f"TrainConfig.ema_decay={self.ema_decay!r}: must lie in [0, 1), e.g. 0.9999 (0 = off)")
         for name in ("activation_checkpointing", "tensorboard", "progress"):
             check(isinstance(getattr(self, name), bool), f"TrainConfig.{name}={getattr(self, name)!r}: use true or false")
+        check_threads(self.threads, "TrainConfig.threads")
         check(self.compile in (True, False, None), f"TrainConfig.compile={self.compile!r}: use true, false or null (auto)")
         if self.deepspeed:
             check(os.path.isfile(self.deepspeed),
@@ -610,8 +616,10 @@ class TrainConfig:
 
 
 RESUMABLE = frozenset({"name", "recipe", "runs_dir", "deepspeed", "num_workers", "log_every", "ckpt_every", "keep_last",
-                       "tensorboard", "wandb_project", "progress", "micro_batch_size", "activation_checkpointing",
+                       "tensorboard", "wandb_project", "progress", "threads", "micro_batch_size", "activation_checkpointing",
                        "compile", "eval_every", "eval_samples", "eval_sampler", "eval_reference",
                        "eval_inception_weights"})
 """TrainConfig fields that may change when a run resumes: they change how it is observed, sharded or
-named (a copied or renamed run directory resumes too), not what it computes."""
+named (a copied or renamed run directory resumes too), not what it computes. The thread count is here so
+that runs recorded before it existed keep their experiment id; it changes the last digits, so every metrics
+row records the count it was trained with."""

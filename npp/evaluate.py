@@ -41,6 +41,7 @@ from npp.model import GPT, LLAMAGEN_DOWNSAMPLE, LLAMAGEN_PRESETS
 from npp.pipeline import Pipeline, export_folder
 from npp.runs import RunDir
 from npp.sampling import sample_generators
+from npp.threads import check_threads, use_threads
 from npp.tokenizer import VQModel, to_uint8
 
 LABEL_MODES = ("balanced", "random")
@@ -85,6 +86,10 @@ class EvalConfig:
     """'cpu', 'cuda' (this rank's GPU under a launcher) or 'auto'."""
     progress: bool = True
     """Show progress bars."""
+    threads: int | None = None
+    """CPU threads for torch's operators; results.json records the count in force, since another count
+    changes the numbers. Default: the count the process would use anyway (OMP_NUM_THREADS if set, else
+    torch's), so that a command line or environment that worked before computes what it did."""
 
     def __post_init__(self) -> None:
         if isinstance(self.sampler, dict):
@@ -108,6 +113,7 @@ class EvalConfig:
         check(not unknown and self.metrics, f"EvalConfig.metrics={list(self.metrics)}: choose from {list(METRICS)}")
         check(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
               f"EvalConfig.device={self.device!r}: use 'auto', 'cpu' or 'cuda'")
+        check_threads(self.threads, "EvalConfig.threads")
 
     def image_settings(self) -> dict[str, Any]:
         """The settings that decide the images (and so name the sample folder)."""
@@ -370,6 +376,7 @@ def evaluate(path: str | os.PathLike, config: EvalConfig, *, out: str | os.PathL
     Everything that can be wrong with the inputs (unknown run, missing weights, empty or mismatched
     reference) is found before the first sample is drawn.
     """
+    config = dataclasses.replace(config, threads=use_threads(config.threads))  # before any work; recorded
     ranks = Ranks.join()
     try:
         pipe = Pipeline.from_run(path, tokenizer=tokenizer, device=_device(config, ranks))
@@ -442,6 +449,7 @@ def _measure(pipe: Pipeline, config: EvalConfig, folder: Path, reference: Refere
         "reference": reference.identity,
         "torch_fidelity": torch_fidelity.__version__,
         "torch": torch.__version__,
+        "threads": config.threads,
         "model": pipe.identity(),
         "samples": str(folder / "samples") if config.save_png else None,
         "seconds": {"sampling": round(sampling_seconds, 2), "metrics": round(time.perf_counter() - started, 2)},

@@ -27,6 +27,7 @@ npp.checkpoints (export), npp.trainlog (metrics rows, TensorBoard, progress bar)
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import os
 import math
@@ -55,6 +56,7 @@ from npp.recipes import resolve
 from npp.lock import RunLock
 from npp.runs import RunDir, check_run_folder
 from npp.schedule import Stage, lr_at, plan_stages, stage_at
+from npp.threads import use_threads
 from npp.tokenizer import EMBEDDED_TOKENIZERS
 from npp.trainlog import MetricsLogger
 from npp.weights import EMA_FIX, deepspeed_loads_weights_only, read_weights, write_weights
@@ -64,7 +66,8 @@ class Trainer:
     """Builds the model, data and DeepSpeed engine of a run; `train()` runs it to the end."""
 
     def __init__(self, config: TrainConfig, *, resume: bool = True):
-        self.config = config
+        # Before any work, and recorded as the count in force: config.json and every metrics row carry it.
+        config = self.config = dataclasses.replace(config, threads=use_threads(config.threads))
         self.run = RunDir(config.run_dir)
         self.rank, self.world, self.device = init_distributed()
         if config.batch_size % self.world:

@@ -37,7 +37,8 @@ class MetricsLogger:
         last row, which took `seconds` (data loading included), and on a GPU the peak memory so far."""
         imgs_per_s = self.config.batch_size * steps / seconds
         row = {"step": done, "stage": stage.index, "patch_size": stage.patch_size, "loss": loss, "lr": lr,
-               "tokens_seen": tokens_seen, "flops_seen": flops_seen, "imgs_per_s": imgs_per_s, "time": time.time()}
+               "tokens_seen": tokens_seen, "flops_seen": flops_seen, "imgs_per_s": imgs_per_s, "time": time.time(),
+               "threads": self.config.threads}
         if peak_memory is not None:
             row["peak_memory_gib"] = peak_memory / 2**30
         self.run.append_metrics([row])
