@@ -128,13 +128,16 @@ class RunDir:
         return f"step-{step:08d}"
 
     def latest_tag(self) -> str | None:
-        """The newest complete checkpoint, or None. The pointer is replaced atomically only after
-        every file of its checkpoint is written, so a crash mid-save leaves the previous one."""
+        """The checkpoint `latest` points at, or None when there is no complete checkpoint. The pointer is
+        replaced atomically only after every file of its checkpoint is written, so a crash mid-save leaves
+        the previous one. It is a convenience: where it is missing or names no complete checkpoint, the
+        newest complete one is taken (meta.json is written last, so it marks a checkpoint complete)."""
+        complete = self.checkpoint_tags()
         pointer = self.checkpoints / "latest"
-        if not pointer.is_file():
-            return None
-        tag = read_pointer(pointer, self.checkpoint_tags)
-        return tag if tag and (self.checkpoints / tag / "meta.json").is_file() else None
+        tag = read_pointer(pointer, self.checkpoint_tags) if pointer.is_file() else None
+        if tag in complete:
+            return tag
+        return complete[-1] if complete else None
 
     def set_latest(self, tag: str) -> None:
         write_text(self.checkpoints / "latest", tag + "\n")
