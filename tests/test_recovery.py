@@ -5,6 +5,7 @@ checkpoint before it (with one warning), and nothing is set aside or started aga
 One small run with EMA (checkpoints at steps 7, 10, 14 and 20) is trained once; each test damages a copy.
 """
 
+import json
 import shutil
 import subprocess
 from pathlib import Path
@@ -55,3 +56,18 @@ def test_a_deleted_latest_pointer_still_refuses_a_changed_config(codes, run):
     error = one_line(resume(codes, run, **{"schedule.lr": 3e-4}), "npp train")
     assert "was started with other values of schedule" in error and "--no-resume" in error
     assert sorted(p.name for p in run.checkpoints.iterdir()) == before and not set_aside(run)
+
+
+def truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def test_a_truncated_ema_file_resumes_from_the_checkpoint_before_it_with_one_warning(codes, run):
+    truncate(run.checkpoints / "step-00000020" / "ema.safetensors")
+    result = resume(codes, run)
+    assert result.returncode == 0, result.stderr[-3000:]
+    warnings = [line for line in result.stderr.splitlines() if "warning" in line]
+    assert len(warnings) == 1 and "step-00000020" in warnings[0] and "ema.safetensors" in warnings[0], warnings
+    assert "resuming at step 14" in result.stdout and not set_aside(run)
+    assert [row["step"] for row in run.train_rows()] == list(range(1, 21))
+    assert json.loads((run.export / "source.json").read_text())["checkpoint"] == "step-00000020"  # saved again
