@@ -6,6 +6,7 @@ One small run with EMA (checkpoints at steps 7, 10, 14 and 20) is trained once; 
 """
 
 import json
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -13,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from npp.runs import RunDir
-from test_faults import NPP, ROOT, codes, env, npp_train, one_line  # noqa: F401 (codes: a fixture)
+from test_faults import NPP, ROOT, codes, env, npp_train, one_line, train_argv  # noqa: F401 (codes: a fixture)
+from test_faults_runs import mount, npp  # noqa: F401 (mount: a fixture)
 
 EMA = {"ema-decay": 0.9}
 
@@ -39,6 +41,30 @@ def resume(codes: str, run: RunDir, **overrides) -> subprocess.CompletedProcess:
 
 def set_aside(run: RunDir) -> list[Path]:
     return sorted(run.path.glob("previous-*"))
+
+
+def tree(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def checkpoints_on_tmpfs(run: RunDir, mount) -> bool:
+    """Move the run's checkpoints onto a tmpfs of their own (True), or leave them where mounting is refused."""
+    saved = run.path / "checkpoints-saved"
+    os.replace(run.checkpoints, saved)
+    real = mount(run.checkpoints, "size=16m")
+    shutil.copytree(saved, run.checkpoints, dirs_exist_ok=True)
+    shutil.rmtree(saved)
+    return real
+
+
+def fill(folder: Path) -> None:
+    with open(folder / "filler", "wb") as f:
+        try:
+            while True:
+                f.write(bytes(2**16))
+                f.flush()
+        except OSError:
+            pass
 
 
 def test_a_deleted_latest_pointer_resumes_from_the_newest_complete_checkpoint(codes, run):
@@ -71,3 +97,33 @@ def test_a_truncated_ema_file_resumes_from_the_checkpoint_before_it_with_one_war
     assert "resuming at step 14" in result.stdout and not set_aside(run)
     assert [row["step"] for row in run.train_rows()] == list(range(1, 21))
     assert json.loads((run.export / "source.json").read_text())["checkpoint"] == "step-00000020"  # saved again
+
+
+NO_ROOM = "import shutil\nshutil.disk_usage = lambda path: shutil._ntuple_diskusage(2**30, 2**30, 0)"
+
+
+def test_resuming_on_a_full_disk_says_so_and_keeps_the_run(codes, run, mount, tmp_path):
+    (run.checkpoints / "step-00000020" / "meta.json").unlink()  # the run has 6 steps to go, from step 14
+    real = checkpoints_on_tmpfs(run, mount)
+    if real:
+        fill(run.checkpoints)
+    before = tree(run.path)
+    result = npp("train", *train_argv(codes, run.path.parent, "r", **EMA), tmp=tmp_path,
+                 patch="" if real else NO_ROOM)
+    error = one_line(result, "npp train")
+    assert f"{run.checkpoints} has no room for another checkpoint: the disk is full" in error, (real, error)
+    assert "make room, then run the same command again" in error and "--no-resume" not in error
+    assert tree(run.path) == before and not set_aside(run)
+
+
+def test_resuming_on_a_read_only_folder_says_so_and_keeps_the_run(codes, run, mount):
+    real = checkpoints_on_tmpfs(run, mount)
+    if real:
+        assert subprocess.run(["mount", "-o", "remount,ro", str(run.checkpoints)]).returncode == 0
+    else:
+        run.checkpoints.chmod(0o555)
+    before = tree(run.path)
+    error = one_line(resume(codes, run), "npp train")
+    assert f"{run.checkpoints} cannot be written to (a read-only file system" in error, (real, error)
+    assert "could not be loaded" not in error and "--no-resume" not in error
+    assert tree(run.path) == before and not set_aside(run)
