@@ -127,3 +127,14 @@ def test_resuming_on_a_read_only_folder_says_so_and_keeps_the_run(codes, run, mo
     assert f"{run.checkpoints} cannot be written to (a read-only file system" in error, (real, error)
     assert "could not be loaded" not in error and "--no-resume" not in error
     assert tree(run.path) == before and not set_aside(run)
+
+
+def test_a_truncated_ema_file_exports_the_checkpoint_before_it_with_one_warning(run, tmp_path):
+    truncate(run.checkpoints / "step-00000020" / "ema.safetensors")
+    shutil.rmtree(run.export)
+    result = subprocess.run([NPP, "export", str(run.path)], cwd=ROOT, env=env(tmp_path), capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    warning, = result.stderr.splitlines()
+    assert warning.startswith("npp export: warning:") and "step-00000020" in warning and "ema.safetensors" in warning
+    assert json.loads((run.export / "source.json").read_text())["checkpoint"] == "step-00000014"
