@@ -11,6 +11,7 @@ import argparse
 import errno
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -21,8 +22,8 @@ from npp.errors import CheckpointError, ConfigError, TrainingError
 from npp.files import atomic_dir, dump_json
 from npp.model import GPT
 from npp.runs import RunDir
-from npp.weights import (EMA_FIX, deepspeed_loads_weights_only, deepspeed_state_classes, load_strict, read_weights,
-                         safe_load)
+from npp.weights import (EMA_FIX, UnsafeCheckpointError, deepspeed_loads_weights_only, deepspeed_state_classes,
+                         load_strict, read_weights, safe_load)
 
 
 def checkpoint_tag(run: RunDir, tag: str | None) -> str:
@@ -62,9 +63,7 @@ def export_run(run_dir: str | os.PathLike, prog: str = "npp export") -> Path:
     run.read_config()  # a one-line error for a folder that is not a run
     with run.lock().held(prog):
         run.remove_partial_exports(prog)
-        tag = checkpoint_tag(run, None)
-        check_checkpoint_of_run(run, tag)
-        model = load_checkpoint_model(run.path, tag)
+        tag, model = newest_loadable_model(run, prog)
         meta = run.checkpoint_meta(tag)
         try:
             with atomic_dir(run.export) as tmp:
@@ -77,6 +76,29 @@ def export_run(run_dir: str | os.PathLike, prog: str = "npp export") -> Path:
                                 f"partial folder was removed and the checkpoints are kept: make room or fix the "
                                 f"folder, then run `npp export {run.path}`") from None
     return run.export
+
+
+def newest_loadable_model(run: RunDir, prog: str) -> tuple[str, GPT]:
+    """The latest checkpoint of this run and its model. One with a damaged file (cut off while it was copied,
+    a disk error) is skipped with a warning for the one before it, as a resume does; one of another experiment,
+    or one that asks to run code, is refused: those are not accidents an older checkpoint should paper over."""
+    latest = checkpoint_tag(run, None)
+    tags = run.checkpoint_tags()
+    newest_first = tags[: tags.index(latest) + 1][::-1]
+    for tag in newest_first[:-1]:
+        try:
+            return tag, _model_of_run(run, tag)
+        except UnsafeCheckpointError:
+            raise
+        except CheckpointError as err:
+            print(f"{prog}: warning: checkpoint {run.checkpoints / tag} could not be loaded ({err}); trying the one "
+                  f"before it", file=sys.stderr, flush=True)
+    return newest_first[-1], _model_of_run(run, newest_first[-1])
+
+
+def _model_of_run(run: RunDir, tag: str) -> GPT:
+    check_checkpoint_of_run(run, tag)
+    return load_checkpoint_model(run.path, tag)
 
 
 def check_checkpoint_of_run(run: RunDir, tag: str) -> None:

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 from npp.config import TrainConfig
-from npp.errors import CheckpointError, ConfigError
+from npp.errors import CheckpointError, ConfigError, TrainingError
 from npp.lock import RunLock
 from npp.schedule import Stage, plan_stages
 from npp.files import dump_json, write_text
@@ -128,13 +128,16 @@ class RunDir:
         return f"step-{step:08d}"
 
     def latest_tag(self) -> str | None:
-        """The newest complete checkpoint, or None. The pointer is replaced atomically only after
-        every file of its checkpoint is written, so a crash mid-save leaves the previous one."""
+        """The checkpoint `latest` points at, or None when there is no complete checkpoint. The pointer is
+        replaced atomically only after every file of its checkpoint is written, so a crash mid-save leaves
+        the previous one. It is a convenience: where it is missing or names no complete checkpoint, the
+        newest complete one is taken (meta.json is written last, so it marks a checkpoint complete)."""
+        complete = self.checkpoint_tags()
         pointer = self.checkpoints / "latest"
-        if not pointer.is_file():
-            return None
-        tag = read_pointer(pointer, self.checkpoint_tags)
-        return tag if tag and (self.checkpoints / tag / "meta.json").is_file() else None
+        tag = read_pointer(pointer, self.checkpoint_tags) if pointer.is_file() else None
+        if tag in complete:
+            return tag
+        return complete[-1] if complete else None
 
     def set_latest(self, tag: str) -> None:
         write_text(self.checkpoints / "latest", tag + "\n")
@@ -283,6 +286,22 @@ def check_run_folder(config: TrainConfig) -> None:
         if folder.is_dir() and not os.access(folder, os.W_OK | os.X_OK):
             raise ConfigError(f"{folder} cannot be written to (a read-only file system, or no permission): choose "
                               f"another --runs-dir, or make it writable")
+    check_room_for_a_checkpoint(RunDir(run))
+
+
+def check_room_for_a_checkpoint(run: RunDir) -> None:
+    """A run that has checkpoints needs room for one more (the old one is pruned only after the new one is
+    complete): without it, a resume would train until its first save and stop there. Refused now in one line,
+    with the run untouched; reading the checkpoints needs no room, so nothing is reported as unloadable."""
+    tags = run.checkpoint_tags()
+    if not tags:
+        return
+    needed = sum(f.stat().st_size for f in (run.checkpoints / tags[-1]).rglob("*") if f.is_file())
+    free = shutil.disk_usage(run.checkpoints).free
+    if free < needed:
+        raise TrainingError(f"{run.checkpoints} has no room for another checkpoint: the disk is full ({free / 2**20:.1f} "
+                          f"MiB free, the latest checkpoint takes {needed / 2**20:.1f} MiB); the run is kept as it is: "
+                          f"make room, then run the same command again")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -40,6 +40,10 @@ DEEPSPEED_STATE_CLASSES = ("deepspeed.runtime.fp16.loss_scaler.LossScaler",
 0.19.8): plain state classes, allowed by name when a training checkpoint is read."""
 
 
+class UnsafeCheckpointError(CheckpointError):
+    """A pickle that asks to run code: tampering, never skipped for an older checkpoint as damage is."""
+
+
 def safe_load(path: str | os.PathLike, *, map_location: Any = "cpu", allow: Sequence[Any] = ()) -> Any:
     """torch.load with weights_only=True: tensors, numbers, strings and containers, plus the classes in
     `allow`; a pickle that asks for anything else (a function to call, a class to build) is refused before
@@ -59,7 +63,7 @@ def safe_load(path: str | os.PathLike, *, map_location: Any = "cpu", allow: Sequ
     except pickle.UnpicklingError as err:
         blocked = re.search(r"GLOBAL ([\w.]+)", str(err))
         if blocked:
-            raise CheckpointError(f"{path} asks to run or build {blocked.group(1)}, which a weights-only load "
+            raise UnsafeCheckpointError(f"{path} asks to run or build {blocked.group(1)}, which a weights-only load "
                                   f"refuses: a checkpoint holds tensors, not code, so this file is not one or was "
                                   f"tampered with; do not load it, get it again from its source") from None
         raise _unreadable(path, err) from None
