@@ -88,7 +88,7 @@ def newest_loadable_model(run: RunDir, prog: str) -> tuple[str, GPT]:
     for tag in newest_first[:-1]:
         try:
             return tag, _model_of_run(run, tag)
-        except UnsafeCheckpointError:
+        except (UnsafeCheckpointError, ForeignCheckpointError):
             raise
         except CheckpointError as err:
             print(f"{prog}: warning: checkpoint {run.checkpoints / tag} could not be loaded ({err}); trying the one "
@@ -99,6 +99,10 @@ def newest_loadable_model(run: RunDir, prog: str) -> tuple[str, GPT]:
 def _model_of_run(run: RunDir, tag: str) -> GPT:
     check_checkpoint_of_run(run, tag)
     return load_checkpoint_model(run.path, tag)
+
+
+class ForeignCheckpointError(CheckpointError):
+    """A complete checkpoint of another experiment or model in this run's folder: refused, never skipped."""
 
 
 def check_checkpoint_of_run(run: RunDir, tag: str) -> None:
@@ -112,7 +116,7 @@ def check_checkpoint_of_run(run: RunDir, tag: str) -> None:
     fix = (f"move it out of {run.checkpoints} and point {run.checkpoints / 'latest'} at a checkpoint of this run, "
            f"or export the run it came from")
     if meta.get("experiment") not in (None, config.experiment_id()):
-        raise CheckpointError(f"{where} was written by another experiment than {run.config} describes: {fix}")
+        raise ForeignCheckpointError(f"{where} was written by another experiment than {run.config} describes: {fix}")
     saved = meta.get("model")
     if not isinstance(saved, dict):
         raise CheckpointError(f"{where / 'meta.json'} names no model (ModelConfig): {fix}")
@@ -126,7 +130,7 @@ def check_checkpoint_of_run(run: RunDir, tag: str) -> None:
     differ = [f"{k} {v} (the run: {expected.to_dict()[k]})" for k, v in saved_config.to_dict().items()
               if v != expected.to_dict()[k]]
     if differ:
-        raise CheckpointError(f"{where} holds another model than {run.config} trains (--model {config.model}): "
+        raise ForeignCheckpointError(f"{where} holds another model than {run.config} trains (--model {config.model}): "
                               f"{', '.join(differ[:4])}: {fix}")
 
 
