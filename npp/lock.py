@@ -97,6 +97,8 @@ class RunLock:
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / LOCK_NAME
         self.token: str | None = None
+        self._made: list[Path] = []
+        """The folders taking the lock created (the run folder, missing parents), deepest first."""
 
     # ---- reading -----------------------------------------------------------------------------
 
@@ -141,6 +143,7 @@ class RunLock:
         if self._is_held_here():
             return False
         try:
+            self._made = [p for p in (self.run_dir, *self.run_dir.parents) if not p.exists()]
             self.run_dir.mkdir(parents=True, exist_ok=True)
             with _folder_flock(self.run_dir):
                 stale = self.check_free()
@@ -170,6 +173,12 @@ class RunLock:
         except (OSError, RunLocked):
             pass  # the folder went away or was replaced: nothing of ours is left to remove
         self.token = None
+        for folder in self._made:  # a command refused before it wrote anything leaves no empty run folder
+            try:
+                folder.rmdir()  # only if empty: nothing anyone wrote is removed
+            except OSError:
+                break
+        self._made = []
 
     @contextmanager
     def held(self, prog: str) -> Iterator[None]:

@@ -73,18 +73,11 @@ class Trainer:
         if config.batch_size % self.world:
             raise ConfigError(f"TrainConfig.batch_size={config.batch_size} does not split over "
                               f"{self.world} processes: use a multiple of {self.world}")
-        # The lock creates the run folder (and any missing parent); a run refused while building leaves none.
-        made = [p for p in (self.run.path, *self.run.path.parents) if not p.exists()]
         self._lock = self._lock_run()
         try:
             self._build(config, resume)
         except BaseException:
-            self._unlock()
-            for folder in made if self.rank == 0 else ():
-                try:
-                    folder.rmdir()  # only if empty: nothing anyone wrote is removed
-                except OSError:
-                    break
+            self._unlock()  # a run refused here leaves no folder: the lock removes the empty ones it made
             raise
 
     def _build(self, config: TrainConfig, resume: bool) -> None:
