@@ -38,6 +38,7 @@ import torch
 from npp.config import VQConfig
 from npp.data import CropConfig
 from npp.extract import extract_codes
+from npp.plan import RunPlan, plan_run
 from npp.preflight import GiB, check_run
 from npp.recipes import resolve
 from npp.runs import RunDir
@@ -150,7 +151,7 @@ class Check:
             if resumed and "resuming at step" not in notebook_text(self.out / f"{name}.ipynb"):
                 raise SystemExit(f"{name}: the second notebook run did not resume (see notebook-{name}.log)")
             config = resolve(json.loads(run.config.read_text()), "none")
-            estimate = check_run(config, world=1, device="cuda" if torch.cuda.is_available() else "cpu")
+            estimate = check_run(RunPlan.of(config, world=1))
             peaks = [row["peak_memory_gib"] for row in run.train_rows() if "peak_memory_gib" in row]
             measured = f"{max(peaks):.1f}" if peaks else "n/a (CPU)"
             rows.append(f"| {preset} | {estimate.peak / GiB:.1f} | {measured} | {run.train_rows()[-1]['step']} | "
@@ -194,10 +195,10 @@ class Check:
         losses = {}
         for precision in s.precisions:
             name = f"precision-{precision}"
-            config = resolve({"name": name, "runs_dir": str(self.out / "runs"), "model": s.small, "data": codes,
+            config = plan_run({"name": name, "runs_dir": str(self.out / "runs"), "model": s.small, "data": codes,
                               "batch_size": s.curve_batch, "precision": precision, "log_every": 1,
                               "ckpt_every": s.curve_steps, "compile": False, "progress": False, "tensorboard": False,
-                              "num_workers": 2, "schedule": {"total_steps": s.curve_steps}}, "paper")
+                              "num_workers": 2, "schedule": {"total_steps": s.curve_steps}}, "paper").config
             spec = self.out / f"{name}.json"
             spec.write_text(json.dumps(config.to_dict()))
             self.command(name, [sys.executable, "-m", "npp.train", "--config", str(spec), "--no-resume"])

@@ -64,7 +64,7 @@ import npp
 from npp.batches import micro_batches, open_data
 from npp.config import MODEL_PRESETS, ModelConfig, ScheduleConfig, TrainConfig, VQConfig
 from npp.data import CropConfig
-from npp.distributed import is_rank0, zero_stage
+from npp.distributed import is_rank0
 from npp.extract import extract_codes
 from npp.runs import RunDir, launch
 from npp.schedule import plan_stages, relative_cost
@@ -262,7 +262,7 @@ def measure_stages(args: argparse.Namespace, data: str, runs_dir: Path, say) -> 
             for stage in trainer.stages]
     compare_with_ntp(rows)
     info = {"num_params": sum(p.numel() for p in trainer.engine.module.parameters()),
-            "zero_stage": zero_stage(trainer.ds_config), "precision": trainer.precision, "micro_batch": trainer.micro,
+            "zero_stage": int(trainer.plan.zero), "precision": trainer.plan.precision, "micro_batch": trainer.micro,
             "accumulation": trainer.accum}
     release(trainer)
     return {**info, "stages": rows}

@@ -14,11 +14,28 @@ from pathlib import Path
 from typing import Any
 
 from npp.errors import ConfigError, check, is_int, is_number, known_fields
+from npp.identity import RUN_NAME_MAX, run_name_problem, same_data
 from npp.threads import check_threads
+from npp.tokenizer_config import VQ_PRESETS, VQConfig  # noqa: F401 (npp.config names every config)
 
 
-def _is_power_of_two(n: int) -> bool:
-    return is_int(n) and n > 0 and n & (n - 1) == 0
+def tiles(patch_size: int, grid: int | None = None) -> bool:
+    """The one rule of patch sides: p×p patches tile a grid×grid token grid when p is a power of two (1
+    included) that divides grid; without a grid, whether p could tile one."""
+    return is_int(patch_size) and patch_size > 0 and patch_size & (patch_size - 1) == 0 \
+        and (grid is None or grid % patch_size == 0)
+
+
+def tiling_patch_sizes(grid: int) -> list[int]:
+    """Every patch side that tiles a grid×grid token grid, finest first."""
+    return [p for p in (2**i for i in range(grid.bit_length())) if tiles(p, grid)]
+
+
+def check_patch_size(patch_size: int, grid: int) -> None:
+    """A ConfigError (a ValueError) naming the sides that would do, unless p×p patches tile the grid."""
+    if not tiles(patch_size, grid):
+        raise ConfigError(f"patch_size={patch_size!r} does not tile the {grid}×{grid} grid: "
+                          f"use one of {tiling_patch_sizes(grid)}")
 
 
 # name -> (n_layer, n_head, dim). B..XXL and 3B are LlamaGen's; 2B is ours (docs/method.md §2).
@@ -134,13 +151,10 @@ class ModelConfig:
 
     def patch_sizes(self) -> list[int]:
         """Every valid patch side for this grid: the powers of two that divide it."""
-        return [p for p in (2**i for i in range(self.grid.bit_length())) if self.grid % p == 0]
+        return tiling_patch_sizes(self.grid)
 
     def check_patch_size(self, patch_size: int) -> None:
-        check(_is_power_of_two(patch_size)
-               and self.grid % patch_size == 0,
-               f"patch_size={patch_size!r} does not tile the {self.grid}×{self.grid} grid: "
-               f"use one of {self.patch_sizes()}")
+        check_patch_size(patch_size, self.grid)
 
     def matmul_params(self) -> int:
         """Weights of every matmul, the head included and the embedding tables excluded."""
@@ -220,7 +234,7 @@ class ScheduleConfig:
             check(len(sides) == self.levels,
                    f"ScheduleConfig.stage_patch_sizes={sides} has {len(sides)} entries but "
                    f"levels={self.levels}: give one side per level or leave it empty")
-            check(all(_is_power_of_two(p) for p in sides) and sides[-1] == 1
+            check(all(tiles(p) for p in sides) and sides[-1] == 1
                    and all(a > b for a, b in zip(sides, sides[1:])),
                    f"ScheduleConfig.stage_patch_sizes={sides}: sides must be decreasing powers of two "
                    f"ending with 1 (the final stage is next-token prediction)")
@@ -286,148 +300,14 @@ PAPER_SAMPLER = SamplerConfig(cfg_scale=2.0)
 default of evaluation, the trainer's periodic evaluation and the app."""
 
 
-# name -> VQConfig fields. llamagen-vq16 is LlamaGen's VQ-16 (docs/method.md §6); the MNIST ones are
-# ours, sized so that `make quickstart` trains them on a laptop CPU in minutes.
-VQ_PRESETS: dict[str, dict[str, Any]] = {
-    "llamagen-vq16": dict(image_size=256, base_channels=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2,
-                          z_channels=256, codebook_size=16384, codebook_dim=8),
-    "mnist-8x8": dict(image_size=32, base_channels=32, ch_mult=(1, 1, 2), num_res_blocks=1,
-                      z_channels=64, codebook_size=256, codebook_dim=8),
-    "mnist-16x16": dict(image_size=32, base_channels=32, ch_mult=(1, 2), num_res_blocks=1,
-                        z_channels=64, codebook_size=256, codebook_dim=8),
-}
-
-
-@dataclass
-class VQConfig:
-    """Architecture of a LlamaGen VQ tokenizer. Defaults are LlamaGen's VQ-16 (ImageNet, 256 px)."""
-
-    image_size: int = 256
-    """Side of the (square) images it was trained on; the token grid is image_size // downsample."""
-    base_channels: int = 128
-    """Channels after conv_in; level l has base_channels · ch_mult[l] (multiples of 32: GroupNorm(32))."""
-    ch_mult: tuple[int, ...] = (1, 1, 2, 2, 4)
-    """Channel multiplier per resolution level; every level but the last halves the resolution."""
-    num_res_blocks: int = 2
-    """ResnetBlocks per encoder level; the decoder has one more per level, as in LlamaGen."""
-    z_channels: int = 256
-    """Channels of the encoder output and decoder input, around the 1×1 quant convolutions."""
-    codebook_size: int = 16384
-    """Number of codes (the GPT's vocabulary)."""
-    codebook_dim: int = 8
-    """Dimension of a code; codes and encoder outputs are L2-normalised before matching."""
-    in_channels: int = 3
-    """Image channels (grey-scale data is replicated to RGB, so every image pipeline is the same)."""
-    dropout: float = 0.0
-    """Dropout inside ResnetBlocks (LlamaGen: 0)."""
-    commit_beta: float = 0.25
-    """Weight of the commitment term of the quantizer loss."""
-
-    def __post_init__(self) -> None:
-        self.ch_mult = tuple(self.ch_mult)
-        for name in ("image_size", "base_channels", "num_res_blocks", "z_channels", "codebook_size",
-                     "codebook_dim", "in_channels"):
-            value = getattr(self, name)
-            check(is_int(value) and value > 0,
-                   f"VQConfig.{name}={value!r}: must be a positive integer")
-        check(len(self.ch_mult) >= 1 and all(is_int(m) and m > 0 for m in self.ch_mult),
-               f"VQConfig.ch_mult={self.ch_mult}: give one positive multiplier per level, e.g. (1, 2, 2)")
-        widths = [self.base_channels * m for m in self.ch_mult]
-        check(all(w % 32 == 0 for w in [self.base_channels, *widths]),
-               f"VQConfig: channel widths {[self.base_channels, *widths]} must be multiples of 32 "
-               f"(GroupNorm with 32 groups); change base_channels or ch_mult")
-        check(self.image_size % self.downsample == 0,
-               f"VQConfig.image_size={self.image_size} is not divisible by the downsampling factor "
-               f"{self.downsample}: use a multiple of {self.downsample}")
-        check(0.0 <= self.dropout < 1.0, f"VQConfig.dropout={self.dropout}: must lie in [0, 1)")
-        check(self.commit_beta >= 0, f"VQConfig.commit_beta={self.commit_beta}: must be ≥ 0")
-
-    @classmethod
-    def preset(cls, name: str, **overrides: Any) -> "VQConfig":
-        """A named tokenizer architecture (llamagen-vq16, mnist-8x8, mnist-16x16), fields overridable."""
-        if name not in VQ_PRESETS:
-            raise ConfigError(f"unknown tokenizer preset {name!r}: choose one of {', '.join(VQ_PRESETS)}")
-        return cls(**{**VQ_PRESETS[name], **overrides})
-
-    @property
-    def downsample(self) -> int:
-        """Pixels per token along each side: 2^(levels - 1)."""
-        return 2 ** (len(self.ch_mult) - 1)
-
-    @property
-    def grid(self) -> int:
-        """Side of the token grid for images of image_size."""
-        return self.image_size // self.downsample
-
-    def to_dict(self) -> dict[str, Any]:
-        data = dataclasses.asdict(self)
-        data["ch_mult"] = list(self.ch_mult)
-        return data
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "VQConfig":
-        return cls(**known_fields(cls, data))
-
-
 def cache_dir() -> Path:
     """Where npp keeps what it derives once and reuses (embedded codes, reference statistics):
     $NPP_CACHE, or ~/.cache/npp."""
     return Path(os.environ.get("NPP_CACHE") or Path.home() / ".cache" / "npp")
 
 
-RUN_NAME_MAX = 100
-"""Longest run name: far below the 255 bytes a file name may have, so that `previous-<time>` folders and
-temporary names beside it fit too."""
-
-
 def _shorten(text: str, keep: int = 40) -> str:
     return text if len(text) <= keep else text[:keep] + "…"
-
-
-def run_name_problem(name: str) -> str | None:
-    """What makes `name` unusable as a run folder's name, or None: it must be one path component (no '/',
-    not '.' or '..'), hold no NUL or other control character, and not be longer than RUN_NAME_MAX."""
-    if not name:
-        return "is empty"
-    if "/" in name or "\\" in name or name in (".", ".."):
-        return "is not a single folder name (no '/', '\\', '.' or '..')"
-    if "\0" in name:
-        return "contains a NUL byte"
-    if not name.isprintable():
-        return "contains a control character (a newline, a tab, ...)"
-    if len(name) > RUN_NAME_MAX:
-        return f"has {len(name)} characters, more than {RUN_NAME_MAX}"
-    return None
-
-
-def same_data(saved: str, given: str) -> bool:
-    """Whether two `TrainConfig.data` values name the same training codes: the same string; or, for folders,
-    the same folder however it is spelled (codes/x, ./codes/x/, a symlink to it), or one whose manifest is
-    byte for byte the same (a copy or a move: the manifest records the source's digest, the tokenizer's
-    fingerprint and the crops, so equal manifests mean equal codes). An embedded data set (mnist-8x8) is
-    only ever itself."""
-    if saved == given:
-        return True
-    from npp.tokenizer import EMBEDDED_TOKENIZERS
-
-    if saved in EMBEDDED_TOKENIZERS or given in EMBEDDED_TOKENIZERS:
-        return False
-    if not (os.path.isdir(saved) and os.path.isdir(given)):
-        return False
-    if os.path.samefile(saved, given):
-        return True
-    digests = {_file_digest(Path(folder) / "manifest.json") for folder in (saved, given)}
-    return len(digests) == 1 and None not in digests
-
-
-def _file_digest(path: Path) -> str | None:
-    """sha256 of a file, or None where it cannot be read."""
-    import hashlib
-
-    try:
-        return hashlib.sha256(path.read_bytes()).hexdigest()
-    except OSError:
-        return None
 
 
 PRECISIONS = ("auto", "fp32", "amp-bf16", "bf16")
@@ -572,14 +452,6 @@ class TrainConfig:
     @property
     def run_dir(self) -> str:
         return os.path.join(self.runs_dir, self.name)
-
-    def precision_on(self, device_type: str) -> str:
-        """The precision mode this run trains with on a device type ("cuda" or "cpu")."""
-        if self.precision == "auto":
-            return "amp-bf16" if device_type == "cuda" else "fp32"
-        check(not (self.precision == "bf16" and device_type != "cuda"),
-              "TrainConfig.precision='bf16' (DeepSpeed's bf16 mode) needs a GPU: use amp-bf16, fp32 or auto on the CPU")
-        return self.precision
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)

@@ -16,13 +16,14 @@ import socket
 import sys
 from contextlib import closing
 from dataclasses import dataclass
+from enum import IntEnum
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import torch
 
 from npp.config import TrainConfig
-from npp.errors import ConfigError, require
+from npp.errors import ConfigError, check, require
 
 
 def free_port() -> int:
@@ -107,11 +108,23 @@ def deepspeed_config(config: TrainConfig, world: int, bf16: bool) -> dict[str, A
     return merged
 
 
-def zero_stage(ds_config: dict[str, Any]) -> int:
-    return int(ds_config.get("zero_optimization", {}).get("stage", 0))
+class ZeroStage(IntEnum):
+    """What ZeRO shards over the processes; each stage shards what the one before it does, and more."""
+
+    OFF = 0
+    OPTIMIZER = 1
+    GRADIENTS = 2
+    WEIGHTS = 3
 
 
-def offloads_optimizer(ds_config: dict[str, Any]) -> bool:
+def zero_stage(ds_config: Mapping[str, Any]) -> ZeroStage:
+    """The ZeRO stage of a DeepSpeed dict (read once, by npp.plan)."""
+    stage = ds_config.get("zero_optimization", {}).get("stage", 0)
+    check(stage in list(ZeroStage), f"zero_optimization.stage={stage!r}: use 0, 1, 2 or 3 (ds_configs/*.json)")
+    return ZeroStage(stage)
+
+
+def offloads_optimizer(ds_config: Mapping[str, Any]) -> bool:
     offload = ds_config.get("zero_optimization", {}).get("offload_optimizer") or {}
     return offload.get("device", "none") in ("cpu", "nvme")
 

@@ -12,13 +12,13 @@ import math
 import torch
 import torch.nn.functional as F
 
+from npp.config import check_patch_size
+
 
 def _coarse_side(length: int, grid: int, patch_size: int) -> int:
     if length != grid * grid:
         raise ValueError(f"sequence of {length} tokens is not a {grid}×{grid} grid")
-    if patch_size < 1 or grid % patch_size:
-        raise ValueError(f"patch_size={patch_size} does not tile a {grid}×{grid} grid: "
-                         f"use a power of two that divides {grid}")
+    check_patch_size(patch_size, grid)
     return grid // patch_size
 
 

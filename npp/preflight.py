@@ -21,18 +21,16 @@ H200 in docs/benchmarks.md (docs/benchmarks.md, "Memory preflight").
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
-from npp.batches import DataFacts, data_facts, model_for
-from npp.config import ModelConfig, TrainConfig
-from npp.distributed import deepspeed_config, offloads_optimizer, zero_stage
+from npp.config import ModelConfig
 from npp.errors import ConfigError
 
+if TYPE_CHECKING:
+    from npp.plan import RunPlan
+
 GiB = 2**30
-PRECISION_MODES = ("fp32", "amp-bf16", "bf16")
-"""Resolved precisions: fp32; amp-bf16, torch autocast bf16 over fp32 weights, gradients and residual stream
-(the authors'); bf16, DeepSpeed's bf16 mode (bf16 weights and gradients, fp32 master copy in the optimizer)."""
 
 # Bytes saved for the backward pass per token, measured with torch.autograd.graph.saved_tensors_hooks on
 # this model with dropout on (tests/test_preflight.py measures them again): per layer, multiples of the
@@ -175,21 +173,9 @@ def fixes(plan: Plan, budget: float, batch: int) -> list[str]:
     return found
 
 
-def plan_for(config: TrainConfig, facts: DataFacts, *, world: int, device: str) -> Plan:
-    """How a process of this run would hold its model, from the config and the data's facts alone."""
-    precision = config.precision_on(device)
-    ds = deepspeed_config(config, world, bf16=precision == "bf16")
-    return Plan(model_for(config, facts), ds["train_micro_batch_size_per_gpu"], world, zero_stage(ds),
-                offloads_optimizer(ds), precision, config.activation_checkpointing, device)
-
-
-def check_run(config: TrainConfig, *, world: int | None = None, device: str | None = None) -> Estimate:
+def check_run(plan: RunPlan, budget: float | None = None) -> Estimate:
     """Refuse a run that cannot fit this machine, before any data is read or model built (one line)."""
-    import torch
-
-    world = world or int(os.environ.get("WORLD_SIZE", "1"))
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return check_fits(plan_for(config, data_facts(config.data), world=world, device=device), config.batch_size)
+    return check_fits(plan.footprint, plan.config.batch_size, budget)
 
 
 def check_fits(plan: Plan, batch: int, budget: float | None = None) -> Estimate:

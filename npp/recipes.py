@@ -19,7 +19,6 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any
 
-from npp.batches import data_facts
 from npp.config import MODEL_PRESETS, TrainConfig
 from npp.errors import check
 from npp.flags import overlay
@@ -158,18 +157,19 @@ def recipe_for(name: str, preset: str) -> Recipe:
     return RECIPES[name]
 
 
-def resolve(given: dict[str, Any], recipe: str = "auto") -> TrainConfig:
+def resolve(given: dict[str, Any], recipe: str = "auto", *, data_size: int | None = None) -> TrainConfig:
     """The run config of a recipe with the values given on top (a config file's fields and flags, nested as
     TrainConfig.from_dict takes them); model_overrides are merged field by field. Lengths in epochs become
-    steps with the data set's size, read from its manifest (nothing is extracted), and the batch that wins.
+    steps with the data set's size (npp.plan.plan_run reads it from the data) and the batch that wins.
     recipe "none" takes TrainConfig's own defaults for what is not given."""
     if recipe == "none":
         return TrainConfig.from_dict(given)
-    defaults = TrainConfig()
-    preset = given.get("model", defaults.model)
+    preset = given.get("model", TrainConfig().model)
     chosen = recipe_for(recipe, preset)
-    facts = data_facts(given.get("data", defaults.data))
-    base = chosen.values(preset, data_size=facts.count, batch_size=given.get("batch_size"))
+    check(data_size is not None or not (chosen.epochs or chosen.warmup_epochs),
+          f"recipe {chosen.name!r} gives lengths in epochs: resolve it with npp.plan.plan_run, which reads the "
+          f"data set's size")
+    base = chosen.values(preset, data_size=data_size or 0, batch_size=given.get("batch_size"))
     values = overlay(TrainConfig, base, given)
     values["model_overrides"] = {**base.get("model_overrides", {}), **given.get("model_overrides", {})}
     return TrainConfig.from_dict(values)

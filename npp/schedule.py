@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from npp.config import ConfigError, ModelConfig, ScheduleConfig
+from npp.config import ConfigError, ModelConfig, ScheduleConfig, tiles
 
 
 @dataclass(frozen=True)
@@ -42,7 +42,7 @@ def plan_stages(schedule: ScheduleConfig, grid: int | None = None) -> list[Stage
             raise ConfigError(
                 f"stage {index} ({side}×{side} patches) would have no steps with total_steps={T}, "
                 f"levels={levels}, segment_factor={lam}: raise total_steps or lower levels")
-        if grid is not None and grid % side:
+        if grid is not None and not tiles(side, grid):
             raise ConfigError(f"ScheduleConfig: {side}×{side} patches do not tile the {grid}×{grid} "
                               f"token grid: lower levels to at most {grid.bit_length()}")
         stages.append(Stage(index, side, start, end))

@@ -20,8 +20,8 @@ its latest checkpoint unless `--no-resume` is given.
 
 Determinism: the data order, the crop choice and every dropout mask are functions of (seed, step,
 rank), so a resumed run continues exactly where the interrupted one was, without replaying data.
-Neighbours: npp.distributed (processes, DeepSpeed JSON), npp.batches (data order),
-npp.checkpoints (export), npp.trainlog (metrics rows, TensorBoard, progress bar).
+Neighbours: npp.plan (the run resolved once: config, stages, precision, DeepSpeed JSON), npp.batches
+(data order), npp.checkpoints (export), npp.trainlog (metrics rows, TensorBoard, progress bar).
 """
 
 from __future__ import annotations
@@ -42,20 +42,20 @@ from typing import Any
 import numpy as np
 import torch
 
-from npp.batches import GlobalOrder, data_facts, micro_batches, model_for, open_data
+from npp.batches import GlobalOrder, micro_batches, open_data
 from npp.checkpoints import export_run, save_failure, to_universal
 from npp.config import TrainConfig
-from npp.distributed import deepspeed_config, init_distributed, offloads_optimizer, zero_stage
-from npp.errors import USER_ERRORS, CheckpointError, ConfigError, TrainingError, require
+from npp.distributed import ZeroStage, init_distributed
+from npp.errors import USER_ERRORS, CheckpointError, ConfigError, TrainingError, check, require
 from npp.files import dump_json
 from npp.flags import Parser, add_flags, fail, given, overlay, read_config_file
 from npp.model import GPT
 from npp.patching import next_patch_loss
+from npp.plan import RunPlan, plan_run
 from npp.preflight import check_run
-from npp.recipes import resolve
 from npp.lock import RunLock
 from npp.runs import RunDir, check_run_folder
-from npp.schedule import Stage, lr_at, plan_stages, stage_at
+from npp.schedule import Stage, lr_at, stage_at
 from npp.threads import use_threads
 from npp.tokenizer import EMBEDDED_TOKENIZERS
 from npp.trainlog import MetricsLogger
@@ -63,16 +63,19 @@ from npp.weights import EMA_FIX, deepspeed_loads_weights_only, read_weights, wri
 
 
 class Trainer:
-    """Builds the model, data and DeepSpeed engine of a run; `train()` runs it to the end."""
+    """Builds the model, data and DeepSpeed engine of a run's plan (or config); `train()` runs it to the end."""
 
-    def __init__(self, config: TrainConfig, *, resume: bool = True):
+    def __init__(self, run: RunPlan | TrainConfig, *, resume: bool = True):
+        plan = run if isinstance(run, RunPlan) else RunPlan.of(run)
         # Before any work, and recorded as the count in force: config.json and every metrics row carry it.
-        config = self.config = dataclasses.replace(config, threads=use_threads(config.threads))
+        config = dataclasses.replace(plan.config, threads=use_threads(plan.config.threads))
+        self.plan = dataclasses.replace(plan, config=config)
+        self.config, self.model_config, self.stages = config, plan.model, plan.stages
         self.run = RunDir(config.run_dir)
         self.rank, self.world, self.device = init_distributed()
-        if config.batch_size % self.world:
-            raise ConfigError(f"TrainConfig.batch_size={config.batch_size} does not split over "
-                              f"{self.world} processes: use a multiple of {self.world}")
+        check(self.world == plan.world and self.device.type == plan.device,
+              f"the run was planned for {plan.world} process(es) on {plan.device}, not the {self.world} on "
+              f"{self.device.type} started: resolve its RunPlan under the launcher that runs it")
         self._lock = self._lock_run()
         try:
             self._build(config, resume)
@@ -82,20 +85,12 @@ class Trainer:
 
     def _build(self, config: TrainConfig, resume: bool) -> None:
         """Everything but the lock: done while holding it, so a second trainer changes nothing here."""
-        self.precision = config.precision_on(self.device.type)
         if self.device.type == "cuda":  # the authors train with TF32 matmuls under autocast
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-
-        # Everything that can be refused is checked from the data's manifest, before its codes are read.
-        facts = data_facts(config.data)
-        self.model_config, self.tokenizer = model_for(config, facts), facts.tokenizer
+        # The plan checked everything that can be refused from the data's manifest; the codes are read below.
+        self.tokenizer = self.plan.data.tokenizer
         self._check_tokenizer()
-        self.stages = plan_stages(config.schedule, grid=facts.grid)
-        self.flops_per_image = {s.index: self.model_config.flops_per_sample(s.patch_size) for s in self.stages}
-        self.ds_config = deepspeed_config(config, self.world, bf16=self.precision == "bf16")
-        if config.ema_decay and zero_stage(self.ds_config) == 3:
-            raise ConfigError("TrainConfig.ema_decay needs full weights on every rank: use ZeRO-2 "
-                              "(ds_configs/zero2.json) or set ema_decay to 0 with ZeRO-3")
+        self.ds_config = self.plan.engine_config()
         self.start_step, self.tokens_seen, self.flops_seen = 0, 0, 0.0
         resume_tag = self.run.latest_tag() if resume else None
         self.experiment = config.experiment_id()
@@ -156,7 +151,7 @@ class Trainer:
         model.activation_checkpointing = self.config.activation_checkpointing
         groups = [{"params": [p for p in model.parameters() if p.dim() >= 2], "weight_decay": self.config.weight_decay},
                   {"params": [p for p in model.parameters() if p.dim() < 2], "weight_decay": 0.0}]
-        if offloads_optimizer(self.ds_config):
+        if self.plan.offload:
             # With the optimizer state on the host, DeepSpeed steps it with its vectorised CPU Adam.
             from deepspeed.ops.adam import DeepSpeedCPUAdam
 
@@ -169,7 +164,7 @@ class Trainer:
                                                                  config=self.ds_config)
         self.micro = self.engine.train_micro_batch_size_per_gpu()
         self.accum = self.engine.gradient_accumulation_steps()
-        if self.config.compile if self.config.compile is not None else self.device.type == "cuda":
+        if self.plan.compile:
             self.engine.compile()
         self.ema: dict[str, torch.Tensor] | None = None
         if self.config.ema_decay:
@@ -219,7 +214,7 @@ class Trainer:
         total = torch.zeros((), device=self.device)
         for tokens_BL, labels_B in micro_batches:
             tokens_BL, labels_B = tokens_BL.to(self.device), labels_B.to(self.device)
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "amp-bf16"):
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.plan.precision == "amp-bf16"):
                 logits_BNV = self.engine(tokens_BL, labels_B, patch_size=stage.patch_size)
                 loss = next_patch_loss(logits_BNV, tokens_BL, stage.patch_size)
             self.engine.backward(loss)
@@ -228,7 +223,7 @@ class Trainer:
         if self.ema is not None:
             self._update_ema()
         self.tokens_seen += self.config.batch_size * self.model_config.seq_len
-        self.flops_seen += self.config.batch_size * self.flops_per_image[stage.index]
+        self.flops_seen += self.config.batch_size * self.plan.flops_per_image[stage.index]
         return total / len(micro_batches)
 
     def synchronise(self, losses: list[tuple[int, torch.Tensor]]) -> float:
@@ -319,7 +314,8 @@ class Trainer:
 
         params = list(self.engine.module.parameters())
         # ZeRO-3 holds a shard of every weight per rank: gather them for the duration of the sampling.
-        gathered = deepspeed.zero.GatheredParameters(params) if zero_stage(self.ds_config) == 3 else nullcontext()
+        gathered = deepspeed.zero.GatheredParameters(params) if self.plan.zero == ZeroStage.WEIGHTS \
+            else nullcontext()
         with gathered:
             if self.rank == 0:
                 started = time.perf_counter()
@@ -338,25 +334,8 @@ class Trainer:
         self._stop_signal = signum
 
     def summary(self) -> str:
-        c, m = self.config, self.model_config
-        params = sum(p.numel() for p in self.engine.module.parameters())
-        lines = [f"npp train: {c.run_dir}",
-                 f"  model {c.model}: {params / 1e6:.2f}M parameters ({m.n_layer} layers, dim {m.dim}, "
-                 f"{m.n_head} heads), vocab {m.vocab_size}, {m.num_classes} classes, grid {m.grid}×{m.grid}",
-                 f"  data {c.data}: {len(self.data)} images × {self.data.num_variants} crop variants",
-                 f"  {self.world} process(es) on {self.device.type}, {self.precision}, "
-                 f"ZeRO stage {zero_stage(self.ds_config)}, batch {c.batch_size} = {self.micro} × "
-                 f"{self.accum} accumulation × {self.world}",
-                 f"  model state ≈ {16 * params / 2**30 / (self.world if zero_stage(self.ds_config) else 1):.2f} GiB "
-                 f"per process (16 bytes/parameter, sharded by ZeRO)"]
-        for s in self.stages:
-            n = (m.grid // s.patch_size) ** 2
-            lines.append(f"  stage {s.index}: steps {s.start}–{s.end}, {s.patch_size}×{s.patch_size} patches, "
-                         f"{n} positions, {c.batch_size * n} tokens/step, "
-                         f"{self.flops_per_image[s.index] * c.batch_size / 1e12:.3f} TFLOP/step")
-        if self.start_step:
-            lines.append(f"  resuming at step {self.start_step}")
-        return "\n".join(lines)
+        return self.plan.summary(params=sum(p.numel() for p in self.engine.module.parameters()),
+                                 images=len(self.data), variants=self.data.num_variants, start_step=self.start_step)
 
     # ---- checkpoints -----------------------------------------------------------------------
 
@@ -389,7 +368,7 @@ class Trainer:
         pointer, and pruning (stage ends stay: they are the models each stage produced, a few at most)."""
         if self.ema is not None:
             write_weights({k: v.contiguous().cpu() for k, v in self.ema.items()}, folder / "ema.safetensors")
-        dump_json({"step": step, "world_size": self.world, "zero_stage": zero_stage(self.ds_config),
+        dump_json({"step": step, "world_size": self.world, "zero_stage": int(self.plan.zero),
                    "stage": stage_at(self.stages, max(step - 1, 0)).index, "model": self.model_config.to_dict(),
                    "tokenizer": self.tokenizer, "tokens_seen": self.tokens_seen, "flops_seen": self.flops_seen,
                    "experiment": self.experiment}, folder / "meta.json")
@@ -515,9 +494,9 @@ def build_parser() -> Parser:
     return parser
 
 
-def config_from_args(args: argparse.Namespace) -> TrainConfig:
+def plan_from_args(args: argparse.Namespace) -> RunPlan:
     data = read_config_file(args.config, TrainConfig) if args.config else {}
-    return resolve(overlay(TrainConfig, data, given(args, TrainConfig, exclude=["recipe"])), args.recipe)
+    return plan_run(overlay(TrainConfig, data, given(args, TrainConfig, exclude=["recipe"])), args.recipe)
 
 
 def _end_on_signal(signum: int, frame: Any) -> None:
@@ -532,12 +511,11 @@ def main(argv: list[str] | None = None) -> int:
         # Not with several ranks: a rank waiting in a collective would never see the exception.
         signal.signal(signal.SIGTERM, _end_on_signal)
     try:
-        config = config_from_args(args)
-        plan_stages(config.schedule)  # fail on an impossible schedule before any process starts
-        check_run(config)  # and on a run that cannot fit this machine
-        check_run_folder(config)  # and on a runs folder that is a file or read-only
+        plan = plan_from_args(args)  # fails on an impossible schedule or data before any process starts
+        check_run(plan)  # and on a run that cannot fit this machine
+        check_run_folder(plan.config)  # and on a runs folder that is a file or read-only
         require("deepspeed", "npp train")
-        trainer = Trainer(config, resume=not args.no_resume)
+        trainer = Trainer(plan, resume=not args.no_resume)
     except USER_ERRORS as err:
         return fail("npp train", err)
     try:
@@ -548,7 +526,7 @@ def main(argv: list[str] | None = None) -> int:
         trainer.close()
         return 2
     if trainer.rank == 0 and export is not None:
-        print(f"done: {config.run_dir} (export: {export})", flush=True)
+        print(f"done: {plan.config.run_dir} (export: {export})", flush=True)
     stopped = trainer._stop_signal
     trainer.close()
     return 128 + stopped if stopped else 0

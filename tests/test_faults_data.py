@@ -20,13 +20,13 @@ import torch
 from PIL import Image
 
 import npp
-from npp.batches import data_facts
 from npp.data import (CodeDataset, CropConfig, DataError, ImageFolderSource, MnistSource, mnist_images,
                       read_manifest)
 from npp.extract import extract_codes
 from npp.fidelity import MNIST_EXTRACTOR, resolve_reference, save_reference_statistics
 from npp.images import to_rgb8
 from npp.pipeline import Pipeline
+from npp.plan import data_facts
 from npp.tokenizer import load_embedded_tokenizer
 from test_faults import NPP, ROOT, codes, env, one_line, train_argv  # noqa: F401  (codes: a shared fixture)
 

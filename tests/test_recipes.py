@@ -68,15 +68,16 @@ def test_every_stage_warms_up_from_zero_at_a_switch_under_the_paper_recipe():
     (["--model", "XXL", "--schedule.total-steps", "100"], "paper", 100),
 ])
 def test_npp_train_picks_the_recipe_by_preset_and_flags_win(argv, recipe, steps):
-    from npp.train import build_parser, config_from_args
+    from npp.train import build_parser, plan_from_args
 
-    config = config_from_args(build_parser().parse_args(["--name", "r", *argv]))  # the embedded 60,000 digits
+    config = plan_from_args(build_parser().parse_args(["--name", "r", *argv])).config  # the embedded 60,000 digits
     assert config.recipe == recipe and config.schedule.total_steps == steps
 
 
 def test_the_preflight_accepts_the_quickstart():
+    from npp.plan import RunPlan
     from npp.preflight import check_run
     from npp.quickstart import QUICKSTART_RUNS, quickstart_config
 
     for name in QUICKSTART_RUNS:
-        assert check_run(quickstart_config(name), world=1, device="cpu").peak < 2**30  # under a GiB
+        assert check_run(RunPlan.of(quickstart_config(name), world=1, device="cpu")).peak < 2**30  # under a GiB
