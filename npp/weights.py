@@ -56,7 +56,7 @@ def safe_load(path: str | os.PathLike, *, map_location: Any = "cpu", allow: Sequ
     # Memory-map the zip format (new files: no copy of a large checkpoint in RAM); the legacy format cannot be.
     mmap = zipfile.is_zipfile(path)
     try:
-        with torch.serialization.safe_globals(list(allow)), warnings.catch_warnings():
+        with allowing(allow), warnings.catch_warnings():
             # A plain pickle of protocol > 2 makes torch warn before it refuses it; the refusal says enough.
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
             return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
@@ -64,6 +64,13 @@ def safe_load(path: str | os.PathLike, *, map_location: Any = "cpu", allow: Sequ
         raise _refused(path, err) from None
     except Exception as err:  # noqa: BLE001 (damaged bytes reach torch's unpickler as every kind of error)
         raise _unreadable(path, err) from None
+
+
+def allowing(classes: Sequence[Any]) -> Any:
+    """torch.serialization.safe_globals for the classes not allowed already: leaving a nested block must not
+    take back what an enclosing one allowed (torch removes every class its block named)."""
+    allowed = torch.serialization.get_safe_globals()
+    return torch.serialization.safe_globals([c for c in classes if c not in allowed])
 
 
 def _refused(path: str, err: pickle.UnpicklingError, what: str = "") -> CheckpointError:
@@ -119,7 +126,7 @@ def deepspeed_reads_weights_only(folder: str | os.PathLike) -> Iterator[None]:
     previous = os.environ.get(_FORCE_WEIGHTS_ONLY)
     os.environ[_FORCE_WEIGHTS_ONLY] = "1"
     try:
-        with torch.serialization.safe_globals(deepspeed_state_classes()):
+        with allowing(deepspeed_state_classes()):
             yield
     except pickle.UnpicklingError as err:
         raise _refused(os.fspath(folder), err, what="a file of") from None
