@@ -190,6 +190,7 @@ class Trainer:
     def _build_quick_eval(self) -> Any:
         """Resolved before the engine exists, so a missing reference or weights file fails at once."""
         from npp.evaluate import EvalConfig, QuickEval
+
         c = self.config
         settings = EvalConfig(num_samples=c.eval_samples, batch_size=min(c.eval_samples, 100),
                               sampler=c.eval_sampler, reference=c.eval_reference,

@@ -116,13 +116,18 @@ def deepspeed_state_classes() -> list[type]:
     return classes
 
 
+_FORCE_WEIGHTS_ONLY = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
+"""torch's switch that makes a torch.load weights-only even where its caller passes weights_only=False."""
+
+
 @contextmanager
 def deepspeed_reads_weights_only(folder: str | os.PathLike) -> Iterator[None]:
-    """DeepSpeed's readers (the engine's resume, zero_to_fp32, the universal conversion) call torch.load with
-    weights_only=False, which would run any code a pickle asks for. In this block torch's own switch for that
-    case (TORCH_FORCE_WEIGHTS_ONLY_LOAD) makes those loads weights-only, with DeepSpeed's state classes allowed,
-    so a run folder can be shared like a checkpoint: resuming, exporting or converting it never runs code planted
-    in it. torch.load itself is left alone. A refused pickle in `folder` is one CheckpointError."""
+    """DeepSpeed's module-level readers (zero_to_fp32, ds_to_universal, the universal checkpoint's load) call
+    torch.load with weights_only=False, which would run any code a pickle asks for, and take no loader to use
+    instead. In this block torch's own switch for that case makes those loads weights-only, with DeepSpeed's
+    state classes allowed, so a run folder can be shared like a checkpoint: exporting or converting it never runs
+    code planted in it. torch.load itself is left alone. A refused pickle is one CheckpointError naming `folder`
+    (torch's error names no file)."""
     previous = os.environ.get(_FORCE_WEIGHTS_ONLY)
     os.environ[_FORCE_WEIGHTS_ONLY] = "1"
     try:
@@ -135,9 +140,6 @@ def deepspeed_reads_weights_only(folder: str | os.PathLike) -> Iterator[None]:
             os.environ.pop(_FORCE_WEIGHTS_ONLY, None)
         else:
             os.environ[_FORCE_WEIGHTS_ONLY] = previous
-
-
-_FORCE_WEIGHTS_ONLY = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
 
 
 class WeightsOnlyLoads:
