@@ -126,6 +126,19 @@ class TokenizerRef:
             raise CheckpointError(f"{where} names no tokenizer to load (data {self.data!r} is not one of the shipped "
                                   f"{', '.join(EMBEDDED_TOKENIZERS)}, and it gives no tokenizer path): {SUPPLY_FIX}")
 
+    def check_decodes(self) -> str | None:
+        """For training on the codes: the tokenizer they were extracted with is still the one at its path (a
+        damaged or replaced file is refused now). Returns a warning, not an error, when the path is not on this
+        machine (codes copied from another): evaluation will then be given the tokenizer."""
+        if not self.path and self.fingerprint and self.data not in EMBEDDED_TOKENIZERS:
+            return None  # codes extracted in memory: no tokenizer file to check (evaluation will ask for --tokenizer)
+        if self.path and not Path(self.path).exists():
+            return (f"{self.path}, the tokenizer {self.data} was extracted with, is not on this machine: evaluation "
+                    f"will need `npp evaluate --tokenizer`")
+        self.load(where=str(self.data), fix="put the tokenizer the codes were extracted with back at that path, or "
+                                            "extract the codes again")
+        return None
+
     def load(self, *, override: str | os.PathLike | None = None, where: str = "the run",
              fix: str = "pass the right --tokenizer") -> VQModel:
         """The tokenizer: a shipped one by name, else the one at `path`; `override` replaces that path (codes

@@ -56,7 +56,6 @@ from npp.lock import RunLock
 from npp.runs import RunDir, check_run_folder
 from npp.schedule import Stage, lr_at, plan_stages, stage_at
 from npp.threads import use_threads
-from npp.tokenizer import EMBEDDED_TOKENIZERS
 from npp.trainlog import MetricsLogger
 
 
@@ -174,18 +173,10 @@ class Trainer:
             self.ema = {k: v.detach().float().clone() for k, v in self.engine.module.state_dict().items()}
 
     def _check_tokenizer(self) -> None:
-        """The tokenizer the codes were extracted with must still be the one at its path: a model trained on
-        codes no tokenizer can decode would be found out only at evaluation, hours later."""
-        path = self.tokenizer.path
-        if not path and self.tokenizer.fingerprint and self.config.data not in EMBEDDED_TOKENIZERS:
-            return  # codes extracted in memory: no tokenizer file to check (evaluation will ask for --tokenizer)
-        if path and not Path(path).exists():
-            if self.rank == 0:
-                print(f"npp train: warning: {path}, the tokenizer {self.config.data} was extracted with, is not on this "
-                      f"machine: evaluation will need `npp evaluate --tokenizer`", file=sys.stderr, flush=True)
-            return
-        self.tokenizer.load(where=self.config.data, fix="put the tokenizer the codes were extracted with back at "
-                            "that path, or extract the codes again")
+        """A model trained on codes no tokenizer can decode would be found out only at evaluation, hours later."""
+        elsewhere = self.tokenizer.check_decodes()
+        if elsewhere and self.rank == 0:
+            print(f"npp train: warning: {elsewhere}", file=sys.stderr, flush=True)
 
     def _build_quick_eval(self) -> Any:
         """Resolved before the engine exists, so a missing reference or weights file fails at once."""

@@ -66,3 +66,16 @@ def test_an_export_whose_tokenizer_is_on_another_machine_is_one_line(shipped, tm
     assert "/other/machine/vq.pt, which is not on this machine" in error
     assert f"fingerprint {shipped.fingerprint}" in error and "--tokenizer PATH" in error
     assert not (tmp_path / "out").exists()
+
+
+def test_training_checks_the_tokenizer_only_where_it_is(shipped, tmp_path):
+    assert shipped.check_decodes() is None  # a shipped tokenizer: loaded and its fingerprint checked
+    in_memory = TokenizerRef(data=str(tmp_path / "codes"), fingerprint=shipped.fingerprint)
+    assert in_memory.check_decodes() is None  # nothing on disk to check: evaluation asks for --tokenizer
+    copied = TokenizerRef(data="codes/x", fingerprint=shipped.fingerprint, path=str(tmp_path / "gone"))
+    assert copied.check_decodes() == (f"{tmp_path / 'gone'}, the tokenizer codes/x was extracted with, is not on this "
+                                      f"machine: evaluation will need `npp evaluate --tokenizer`")
+    replaced = TokenizerRef(data="codes/x", fingerprint="0" * 64,
+                            path=str(load_embedded_tokenizer("mnist-8x8").save_pretrained(tmp_path / "vq")))
+    with pytest.raises(npp.ConfigError, match="put the tokenizer the codes were extracted with back"):
+        replaced.check_decodes()
