@@ -44,6 +44,7 @@ from npp.distributed import Ranks
 from npp.errors import DataError, check, is_int
 from npp.files import dump_json, write_text
 from npp.tokenizer import VQModel
+from npp.tokenref import TokenizerRef
 
 PENDING, ENCODED, SKIPPED = 0, 1, 2
 SETTINGS_FILE = "extract.json"
@@ -404,9 +405,7 @@ def _manifest(layout: _Layout, skipped: list[dict[str, Any]], tokenizer_path) ->
         "dtype": layout.dtype.name,
         "image_size": crops.size,
         "crops": {**crops.to_dict(), "count": crops.num_variants, "names": crops.variant_names()},
-        "tokenizer": {"fingerprint": layout.fingerprint,
-                      "path": None if tokenizer_path is None else os.path.abspath(tokenizer_path),
-                      "config": vq.config.to_dict()},
+        "tokenizer": TokenizerRef.extracted_with(vq, layout.fingerprint, tokenizer_path).manifest_entry(),
         "classes": list(source.classes),
         "source": source.describe(),
         "files": None if source.files is None else "files.txt",

@@ -18,71 +18,16 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from npp.config import SamplerConfig, VQConfig
-from npp.errors import CheckpointError, ConfigError, check, check_device, is_int, require
+from npp.config import SamplerConfig
+from npp.errors import ConfigError, check, check_device, is_int, require
 from npp.model import GPT
 from npp.runs import RunDir
 from npp.sampling import StepCallback, generate
-from npp.tokenizer import EMBEDDED_TOKENIZERS, VQModel, load_embedded_tokenizer, load_tokenizer, to_uint8
+from npp.tokenizer import VQModel, load_tokenizer, to_uint8
+from npp.tokenref import TokenizerRef
 from npp.weights import file_sha256, fingerprint
 
 OUTPUTS = ("uint8", "pil", "codes")
-
-
-def tokenizer_from_reference(info: dict[str, Any], *, override: str | os.PathLike | None = None,
-                             where: str = "the run", fix: str = "pass the right --tokenizer") -> VQModel:
-    """The tokenizer named by a tokenizer reference (an export's tokenizer.json: {"data", "fingerprint",
-    "path", "config"}): an embedded one by name, else the path the codes were extracted with. `override`
-    replaces that path (codes extracted on another machine); the weights' fingerprint must still match."""
-    data, path = info.get("data"), override or info.get("path")
-    if path:
-        vq = load_tokenizer(path, **({} if Path(path).is_dir() else info.get("config", {})))
-    elif data in EMBEDDED_TOKENIZERS:
-        vq = load_embedded_tokenizer(data)
-    else:
-        raise ConfigError(f"{where} does not say which tokenizer decodes its codes: pass --tokenizer "
-                          f"PATH (the folder or LlamaGen .pt its training codes were extracted with)")
-    expected = info.get("fingerprint")
-    if expected and vq.fingerprint() != expected:
-        raise ConfigError(f"the tokenizer at {path} is not the one the codes of {where} were extracted with "
-                          f"(fingerprint {vq.fingerprint()[:12]} ≠ {expected[:12]}): {fix}")
-    return vq
-
-
-def read_tokenizer_reference(path: Path, *, override: str | os.PathLike | None = None) -> dict[str, Any]:
-    """An export's tokenizer.json, checked before any weights are read: a JSON object that names a tokenizer
-    which exists (a shipped one, or a path; `override` stands in for the path). {} when the file is absent
-    (an export made by GPT.save_pretrained alone: then --tokenizer is needed)."""
-    if not path.is_file():
-        return {}
-    fix = "pass --tokenizer PATH (the tokenizer its codes were extracted with), or export the run again"
-    try:
-        info = json.loads(path.read_bytes().decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise CheckpointError(f"{path} is damaged (not valid JSON): {fix}") from None
-    if not isinstance(info, dict):
-        raise CheckpointError(f"{path} is damaged (a JSON {type(info).__name__}, not an object): {fix}")
-    missing = [key for key in ("data", "fingerprint") if key not in info]
-    types = {"data": str, "path": str, "fingerprint": str, "config": dict}
-    bad = [key for key, kind in types.items() if info.get(key) is not None and not isinstance(info[key], kind)]
-    unknown = sorted(set(info.get("config") or {}) - set(VQConfig.__dataclass_fields__)) if "config" not in bad else []
-    problems = [f"{what} {', '.join(keys)}" for what, keys in (("missing", missing), ("bad", bad),
-                                                              ("unknown config field", unknown)) if keys]
-    if problems:
-        raise CheckpointError(f"{path} is damaged ({'; '.join(problems)}): {fix}")
-    named = info.get("path")
-    if override is None and named and not Path(named).exists():
-        raise CheckpointError(f"{path} names the tokenizer {named}, which does not exist: {fix}")
-    if override is None and not named and info["data"] not in EMBEDDED_TOKENIZERS:
-        raise CheckpointError(f"{path} names no tokenizer to load (data {info['data']!r} is not one of the shipped "
-                              f"{', '.join(EMBEDDED_TOKENIZERS)}, and it gives no tokenizer path): pass --tokenizer "
-                              f"PATH (the tokenizer its codes were extracted with)")
-    return info
-
-
-def on_embedded_data(info: dict[str, Any]) -> bool:
-    """Whether a tokenizer reference says the codes are the embedded MNIST (its classifier judges them)."""
-    return info.get("data") in EMBEDDED_TOKENIZERS or (info.get("source") or {}).get("kind") == "mnist"
 
 
 def export_folder(path: str | os.PathLike) -> Path:
@@ -100,7 +45,7 @@ def export_folder(path: str | os.PathLike) -> Path:
 class Pipeline:
     """Labels in, images out: `generate` with a sampler, then the tokenizer's decoder."""
 
-    def __init__(self, model: GPT, vq: VQModel, *, tokenizer_info: dict[str, Any] | None = None,
+    def __init__(self, model: GPT, vq: VQModel, *, tokenizer_info: TokenizerRef | None = None,
                  export: Path | None = None):
         check(vq.config.codebook_size == model.config.vocab_size,
               f"the tokenizer has {vq.config.codebook_size} codes but the model predicts "
@@ -108,7 +53,7 @@ class Pipeline:
         # Modes are left as they are: the trainer's periodic evaluation samples its model mid-training
         # (generate() switches to eval mode for the sampling and back).
         self.model, self.vq = model, vq
-        self.tokenizer_info = tokenizer_info or {}
+        self.tokenizer_info = tokenizer_info or TokenizerRef()
         """The export's tokenizer.json: which data and tokenizer the codes come from."""
         self.export = export
         """The export folder it was loaded from (None for .pt checkpoints)."""
@@ -123,9 +68,9 @@ class Pipeline:
         `tokenizer` stands in for that one's path, and its fingerprint must match."""
         check_device(device)  # before anything is read: a missing GPU is not a damaged file
         export = export_folder(path)
-        info = read_tokenizer_reference(export / "tokenizer.json", override=tokenizer)
+        info = TokenizerRef.read(export / "tokenizer.json", override=tokenizer)
         model = GPT.from_pretrained(export, device=device)
-        vq = tokenizer_from_reference(info, override=tokenizer, where=str(export)).to(device)
+        vq = info.load(override=tokenizer, where=str(export)).to(device)
         return cls(model, vq, tokenizer_info=info, export=export)
 
     @classmethod
@@ -166,7 +111,7 @@ class Pipeline:
 
     @property
     def on_embedded_data(self) -> bool:
-        return on_embedded_data(self.tokenizer_info)
+        return self.tokenizer_info.on_embedded_data
 
     def weights_sha256(self) -> str:
         """Names the exact weights that draw: the sha256 of the export's model.safetensors (verified when it
@@ -183,7 +128,7 @@ class Pipeline:
 
     def identity(self) -> dict[str, Any]:
         """What names the model in results: its export, weights hash, config, data and tokenizer."""
-        identity: dict[str, Any] = {"config": self.model.config.to_dict(), "data": self.tokenizer_info.get("data"),
+        identity: dict[str, Any] = {"config": self.model.config.to_dict(), "data": self.tokenizer_info.data,
                                     "tokenizer_fingerprint": self.tokenizer_fingerprint()}
         if self.export is not None:
             identity.update(export=str(self.export.resolve()),

@@ -26,7 +26,8 @@ from npp.errors import ConfigError, check
 from npp.preflight import Estimate, Plan, estimate
 from npp.recipes import resolve
 from npp.schedule import Stage, plan_stages
-from npp.tokenizer import EMBEDDED_TOKENIZERS, load_embedded_tokenizer
+from npp.tokenizer import EMBEDDED_TOKENIZERS
+from npp.tokenref import TokenizerRef
 
 
 @dataclass(frozen=True)
@@ -38,37 +39,29 @@ class DataFacts:
     grid: int
     vocab_size: int
     num_classes: int
-    tokenizer: dict[str, Any]
-    """The reference an export's tokenizer.json holds (see tokenizer_reference)."""
+    tokenizer: TokenizerRef
+    """Which tokenizer decodes the codes: kept in every checkpoint, written as the export's tokenizer.json."""
 
 
 def data_facts(spec: str) -> DataFacts:
     """The facts of a data spec, from the manifest of an `npp extract` folder, or for an embedded data set
     from its shipped tokenizer and the idx header: nothing is extracted or loaded."""
     if spec in EMBEDDED_TOKENIZERS:
-        vq = load_embedded_tokenizer(spec)
-        tokenizer = {"data": spec, "source": {"kind": "mnist", "split": "train"}, "fingerprint": vq.fingerprint(),
-                     "path": None, "config": vq.config.to_dict()}
-        return DataFacts(mnist_count("train"), MNIST_SIZE // vq.config.downsample, vq.config.codebook_size,
-                         len(MNIST_CLASSES), tokenizer)
+        tokenizer = TokenizerRef.shipped(spec)
+        return DataFacts(mnist_count("train"), MNIST_SIZE // tokenizer.config.downsample,
+                         tokenizer.config.codebook_size, len(MNIST_CLASSES), tokenizer)
     if not os.path.isdir(spec):
         raise ConfigError(f"TrainConfig.data={spec!r} is neither an embedded data set "
                           f"({', '.join(EMBEDDED_TOKENIZERS)}) nor a folder: give a folder written by npp extract")
     manifest = read_manifest(spec)
     return DataFacts(manifest["valid"], manifest["grid"][0], manifest["vocab_size"], len(manifest["classes"]),
-                     tokenizer_reference(spec, manifest))
+                     TokenizerRef.of_data(spec, manifest))
 
 
 def model_for(config: TrainConfig, facts: DataFacts) -> ModelConfig:
     """The architecture a run trains: its preset and overrides, with the data's grid, vocabulary and classes."""
     return ModelConfig.preset(config.model, vocab_size=facts.vocab_size, num_classes=facts.num_classes,
                               grid=facts.grid, **config.model_overrides)
-
-
-def tokenizer_reference(data: str, manifest: dict[str, Any]) -> dict[str, Any]:
-    """What an export's tokenizer.json holds: the data spec, the source of the codes, and the
-    tokenizer's fingerprint, path and config, so evaluation can decode without being told how."""
-    return {"data": data, "source": manifest.get("source"), **manifest.get("tokenizer", {})}
 
 
 def precision_on(config: TrainConfig, device: str) -> str:

@@ -139,9 +139,6 @@ class RunDir:
             return tag
         return complete[-1] if complete else None
 
-    def set_latest(self, tag: str) -> None:
-        write_text(self.checkpoints / "latest", tag + "\n")
-
     def checkpoint_tags(self) -> list[str]:
         """Complete checkpoints, oldest first (tags sort by step)."""
         if not self.checkpoints.is_dir():

@@ -21,17 +21,17 @@ its latest checkpoint unless `--no-resume` is given.
 Determinism: the data order, the crop choice and every dropout mask are functions of (seed, step,
 rank), so a resumed run continues exactly where the interrupted one was, without replaying data.
 Neighbours: npp.plan (the run resolved once: config, stages, precision, DeepSpeed JSON), npp.batches
-(data order), npp.checkpoints (export), npp.trainlog (metrics rows, TensorBoard, progress bar).
+(data order), npp.checkpoints (writing, resuming, export), npp.trainlog (metrics rows, TensorBoard, progress bar).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import gc
 import os
 import math
-import shutil
 import signal
 import sys
 import time
@@ -43,11 +43,10 @@ import numpy as np
 import torch
 
 from npp.batches import GlobalOrder, micro_batches, open_data
-from npp.checkpoints import export_run, save_failure, to_universal
+from npp.checkpoints import CheckpointMeta, Checkpointer
 from npp.config import TrainConfig
 from npp.distributed import ZeroStage, init_distributed
-from npp.errors import USER_ERRORS, CheckpointError, ConfigError, TrainingError, check, require
-from npp.files import dump_json
+from npp.errors import USER_ERRORS, ConfigError, TrainingError, check, require
 from npp.flags import Parser, add_flags, fail, given, overlay, read_config_file
 from npp.model import GPT
 from npp.patching import next_patch_loss
@@ -57,9 +56,7 @@ from npp.lock import RunLock
 from npp.runs import RunDir, check_run_folder
 from npp.schedule import Stage, lr_at, stage_at
 from npp.threads import use_threads
-from npp.tokenizer import EMBEDDED_TOKENIZERS
 from npp.trainlog import MetricsLogger
-from npp.weights import EMA_FIX, deepspeed_loads_weights_only, read_weights, write_weights
 
 
 class Trainer:
@@ -171,33 +168,22 @@ class Trainer:
             self.ema = {k: v.detach().float().clone() for k, v in self.engine.module.state_dict().items()}
 
     def _check_tokenizer(self) -> None:
-        """The tokenizer the codes were extracted with must still be the one at its path: a model trained on
-        codes no tokenizer can decode would be found out only at evaluation, hours later."""
-        from npp.pipeline import tokenizer_from_reference
-
-        path = self.tokenizer.get("path")
-        if not path and self.tokenizer.get("fingerprint") and self.config.data not in EMBEDDED_TOKENIZERS:
-            return  # codes extracted in memory: no tokenizer file to check (evaluation will ask for --tokenizer)
-        if path and not Path(path).exists():
-            if self.rank == 0:
-                print(f"npp train: warning: {path}, the tokenizer {self.config.data} was extracted with, is not on this "
-                      f"machine: evaluation will need `npp evaluate --tokenizer`", file=sys.stderr, flush=True)
-            return
-        tokenizer_from_reference(self.tokenizer, where=self.config.data, fix="put the tokenizer the codes were "
-                                 "extracted with back at that path, or extract the codes again")
+        """A model trained on codes no tokenizer can decode would be found out only at evaluation, hours later."""
+        elsewhere = self.tokenizer.check_decodes()
+        if elsewhere and self.rank == 0:
+            print(f"npp train: warning: {elsewhere}", file=sys.stderr, flush=True)
 
     def _build_quick_eval(self) -> Any:
         """Resolved before the engine exists, so a missing reference or weights file fails at once."""
         from npp.evaluate import EvalConfig, QuickEval
-        from npp.pipeline import on_embedded_data, tokenizer_from_reference
 
         c = self.config
         settings = EvalConfig(num_samples=c.eval_samples, batch_size=min(c.eval_samples, 100),
                               sampler=c.eval_sampler, reference=c.eval_reference,
                               inception_weights=c.eval_inception_weights or None,
                               metrics=("fid", "isc", "prc"), save_png=False, progress=False)
-        vq = tokenizer_from_reference(self.tokenizer, where=f"TrainConfig.data={c.data!r}")
-        return QuickEval(settings, vq.to(self.device).eval(), on_embedded_data(self.tokenizer), self.model_config.grid)
+        vq = self.tokenizer.load(where=f"TrainConfig.data={c.data!r}")
+        return QuickEval(settings, vq.to(self.device).eval(), self.tokenizer.on_embedded_data, self.model_config.grid)
 
     # ---- one step --------------------------------------------------------------------------
 
@@ -337,46 +323,22 @@ class Trainer:
         return self.plan.summary(params=sum(p.numel() for p in self.engine.module.parameters()),
                                  images=len(self.data), variants=self.data.num_variants, start_step=self.start_step)
 
-    # ---- checkpoints -----------------------------------------------------------------------
+    # ---- checkpoints (written, chosen and read by the Checkpointer) ---------------------------
+
+    @functools.cached_property
+    def checkpoints(self) -> Checkpointer:
+        return Checkpointer(self.run, "npp train", rank=self.rank, agree=self._everywhere)
 
     def save_checkpoint(self, step: int) -> None:
-        """Write a checkpoint, then point `latest` at it; older ones beyond keep_last are removed."""
-        tag = RunDir.tag(step)
-        self.run.checkpoints.mkdir(parents=True, exist_ok=True)
-        # universal_checkpoint_info lets DeepSpeed's ds_to_universal re-shard this checkpoint for
-        # another number of processes (no tensor parallelism here, so it holds only its version).
-        from deepspeed.checkpoint.constants import (UNIVERSAL_CHECKPOINT_INFO, UNIVERSAL_CHECKPOINT_VERSION_KEY,
-                                                    UNIVERSAL_CHECKPOINT_VERSION_VALUE)
-
-        folder = self.run.checkpoints / tag
-        try:
-            self.engine.save_checkpoint(str(self.run.checkpoints), tag=tag, save_latest=False, client_state={
-                "step": step, UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}})
-            if self.rank == 0:
-                self._finish_checkpoint(step, folder)
-        except (OSError, RuntimeError) as err:
-            # A half-written folder has no meta.json, so nothing would load it; remove it all the same.
-            shutil.rmtree(folder, ignore_errors=True)
-            raise TrainingError(f"could not save checkpoint {tag} in {self.run.checkpoints}: {save_failure(err, folder)}; "
-                                f"the partial folder was removed and {self.run.latest_tag() or 'no earlier checkpoint'} "
-                                f"is the last complete one: make room or fix the folder, then resume with the same "
-                                f"command") from None
+        """Checkpoint this step on every rank; `latest` then names it, and older ones beyond keep_last go
+        (stage ends stay)."""
+        meta = CheckpointMeta(step=step, world_size=self.world, zero_stage=int(self.plan.zero),
+                              stage=stage_at(self.stages, max(step - 1, 0)).index, model=self.model_config,
+                              tokenizer=self.tokenizer, tokens_seen=self.tokens_seen, flops_seen=self.flops_seen,
+                              experiment=self.experiment)
+        self.checkpoints.save(self.engine, meta, ema=self.ema, keep_last=self.config.keep_last,
+                              keep={RunDir.tag(s.end) for s in self.stages})
         torch.distributed.barrier()
-
-    def _finish_checkpoint(self, step: int, folder: Path) -> None:
-        """Rank 0's part of a checkpoint: the EMA, meta.json (last: it marks the folder complete), the
-        pointer, and pruning (stage ends stay: they are the models each stage produced, a few at most)."""
-        if self.ema is not None:
-            write_weights({k: v.contiguous().cpu() for k, v in self.ema.items()}, folder / "ema.safetensors")
-        dump_json({"step": step, "world_size": self.world, "zero_stage": int(self.plan.zero),
-                   "stage": stage_at(self.stages, max(step - 1, 0)).index, "model": self.model_config.to_dict(),
-                   "tokenizer": self.tokenizer, "tokens_seen": self.tokens_seen, "flops_seen": self.flops_seen,
-                   "experiment": self.experiment}, folder / "meta.json")
-        self.run.set_latest(folder.name)
-        stage_ends = {RunDir.tag(s.end) for s in self.stages}
-        for old in self.run.checkpoint_tags()[:-self.config.keep_last]:
-            if old not in stage_ends:
-                shutil.rmtree(self.run.checkpoints / old, ignore_errors=True)
 
     def _start_afresh(self) -> None:
         """Write the run's config; what an earlier experiment left in the folder is moved aside first, so
@@ -389,45 +351,22 @@ class Trainer:
         self.run.metrics.unlink(missing_ok=True)
 
     def _prepare_resume(self) -> None:
-        """Checks before the engine exists: the checkpoint belongs to this experiment, and whether it must be
-        re-sharded for another number of processes (DeepSpeed's universal checkpoint, chosen at init)."""
-        meta = next(filter(None, map(self._meta_if_readable, reversed(self.run.checkpoint_tags()))), None)
-        if meta is None:
-            raise TrainingError(f"no checkpoint of {self.run.path} has a readable meta.json: start the run again "
-                                f"with --no-resume (its files are then set aside, not deleted)")
-        if meta.get("experiment") not in (None, self.experiment):
-            raise ConfigError(f"{self.run.checkpoints / RunDir.tag(meta['step'])} was written by another experiment than "
-                              f"{self.run.config} describes: move the checkpoints folder away, or pass --no-resume")
-        self._resume_universal = meta["world_size"] != self.world and meta["zero_stage"] > 0
+        """Before the engine exists: a checkpoint of another number of processes is loaded re-sharded
+        (DeepSpeed's universal checkpoint, chosen at init)."""
+        self._resume_universal = self.checkpoints.resume_needs_resharding(self.experiment, self.world)
         if self._resume_universal:
             self.ds_config["checkpoint"] = {"load_universal": True}
 
-    def _meta_if_readable(self, tag: str) -> dict[str, Any] | None:
-        try:
-            return self.run.checkpoint_meta(tag)
-        except CheckpointError:
-            return None
-
     def _resume(self) -> None:
-        """Load the latest complete checkpoint; one that cannot be loaded (damaged, truncated, or holding more
-        than tensors) is skipped with a warning for the one before it, so a crash while a file was being
-        copied costs the steps since that checkpoint, not the run. Every rank moves on together."""
-        failures = []
-        for tag in reversed(self.run.checkpoint_tags()):
-            try:
-                self._load_checkpoint(tag)
-                error = None
-            except (CheckpointError, TrainingError, RuntimeError, OSError, KeyError, ValueError) as err:
-                error = " ".join(str(err).split())[:300] or type(err).__name__
-            if self._everywhere(error is None):
-                return
-            failures.append(f"{tag}: {error or 'another process could not load it'}")
-            if self.rank == 0:
-                print(f"npp train: warning: checkpoint {self.run.checkpoints / tag} could not be loaded "
-                      f"({error or 'another process could not load it'}); trying the one before it",
-                      file=sys.stderr, flush=True)
-        raise TrainingError(f"no checkpoint of {self.run.path} could be loaded ({'; '.join(failures)}): start the run "
-                            f"again with --no-resume (its files are then set aside, not deleted)")
+        """Continue from the newest checkpoint that loads: its step, counters and EMA; the metrics logged
+        after it are dropped, so no step is logged twice."""
+        resumed = self.checkpoints.resume(self.engine, universal=self._resume_universal, with_ema=self.ema is not None)
+        meta = resumed.meta
+        self.start_step, self.tokens_seen, self.flops_seen = meta["step"], meta["tokens_seen"], meta["flops_seen"]
+        if resumed.ema is not None:
+            self.ema = {k: v.to(self.device) for k, v in resumed.ema.items()}
+        if self.rank == 0:
+            self.run.truncate_metrics(self.start_step)
 
     def _everywhere(self, ok: bool) -> bool:
         """Whether `ok` holds on every rank (one all-reduce)."""
@@ -435,37 +374,13 @@ class Trainer:
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
         return bool(flag.item())
 
-    def _load_checkpoint(self, tag: str) -> None:
-        meta = self.run.checkpoint_meta(tag)
-        if self._resume_universal and not (self.run.checkpoints / f"{tag}-universal").is_dir():
-            converted = None
-            if self.rank == 0:
-                try:
-                    to_universal(self.run.checkpoints / tag, self.run.checkpoints / f"{tag}-universal")
-                except (CheckpointError, RuntimeError, OSError) as err:
-                    converted = err
-            if not self._everywhere(converted is None):
-                raise converted or CheckpointError(f"rank 0 could not convert {tag} for {self.world} processes")
-        load_tag = f"{tag}-universal" if self._resume_universal else tag
-        with deepspeed_loads_weights_only():
-            _, client = self.engine.load_checkpoint(str(self.run.checkpoints), tag=load_tag,
-                                                    load_optimizer_states=True, load_lr_scheduler_states=False)
-        if client is None:
-            raise TrainingError(f"DeepSpeed found no checkpoint files in {self.run.checkpoints / load_tag}")
-        self.start_step, self.tokens_seen, self.flops_seen = meta["step"], meta["tokens_seen"], meta["flops_seen"]
-        ema_file = self.run.checkpoints / tag / "ema.safetensors"
-        if self.ema is not None and ema_file.is_file():
-            self.ema = {k: v.to(self.device) for k, v in read_weights(ema_file, fix=EMA_FIX).items()}
-        if self.rank == 0:
-            self.run.truncate_metrics(self.start_step)
-
     # ---- export ----------------------------------------------------------------------------
 
     def export(self) -> Path:
         """Write runs/<name>/export (the EMA weights when EMA is on) from the latest checkpoint."""
         torch.distributed.barrier()
         if self.rank == 0:
-            export_run(self.run.path, "npp train")
+            self.checkpoints.export()
         torch.distributed.barrier()
         return self.run.export
 

@@ -56,19 +56,32 @@ def safe_load(path: str | os.PathLike, *, map_location: Any = "cpu", allow: Sequ
     # Memory-map the zip format (new files: no copy of a large checkpoint in RAM); the legacy format cannot be.
     mmap = zipfile.is_zipfile(path)
     try:
-        with torch.serialization.safe_globals(list(allow)), warnings.catch_warnings():
+        with allowing(allow), warnings.catch_warnings():
             # A plain pickle of protocol > 2 makes torch warn before it refuses it; the refusal says enough.
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
-            return _original_torch_load(path, map_location=map_location, weights_only=True, mmap=mmap)
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as err:
-        blocked = re.search(r"GLOBAL ([\w.]+)", str(err))
-        if blocked:
-            raise UnsafeCheckpointError(f"{path} asks to run or build {blocked.group(1)}, which a weights-only load "
-                                  f"refuses: a checkpoint holds tensors, not code, so this file is not one or was "
-                                  f"tampered with; do not load it, get it again from its source") from None
-        raise _unreadable(path, err) from None
+        raise _refused(path, err) from None
     except Exception as err:  # noqa: BLE001 (damaged bytes reach torch's unpickler as every kind of error)
         raise _unreadable(path, err) from None
+
+
+def allowing(classes: Sequence[Any]) -> Any:
+    """torch.serialization.safe_globals for the classes not allowed already: leaving a nested block must not
+    take back what an enclosing one allowed (torch removes every class its block named)."""
+    allowed = torch.serialization.get_safe_globals()
+    return torch.serialization.safe_globals([c for c in classes if c not in allowed])
+
+
+def _refused(path: str, err: pickle.UnpicklingError, what: str = "") -> CheckpointError:
+    """The error for a pickle a weights-only load refused: code it asks to run, or bytes that are no pickle."""
+    blocked = re.search(r"GLOBAL ([\w.]+)", str(err))
+    if blocked:
+        return UnsafeCheckpointError(f"{what + ' ' if what else ''}{path} asks to run or build {blocked.group(1)}, "
+                                     f"which a weights-only load refuses: a checkpoint holds tensors, not code, so "
+                                     f"this file is not one or was tampered with; do not load it, get it again from "
+                                     f"its source")
+    return _unreadable(f"{what + ' ' if what else ''}{path}", err)
 
 
 def _unreadable(path: str, err: BaseException) -> CheckpointError:
@@ -92,9 +105,6 @@ def _first_line(err: BaseException) -> str:
     return text.splitlines()[0][:200] if text else type(err).__name__
 
 
-_original_torch_load = torch.load
-
-
 def deepspeed_state_classes() -> list[type]:
     """DEEPSPEED_STATE_CLASSES imported: what safe_load must allow to read a DeepSpeed checkpoint file."""
     import importlib
@@ -106,21 +116,45 @@ def deepspeed_state_classes() -> list[type]:
     return classes
 
 
+_FORCE_WEIGHTS_ONLY = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
+"""torch's switch that makes a torch.load weights-only even where its caller passes weights_only=False."""
+
+
 @contextmanager
-def deepspeed_loads_weights_only() -> Iterator[None]:
-    """Every torch.load in the block, DeepSpeed's own included (it passes weights_only=False), goes through
-    safe_load with DeepSpeed's state classes allowed: a run folder can be shared like a checkpoint, and
-    resuming, exporting or converting it never runs code planted in it."""
-    classes = deepspeed_state_classes()
-
-    def load(f: Any, map_location: Any = None, *args: Any, **kwargs: Any) -> Any:
-        return safe_load(f, map_location=map_location, allow=classes)
-
-    torch.load = load
+def deepspeed_reads_weights_only(folder: str | os.PathLike) -> Iterator[None]:
+    """DeepSpeed's module-level readers (zero_to_fp32, ds_to_universal, the universal checkpoint's load) call
+    torch.load with weights_only=False, which would run any code a pickle asks for, and take no loader to use
+    instead. In this block torch's own switch for that case makes those loads weights-only, with DeepSpeed's
+    state classes allowed, so a run folder can be shared like a checkpoint: exporting or converting it never runs
+    code planted in it. torch.load itself is left alone. A refused pickle is one CheckpointError naming `folder`
+    (torch's error names no file)."""
+    previous = os.environ.get(_FORCE_WEIGHTS_ONLY)
+    os.environ[_FORCE_WEIGHTS_ONLY] = "1"
     try:
-        yield
+        with allowing(deepspeed_state_classes()):
+            yield
+    except pickle.UnpicklingError as err:
+        raise _refused(os.fspath(folder), err, what="a file of") from None
     finally:
-        torch.load = _original_torch_load
+        if previous is None:
+            os.environ.pop(_FORCE_WEIGHTS_ONLY, None)
+        else:
+            os.environ[_FORCE_WEIGHTS_ONLY] = previous
+
+
+class WeightsOnlyLoads:
+    """A DeepSpeed engine's checkpoint engine whose loads go through safe_load (DeepSpeed's state classes
+    allowed), everything else through the engine it wraps: installed on our engine, so a resume names each
+    file it refuses."""
+
+    def __init__(self, inner: Any):
+        self._inner = inner
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    def load(self, path: str, map_location: Any = None) -> Any:
+        return safe_load(path, map_location=map_location, allow=deepspeed_state_classes())
 
 
 @dataclass(frozen=True)

@@ -118,6 +118,35 @@ def test_malicious_pickle_is_refused_without_running(tmp_path):
     assert not os.path.exists("/tmp/npp-pwned")
 
 
+def test_deepspeeds_own_loads_are_weights_only_without_replacing_torch_load(tmp_path):
+    """DeepSpeed's readers pass weights_only=False; inside the block torch refuses the pickle all the same, the
+    DeepSpeed state classes load (also after a nested safe_load left its own allowance), and afterwards
+    torch.load is the same function and the environment as it was."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+
+    from npp.weights import deepspeed_reads_weights_only, safe_load
+
+    load, environ = torch.load, dict(os.environ)
+    marker = tmp_path / "CODE-RAN"
+    torch.save({"model": _Planted(marker)}, tmp_path / "evil.pt")
+    torch.save({"scaler": LossScaler(2.0)}, tmp_path / "state.pt")
+    with pytest.raises(npp.CheckpointError, match="asks to run or build posix.system"):
+        with deepspeed_reads_weights_only(tmp_path):
+            torch.load(tmp_path / "evil.pt", weights_only=False)
+    with deepspeed_reads_weights_only(tmp_path):
+        safe_load(tmp_path / "state.pt", allow=[LossScaler])  # a nested allowance of the same class
+        assert torch.load(tmp_path / "state.pt", weights_only=False)["scaler"].cur_scale == 2.0
+    assert not marker.exists() and torch.load is load and dict(os.environ) == environ
+
+
+class _Planted:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
 def test_from_pretrained_names_a_wrong_folder(tmp_path):
     with pytest.raises(npp.CheckpointError, match="has no config.json"):
         npp.GPT.from_pretrained(tmp_path)

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 import npp
-from npp.checkpoints import export_run, load_checkpoint_model
+from npp.checkpoints import Checkpointer, export_run, load_checkpoint_model
 from npp.config import RUN_NAME_MAX, TrainConfig, run_name_problem, same_data
 from npp.errors import USER_ERRORS, ConfigError
 from npp.extract import mnist_codes
@@ -258,7 +258,7 @@ def test_the_quickstart_checks_its_options_before_training(tmp_path, argv, messa
 def resume_point(run: RunDir) -> None:
     """Make the run's latest checkpoint step 14, so that a resume trains and writes step 20 again."""
     shutil.rmtree(run.checkpoints / "step-00000020")
-    run.set_latest("step-00000014")
+    Checkpointer(run, "test").set_latest("step-00000014")
 
 
 def test_the_same_data_folder_spelled_otherwise_resumes(work):

@@ -431,7 +431,7 @@ TOKENIZER_DAMAGE = {
     "no such shipped tokenizer": (lambda ref: json.dumps({**ref, "data": "mnist-99x99"}).encode(),
                                   "names no tokenizer to load (data 'mnist-99x99' is not one of the shipped"),
     "no such path": (lambda ref: json.dumps({**ref, "path": "/nowhere/vq"}).encode(),
-                     "names the tokenizer /nowhere/vq, which does not exist"),
+                     "names the tokenizer /nowhere/vq, which is not on this machine (fingerprint"),
 }
 
 

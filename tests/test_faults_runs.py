@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from npp.checkpoints import Checkpointer
 from npp.runs import RunDir
 from test_faults import NPP, ROOT, codes, env, npp_train, one_line, train_argv  # noqa: F401 (codes: a fixture)
 
@@ -147,7 +148,7 @@ def test_export_refuses_a_checkpoint_of_another_experiment_or_model(runs, tmp_pa
     before = (run.export / "model.safetensors").read_bytes()
     planted = run.checkpoints / RunDir.tag(30)
     shutil.copytree(RunDir(runs / "b").checkpoints / RunDir.tag(7), planted)
-    run.set_latest(planted.name)
+    Checkpointer(run, "test").set_latest(planted.name)
     error = one_line(npp("export", str(run.path), tmp=tmp_path), "npp export")
     assert f"{planted} was written by another experiment than {run.config} describes" in error
     # A checkpoint from before meta.json carried the experiment: the architecture still gives it away.
@@ -201,7 +202,7 @@ def test_a_full_disk_during_export_is_one_line_and_leaves_no_partial_folder(runs
     run.path.mkdir()
     shutil.copy(source.config, run.config)
     shutil.copytree(source.checkpoints / tag, run.checkpoints / tag)
-    run.set_latest(tag)
+    Checkpointer(run, "test").set_latest(tag)
     result = npp("export", str(run.path), tmp=tmp_path, patch="" if real else FULL_EXPORT)
     error = one_line(result, "npp export")
     assert f"could not write the export of {run.path}: the disk is full" in error, (real, error)

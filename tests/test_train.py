@@ -19,6 +19,7 @@ import torch
 import npp
 from npp.config import TrainConfig
 from npp.extract import mnist_codes
+from npp.checkpoints import Checkpointer
 from npp.runs import RunDir
 from npp.schedule import lr_at, plan_stages, stage_at
 from npp.weights import deepspeed_state_classes, safe_load
@@ -158,7 +159,7 @@ def test_two_process_zero2_trains_and_resumes_on_one_process(codes, tmp_path):
     # the optimizer state. Without dropout only the order of the gradient sums differs.
     shutil.copytree(runs / "z2", runs / "z1")
     shutil.rmtree(runs / "z1" / "checkpoints" / "step-00000030")
-    RunDir(runs / "z1").set_latest("step-00000020")
+    Checkpointer(RunDir(runs / "z1"), "test").set_latest("step-00000020")
     result = train(codes, runs, "z1", deepspeed="ds_configs/zero2.json", keep_last=5, **NO_DROPOUT)
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
     assert "1 process(es) on cpu" in result.stdout and "resuming at step 20" in result.stdout
