@@ -183,3 +183,47 @@ def test_the_pipeline_takes_the_gpts_grid_not_the_tokenizers(tmp_path):
     with pytest.raises(npp.CheckpointError, match="does not say its image size"):
         npp.Pipeline.from_llamagen(tmp_path / "bare.pt", ASSETS / "mnist-8x8")
     assert npp.Pipeline.from_llamagen(tmp_path / "bare.pt", ASSETS / "mnist-8x8", image_size=64).grid == 16
+
+
+# ---- the tokenizer follows the GPT: a 384-px file draws 384-px images with a 24×24 RoPE table ----------------
+
+VQ_STAND_IN = dict(base_channels=32, ch_mult=(1, 1, 1, 1, 1), num_res_blocks=1, z_channels=32, codebook_size=VOCAB,
+                   codebook_dim=8)
+"""A VQ-16 stand-in (5 levels: 16 px per code) trained, like LlamaGen's vq_ds16_c2i.pt, at 256 px; small channels."""
+
+
+@pytest.fixture(scope="module")
+def vq_pt(tmp_path_factory):
+    """vq_ds16_c2i.pt in LlamaGen's layout ({"model": state}), random weights."""
+    vq = npp.VQModel(npp.VQConfig(image_size=256, **VQ_STAND_IN))
+    path = tmp_path_factory.mktemp("vq") / "vq_ds16_c2i.pt"
+    torch.save({"model": vq.state_dict()}, path)
+    return path
+
+
+def test_a_384_px_file_draws_384_px_images_and_its_logits_are_llamagens_over_24x24(states, vq_pt, tmp_path):
+    """One 256-px VQ-16 file serves the 384-px GPT (it is convolutional): 24×24 codes decode to 384×384 images,
+    and the GPT's logits on a whole 24×24 sequence equal the suite's naive float64 forward with 2-D RoPE over
+    24×24 (token n at row n // 24, column n % 24)."""
+    from test_model import reference_logits
+
+    path = write(tmp_path / "c2i_B_384.pt", states[768], "ddp")
+    pipe = npp.Pipeline.from_llamagen(path, vq_pt, **VQ_STAND_IN)
+    assert (pipe.grid, pipe.image_size, pipe.vq.config.image_size) == (24, 384, 256)
+    images_BHW3 = pipe([0, 3], npp.PAPER_SAMPLER, generator=torch.Generator().manual_seed(0))
+    assert images_BHW3.shape == (2, 384, 384, 3) and images_BHW3.dtype == torch.uint8
+
+    config = pipe.model.config
+    tokens_BL, labels_B = torch.randint(0, VOCAB, (2, 24 * 24)), torch.tensor([1, CLASSES])  # CLASSES: the null class
+    expected = reference_logits(states[768], config, tokens_BL, labels_B)
+    with torch.no_grad():
+        logits = pipe.model.float()(tokens_BL, labels_B).double()
+    torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_an_image_size_the_tokenizer_cannot_divide_is_refused(states, vq_pt, tmp_path):
+    path = write(tmp_path / "c2i_B_384.pt", states[768], "ddp")
+    with pytest.raises(npp.ConfigError, match="image_size=392: must be a positive multiple of the tokenizer's "
+                                              "downsampling 16"):
+        npp.Pipeline.from_llamagen(path, vq_pt, image_size=392, **VQ_STAND_IN)
+    assert npp.Pipeline.from_llamagen(path, vq_pt, image_size=512, **VQ_STAND_IN).image_size == 512
