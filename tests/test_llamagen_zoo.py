@@ -227,3 +227,65 @@ def test_an_image_size_the_tokenizer_cannot_divide_is_refused(states, vq_pt, tmp
                                               "downsampling 16"):
         npp.Pipeline.from_llamagen(path, vq_pt, image_size=392, **VQ_STAND_IN)
     assert npp.Pipeline.from_llamagen(path, vq_pt, image_size=512, **VQ_STAND_IN).image_size == 512
+
+
+# ---- every entry takes every layout: {"model": …} with or without args, a bare state dict; prefixes; bf16 -------
+
+LAYOUTS = {"model": ("ddp", None), "model+args": ("ddp", llamagen_args("B", 384)), "bare": ("fsdp", None)}
+PREFIXES = {"plain": "", "ddp": "module.", "compiled": "_orig_mod."}
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("prefix", PREFIXES)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_every_entry_takes_every_layout_prefix_and_dtype(layout, prefix, dtype, states, vq_pt, tmp_path, capsys):
+    """npp.GPT.from_llamagen, npp.Pipeline.from_llamagen and `npp convert` read the same weights, heads and grid
+    from c2i_B_384.pt however it was saved; the tensors keep the file's dtype."""
+    state = {k: v.to(DTYPES[dtype]) for k, v in states[768].items()}
+    kind, args = LAYOUTS[layout]
+    path = write(tmp_path / "c2i_B_384.pt", state, kind, args, PREFIXES[prefix])
+
+    def same(model):
+        c = model.config
+        assert (c.n_head, c.grid, c.dim) == (12, 24, 768), model.inferred
+        loaded = model.state_dict()
+        assert loaded.keys() == state.keys()
+        assert all(loaded[k].dtype == v.dtype and torch.equal(loaded[k], v) for k, v in state.items())
+
+    same(npp.GPT.from_llamagen(path))
+    pipe = npp.Pipeline.from_llamagen(path, vq_pt, **VQ_STAND_IN)
+    same(pipe.model)
+    assert pipe.image_size == 384
+    assert cli.main(["convert", str(path), str(tmp_path / "out")]) == 0
+    assert capsys.readouterr().out.startswith("c2i_B_384.pt: 1 layer × 768, 12 heads of 64")
+    same(npp.GPT.from_pretrained(tmp_path / "out"))
+
+
+def test_a_converted_bf16_fsdp_file_is_evaluated_through_the_command_line(states, tmp_path):
+    """The hardest layout (a bare bf16 state dict under torch.compile's prefix) through `npp convert` and
+    `npp evaluate` as processes: sampled at 384 px with the VQ-16 stand-in, scored (here by the MNIST judge's
+    features, resized to its 32 px) against a folder of reference images."""
+    from PIL import Image
+
+    from test_faults import ROOT, env
+
+    path = write(tmp_path / "c2i_B_384.pt", states[768], "fsdp", prefix="_orig_mod.")
+    vq = npp.VQModel(npp.VQConfig(image_size=256, **VQ_STAND_IN)).save_pretrained(tmp_path / "vq")
+    reference = tmp_path / "reference"
+    reference.mkdir()
+    for i in range(4):
+        Image.new("RGB", (32, 32), (60 * i, 0, 0)).save(reference / f"{i}.png")
+    converted = subprocess.run([NPP, "convert", str(path), str(tmp_path / "gpt")], capture_output=True, text=True,
+                               timeout=300)
+    assert converted.returncode == 0, converted.stderr[-2000:]
+    assert json.loads((tmp_path / "gpt" / "config.json").read_text())["grid"] == 24
+    evaluated = subprocess.run(
+        [NPP, "evaluate", str(tmp_path / "gpt"), "--tokenizer", str(vq), "--out", str(tmp_path / "eval"),
+         "--num-samples", "4", "--batch-size", "2", "--metrics", "fid", "--feature-extractor", "npp-mnist-classifier",
+         "--reference", str(reference), "--eval-image-size", "32", "--device", "cpu", "--progress", "false"],
+        cwd=ROOT, env=env(tmp_path), capture_output=True, text=True, timeout=600)
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    results = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert results["image_size"]["sampled"] == 384 and results["config"]["sampler"]["cfg_scale"] == 2.0
+    assert results["metrics"]["fid"] > 0
