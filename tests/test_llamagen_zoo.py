@@ -12,8 +12,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
+import shlex
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -289,3 +292,51 @@ def test_a_converted_bf16_fsdp_file_is_evaluated_through_the_command_line(states
     results = json.loads((tmp_path / "eval" / "results.json").read_text())
     assert results["image_size"]["sampled"] == 384 and results["config"]["sampler"]["cfg_scale"] == 2.0
     assert results["metrics"]["fid"] > 0
+
+
+# ---- the README's zoo table is what npp does ------------------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parents[1]
+ZOO_ROW = re.compile(r"^\| (NPP )?(c2i_\w+\.pt) \| (DDP|FSDP) \| `(npp convert [^`]+)` \| (\d+) heads(?: of (\d+))?, "
+                     r"(\d+)×\d+ \| [\d.]+ \(([\d.]+); ([^)]+)\) \| ([\d.]+) · ([\d.]+) \| ([\d.]+) · ([\d.]+) \|$", re.M)
+WIDTHS = {preset: width for _, preset, width, _, _ in ZOO.values()}
+
+
+def preflight_cells(preset: str, grid: int) -> tuple[str, ...]:
+    """The table's memory cells from the preflight's estimate: weights in fp32 · bf16, and one process fine-tuning
+    at micro-batch 1 without ZeRO in fp32 on the CPU · amp-bf16 on a GPU (GiB, one decimal)."""
+    from npp.preflight import GiB, Plan, estimate
+
+    model = npp.ModelConfig.preset(preset, vocab_size=16384, num_classes=1000, grid=grid)
+    weights = [estimate(Plan(model, 1, precision=p, device=d)).weights for p, d in (("fp32", "cpu"), ("bf16", "cuda"))]
+    tuning = [estimate(Plan(model, 1, precision=p, device=d)).peak for p, d in (("fp32", "cpu"), ("amp-bf16", "cuda"))]
+    return tuple(f"{value / GiB:.1f}" for value in (*weights, *tuning))
+
+
+def test_the_readme_zoo_commands_load_what_its_table_says(states, tmp_path, monkeypatch, capsys):
+    """Every `npp convert` of the README's zoo table runs as written, in a folder holding stand-ins under the
+    released names and layouts; what it infers, the protocol `npp evaluate` then applies to a LlamaGen file, and
+    the memory cells (from npp.preflight's estimate) are the table's."""
+    from npp.evaluate import LLAMAGEN_FID_CFG, default_protocol
+
+    rows = ZOO_ROW.findall((ROOT / "README.md").read_text())
+    assert sorted(name for npp_row, name, *_ in rows if not npp_row) == sorted(ZOO)
+    assert [name for npp_row, name, *_ in rows if npp_row] == ["c2i_B_256.pt", "c2i_L_256.pt", "c2i_XL_256.pt",
+                                                                "c2i_XXL_256.pt"]
+    monkeypatch.chdir(tmp_path)
+    for npp_row, name, layout, command, heads, head_dim, grid, cfg, scored, *memory in rows:
+        preset = name.split("_")[1]
+        argv = shlex.split(command)
+        Path(argv[2]).parent.mkdir(parents=True, exist_ok=True)
+        write(Path(argv[2]), states[WIDTHS[preset]], layout.lower())
+        assert cli.main(argv[1:]) == 0, command
+        capsys.readouterr()
+        saved = json.loads((Path(argv[3]) / "config.json").read_text())
+        assert (saved["n_head"], saved["grid"]) == (int(heads), int(grid)), command
+        assert saved["dim"] // saved["n_head"] == int(head_dim or 64)
+        if not npp_row:
+            assert (layout.lower(), int(heads), int(grid)) == ZOO[name][:1] + ZOO[name][3:]
+            protocol = default_protocol(Path(argv[3]).parent)
+            assert protocol.cfg_scale == LLAMAGEN_FID_CFG[preset] == float(cfg)
+            assert scored == ("384 → 256 px" if protocol.eval_image_size == 256 else f"{int(grid) * 16} px")
+        assert tuple(memory) == preflight_cells(preset, int(grid)), name
