@@ -65,13 +65,10 @@ def convert(argv: list[str]) -> int:
 
 
 def extract(argv: list[str]) -> int:
-    import torch
-
-    from npp.config import VQ_PRESETS, VQConfig
-    from npp.data import CROP_MODES, MNIST_SIZE, CropConfig, MnistSource
+    from npp.config import VQConfig
     from npp.distributed import is_rank0
-    from npp.extract import extract_codes, open_source
-    from npp.tokenizer import load_tokenizer
+    from npp.extract import ExtractOptions, extract_codes, open_source
+    from npp.tokenizer import load_tokenizer, tokenizer_location
 
     parser = Parser(prog="npp extract", description=(
         "Encode every crop variant of every image into VQ codes: codes.npy (N, crops, h·w), labels.npy (-1 marks "
@@ -81,41 +78,21 @@ def extract(argv: list[str]) -> int:
                                        "mnist:test for the embedded digits")
     parser.add_argument("output", help="folder for codes.npy, labels.npy, manifest.json (new, empty, or "
                                        "an interrupted extraction to resume)")
-    parser.add_argument("--tokenizer", required=True, help="folder written by VQModel.save_pretrained, or a LlamaGen VQ .pt")
-    crops = parser.add_argument_group("crops")
-    crops.add_argument("--crop", choices=CROP_MODES, default=None,
-                       help="crop variants per image (default: ten-crop for folders, none for mnist)")
-    crops.add_argument("--crop-ranges", type=float, nargs="+", metavar="R", default=None,
-                       help="ten-crop: centre-crop to size·R first, for each R (default: 1.1 1.05)")
-    crops.add_argument("--image-size", type=int, default=None,
-                       help="side of every crop in pixels (default: the tokenizer's image_size; 32 for mnist)")
-    run = parser.add_argument_group("run")
-    run.add_argument("--batch-size", type=int, default=8, help="images per batch; a batch encodes batch-size × crops views")
-    run.add_argument("--device", default=None, help="torch device, or auto (default: cuda if available, else cpu); under a "
-                                                    "launcher 'cuda' means cuda:LOCAL_RANK")
-    run.add_argument("--workers", type=int, default=2, help="DataLoader processes that decode and crop images "
-                                                            "(0: the main process)")
-    run.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.add_argument("--vq-preset", choices=list(VQ_PRESETS), default=None,
-                        help="architecture of a LlamaGen .pt (default: llamagen-vq16); the flags below override it")
+    add_flags(parser, ExtractOptions)
     not_architecture = [f for f in VQConfig.__dataclass_fields__ if f not in VQ_ARCHITECTURE]
     add_flags(parser, VQConfig, exclude=not_architecture)
     args = parser.parse_args(argv)
 
     def body() -> None:
-        if args.device not in (None, "auto"):
-            check_device(args.device)  # before the tokenizer is read onto it
-        vq = load_tokenizer(args.tokenizer, preset=args.vq_preset, **given(args, VQConfig, exclude=not_architecture))
+        options = ExtractOptions(**given(args, ExtractOptions))
+        if options.device != "auto":
+            check_device(options.device)  # before the tokenizer is read onto it
+        vq = load_tokenizer(options.tokenizer, preset=options.vq_preset,
+                            **given(args, VQConfig, exclude=not_architecture))
         source = open_source(args.source)
-        digits = isinstance(source, MnistSource)
-        # The digits are already 32×32: by default they are encoded as they are, one variant each.
-        mode = args.crop or ("none" if digits else "ten-crop")
-        size = args.image_size or (MNIST_SIZE if digits and mode == "none" else vq.config.image_size)
-        crops = CropConfig(mode, size=size, ranges=tuple(args.crop_ranges) if args.crop_ranges else None)
-        auto = args.device in (None, "auto")
-        device = ("cuda" if torch.cuda.is_available() else "cpu") if auto else args.device
-        report = extract_codes(source, vq, args.output, crops, batch_size=args.batch_size, device=device,
-                               num_workers=args.workers, progress=not args.no_progress, tokenizer_path=args.tokenizer)
+        report = extract_codes(source, vq, args.output, options.crops(source, vq), batch_size=options.batch_size,
+                               device=options.torch_device(), num_workers=options.workers,
+                               progress=options.progress, tokenizer_path=tokenizer_location(options.tokenizer))
         if is_rank0():  # one summary, not one per rank
             print(report.summary())
 

@@ -393,7 +393,7 @@ def _finish(output: Path, layout: _Layout, tokenizer_path: str | os.PathLike | N
 
 
 def _manifest(layout: _Layout, skipped: list[dict[str, Any]], tokenizer_path) -> dict[str, Any]:
-    import npp
+    from npp import __version__
 
     source, crops, vq = layout.source, layout.crops, layout.vq
     return {
@@ -410,8 +410,57 @@ def _manifest(layout: _Layout, skipped: list[dict[str, Any]], tokenizer_path) ->
         "source": source.describe(),
         "files": None if source.files is None else "files.txt",
         "skipped": skipped,
-        "npp_version": npp.__version__,
+        "npp_version": __version__,
     }
+
+
+# ------------------------------------------------------------------------------------------------
+# The command's options
+# ------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ExtractOptions:
+    """`npp extract`'s options: its flags are generated from these fields (npp.flags), like every command's."""
+
+    tokenizer: str = ""
+    """A shipped tokenizer (mnist-8x8, mnist-16x16), a folder written by VQModel.save_pretrained, or a LlamaGen
+    VQ .pt (required)."""
+    vq_preset: str | None = None
+    """Architecture of a LlamaGen .pt (unset: llamagen-vq16); the VQConfig flags override it."""
+    crop: str | None = None
+    """Crop variants per image: ten-crop, centre-flip, centre or none (unset: ten-crop for folders; for mnist
+    none at its 32 px, centre at any other image size)."""
+    crop_ranges: tuple[float, ...] | None = None
+    """ten-crop: centre-crop to size·R first, for each R (unset: 1.1 1.05)."""
+    image_size: int | None = None
+    """Side of every crop in pixels, a multiple of the tokenizer's downsampling: the codes' grid is image size ÷
+    downsampling, whatever size the tokenizer was trained at (unset: its image_size; 32 for mnist)."""
+    batch_size: int = 8
+    """Images per batch; a batch encodes batch-size × crops views."""
+    device: str = "auto"
+    """torch device, or auto (cuda if available, else cpu); under a launcher 'cuda' means cuda:LOCAL_RANK."""
+    workers: int = 2
+    """DataLoader processes that decode and crop images (0: the main process)."""
+    progress: bool = True
+    """Show a progress bar."""
+
+    def __post_init__(self) -> None:
+        check(isinstance(self.tokenizer, str) and self.tokenizer != "",
+              "--tokenizer is required: a shipped tokenizer (mnist-8x8, mnist-16x16), a save_pretrained folder "
+              "or a LlamaGen VQ .pt")
+
+    def crops(self, source: ImageSource, vq: VQModel) -> CropConfig:
+        """The crop variants: the embedded digits are already 32×32, so at that size they are encoded as they
+        are (one variant); at another size they are resized by the centre crop."""
+        digits = isinstance(source, MnistSource)
+        size = self.image_size or (MNIST_SIZE if digits else vq.config.image_size)
+        mode = self.crop or (("none" if size == MNIST_SIZE else "centre") if digits else "ten-crop")
+        return CropConfig(mode, size=size, ranges=self.crop_ranges)
+
+    def torch_device(self) -> str:
+        if self.device != "auto":
+            return self.device
+        return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def mnist_codes(vq: VQModel, cache_dir: str | os.PathLike, split: str = "train", *, limit: int | None = None,

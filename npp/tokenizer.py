@@ -325,19 +325,29 @@ def load_embedded_tokenizer(name: str = "mnist-8x8", device: str | torch.device 
     return VQModel.from_pretrained(ASSETS / name, device=device)
 
 
+def tokenizer_location(spec: str | os.PathLike) -> Path:
+    """Where a tokenizer spec points: a shipped name (mnist-8x8, …) that is not a path here means its folder
+    in npp/assets; anything else is a path, as given."""
+    if os.fspath(spec) in EMBEDDED_TOKENIZERS and not os.path.exists(spec):
+        return ASSETS / os.fspath(spec)
+    return Path(spec)
+
+
 def load_tokenizer(path: str | os.PathLike, *, preset: str | None = None, **overrides: Any) -> VQModel:
-    """A tokenizer folder written by VQModel.save_pretrained, or a LlamaGen VQ .pt checkpoint.
+    """A shipped tokenizer by name (EMBEDDED_TOKENIZERS), a tokenizer folder written by
+    VQModel.save_pretrained, or a LlamaGen VQ .pt checkpoint.
 
     `preset` (default llamagen-vq16) and `overrides` (VQConfig fields) describe a .pt's architecture;
     a folder carries its own config, so giving them with one is an error rather than ignored.
     """
-    path = Path(path)
+    path = tokenizer_location(path)
     if path.is_dir():
         given = ([] if preset is None else ["preset"]) + sorted(overrides)
         check(not given, f"{path} is a save_pretrained folder with its own config.json: drop the "
                          f"architecture flags ({', '.join(given)}), they are for .pt files")
         return VQModel.from_pretrained(path)
     if not path.is_file():
-        raise CheckpointError(f"{path}: no such file or folder; give a folder written by "
+        raise CheckpointError(f"{path}: no such file or folder; give a shipped tokenizer "
+                              f"({', '.join(EMBEDDED_TOKENIZERS)}), a folder written by "
                               f"VQModel.save_pretrained or a LlamaGen VQ .pt checkpoint")
     return VQModel.from_llamagen(path, **VQConfig.preset(preset or "llamagen-vq16", **overrides).to_dict())

@@ -192,7 +192,7 @@ BAD_INPUTS = {
     "batch size": (lambda p: [p.folder, p.out, "--tokenizer", p.tok, "--batch-size", "0"],
                    "batch_size=0: must be a positive integer"),
     "missing tokenizer": (lambda p: [p.folder, p.out, "--tokenizer", str(p.tmp / "vq.pt")],
-                          "no such file or folder; give a folder written by VQModel.save_pretrained"),
+                          "no such file or folder; give a shipped tokenizer (mnist-8x8, mnist-16x16), a folder written by VQModel"),
     "tokenizer not a checkpoint": (lambda p: [p.folder, p.out, "--tokenizer", str(p.tmp / "notes.pt")],
                                    "is not a readable PyTorch checkpoint"),
     "GPT as tokenizer": (lambda p: [p.folder, p.out, "--tokenizer", str(p.tmp / "gpt.pt")],
@@ -298,3 +298,41 @@ def test_mnist_codes_are_extracted_once_and_served_like_any_codes(vq, tmp_path, 
         raise AssertionError("the cached codes should have been reused")
     monkeypatch.setattr(extract_module, "extract_codes", no_second_extraction)
     assert len(mnist_codes(vq, tmp_path, "test", limit=24)) == 24
+
+
+# ---- codes at another image size than the tokenizer's, and the model they train ---------------------------
+
+def test_codes_at_another_image_size_train_a_model_of_that_grid(tmp_path):
+    """The shipped mnist-8x8 tokenizer (trained at 32 px, 4 px per code) is convolutional: `--image-size 16` gives
+    4×4 codes (the digits resized by the centre crop), and `npp train` on them trains a 4×4-grid model whose
+    export decodes 16-px images with the same tokenizer."""
+    from npp.data import MnistSource
+    from npp.files import ASSETS
+    from test_faults import NPP, env, npp_train, one_line
+
+    codes = tmp_path / "codes16"
+    argv = [NPP, "extract", "mnist:test", str(codes), "--tokenizer", "mnist-8x8", "--workers", "0", "--no-progress",
+            "--batch-size", "500"]
+    refused = subprocess.run([*argv, "--image-size", "18"], env=env(tmp_path), capture_output=True, text=True,
+                             timeout=300)
+    assert "is not a multiple of the tokenizer's downsampling factor 4" in one_line(refused, "npp extract")
+    assert not codes.exists()
+
+    done = subprocess.run([*argv, "--image-size", "16"], env=env(tmp_path), capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    manifest = json.loads((codes / "manifest.json").read_text())
+    assert (manifest["grid"], manifest["image_size"], manifest["crops"]["mode"]) == ([4, 4], 16, "centre")
+    assert manifest["tokenizer"]["path"] == str(ASSETS / "mnist-8x8")  # the shipped name, resolved
+    vq = npp.tokenizer.load_embedded_tokenizer("mnist-8x8")
+    source, crops = MnistSource("test"), CropConfig("centre", size=16)
+    views_B3SS = torch.cat([crop_variants(source.open(i), crops) for i in range(6)])
+    expected_B16 = vq.encode(to_unit_range(views_B3SS)).flatten(1).numpy()
+    np.testing.assert_array_equal(np.load(codes / "codes.npy")[:6, 0], expected_B16)
+
+    trained = npp_train(str(codes), tmp_path / "runs", "at16", **{"schedule.total-steps": 4, "ckpt-every": 4})
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    pipe = npp.Pipeline.from_run(tmp_path / "runs" / "at16")
+    assert (pipe.grid, pipe.image_size, pipe.vq.fingerprint()) == (4, 16, vq.fingerprint())
+    images_BHW3 = pipe([1, 7], npp.PAPER_SAMPLER, generator=torch.Generator().manual_seed(0))
+    assert images_BHW3.shape == (2, 16, 16, 3)

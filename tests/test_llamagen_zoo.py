@@ -12,8 +12,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
+import shlex
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -183,3 +186,157 @@ def test_the_pipeline_takes_the_gpts_grid_not_the_tokenizers(tmp_path):
     with pytest.raises(npp.CheckpointError, match="does not say its image size"):
         npp.Pipeline.from_llamagen(tmp_path / "bare.pt", ASSETS / "mnist-8x8")
     assert npp.Pipeline.from_llamagen(tmp_path / "bare.pt", ASSETS / "mnist-8x8", image_size=64).grid == 16
+
+
+# ---- the tokenizer follows the GPT: a 384-px file draws 384-px images with a 24×24 RoPE table ----------------
+
+VQ_STAND_IN = dict(base_channels=32, ch_mult=(1, 1, 1, 1, 1), num_res_blocks=1, z_channels=32, codebook_size=VOCAB,
+                   codebook_dim=8)
+"""A VQ-16 stand-in (5 levels: 16 px per code) trained, like LlamaGen's vq_ds16_c2i.pt, at 256 px; small channels."""
+
+
+@pytest.fixture(scope="module")
+def vq_pt(tmp_path_factory):
+    """vq_ds16_c2i.pt in LlamaGen's layout ({"model": state}), random weights."""
+    vq = npp.VQModel(npp.VQConfig(image_size=256, **VQ_STAND_IN))
+    path = tmp_path_factory.mktemp("vq") / "vq_ds16_c2i.pt"
+    torch.save({"model": vq.state_dict()}, path)
+    return path
+
+
+def test_a_384_px_file_draws_384_px_images_and_its_logits_are_llamagens_over_24x24(states, vq_pt, tmp_path):
+    """One 256-px VQ-16 file serves the 384-px GPT (it is convolutional): 24×24 codes decode to 384×384 images,
+    and the GPT's logits on a whole 24×24 sequence equal the suite's naive float64 forward with 2-D RoPE over
+    24×24 (token n at row n // 24, column n % 24)."""
+    from test_model import reference_logits
+
+    path = write(tmp_path / "c2i_B_384.pt", states[768], "ddp")
+    pipe = npp.Pipeline.from_llamagen(path, vq_pt, **VQ_STAND_IN)
+    assert (pipe.grid, pipe.image_size, pipe.vq.config.image_size) == (24, 384, 256)
+    images_BHW3 = pipe([0, 3], npp.PAPER_SAMPLER, generator=torch.Generator().manual_seed(0))
+    assert images_BHW3.shape == (2, 384, 384, 3) and images_BHW3.dtype == torch.uint8
+
+    config = pipe.model.config
+    tokens_BL, labels_B = torch.randint(0, VOCAB, (2, 24 * 24)), torch.tensor([1, CLASSES])  # CLASSES: the null class
+    expected = reference_logits(states[768], config, tokens_BL, labels_B)
+    with torch.no_grad():
+        logits = pipe.model.float()(tokens_BL, labels_B).double()
+    torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_an_image_size_the_tokenizer_cannot_divide_is_refused(states, vq_pt, tmp_path):
+    path = write(tmp_path / "c2i_B_384.pt", states[768], "ddp")
+    with pytest.raises(npp.ConfigError, match="image_size=392: must be a positive multiple of the tokenizer's "
+                                              "downsampling 16"):
+        npp.Pipeline.from_llamagen(path, vq_pt, image_size=392, **VQ_STAND_IN)
+    assert npp.Pipeline.from_llamagen(path, vq_pt, image_size=512, **VQ_STAND_IN).image_size == 512
+
+
+# ---- every entry takes every layout: {"model": …} with or without args, a bare state dict; prefixes; bf16 -------
+
+LAYOUTS = {"model": ("ddp", None), "model+args": ("ddp", llamagen_args("B", 384)), "bare": ("fsdp", None)}
+PREFIXES = {"plain": "", "ddp": "module.", "compiled": "_orig_mod."}
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("prefix", PREFIXES)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_every_entry_takes_every_layout_prefix_and_dtype(layout, prefix, dtype, states, vq_pt, tmp_path, capsys):
+    """npp.GPT.from_llamagen, npp.Pipeline.from_llamagen and `npp convert` read the same weights, heads and grid
+    from c2i_B_384.pt however it was saved; the tensors keep the file's dtype."""
+    state = {k: v.to(DTYPES[dtype]) for k, v in states[768].items()}
+    kind, args = LAYOUTS[layout]
+    path = write(tmp_path / "c2i_B_384.pt", state, kind, args, PREFIXES[prefix])
+
+    def same(model):
+        c = model.config
+        assert (c.n_head, c.grid, c.dim) == (12, 24, 768), model.inferred
+        loaded = model.state_dict()
+        assert loaded.keys() == state.keys()
+        assert all(loaded[k].dtype == v.dtype and torch.equal(loaded[k], v) for k, v in state.items())
+
+    same(npp.GPT.from_llamagen(path))
+    pipe = npp.Pipeline.from_llamagen(path, vq_pt, **VQ_STAND_IN)
+    same(pipe.model)
+    assert pipe.image_size == 384
+    assert cli.main(["convert", str(path), str(tmp_path / "out")]) == 0
+    assert capsys.readouterr().out.startswith("c2i_B_384.pt: 1 layer × 768, 12 heads of 64")
+    same(npp.GPT.from_pretrained(tmp_path / "out"))
+
+
+def test_a_converted_bf16_fsdp_file_is_evaluated_through_the_command_line(states, tmp_path):
+    """The hardest layout (a bare bf16 state dict under torch.compile's prefix) through `npp convert` and
+    `npp evaluate` as processes: sampled at 384 px with the VQ-16 stand-in, scored (here by the MNIST judge's
+    features, resized to its 32 px) against a folder of reference images."""
+    from PIL import Image
+
+    from test_faults import ROOT, env
+
+    path = write(tmp_path / "c2i_B_384.pt", states[768], "fsdp", prefix="_orig_mod.")
+    vq = npp.VQModel(npp.VQConfig(image_size=256, **VQ_STAND_IN)).save_pretrained(tmp_path / "vq")
+    reference = tmp_path / "reference"
+    reference.mkdir()
+    for i in range(4):
+        Image.new("RGB", (32, 32), (60 * i, 0, 0)).save(reference / f"{i}.png")
+    converted = subprocess.run([NPP, "convert", str(path), str(tmp_path / "gpt")], capture_output=True, text=True,
+                               timeout=300)
+    assert converted.returncode == 0, converted.stderr[-2000:]
+    assert json.loads((tmp_path / "gpt" / "config.json").read_text())["grid"] == 24
+    evaluated = subprocess.run(
+        [NPP, "evaluate", str(tmp_path / "gpt"), "--tokenizer", str(vq), "--out", str(tmp_path / "eval"),
+         "--num-samples", "4", "--batch-size", "2", "--metrics", "fid", "--feature-extractor", "npp-mnist-classifier",
+         "--reference", str(reference), "--eval-image-size", "32", "--device", "cpu", "--progress", "false"],
+        cwd=ROOT, env=env(tmp_path), capture_output=True, text=True, timeout=600)
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    results = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert results["image_size"]["sampled"] == 384 and results["config"]["sampler"]["cfg_scale"] == 2.0
+    assert results["metrics"]["fid"] > 0
+
+
+# ---- the README's zoo table is what npp does ------------------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parents[1]
+ZOO_ROW = re.compile(r"^\| (NPP )?(c2i_\w+\.pt) \| (DDP|FSDP) \| `(npp convert [^`]+)` \| (\d+) heads(?: of (\d+))?, "
+                     r"(\d+)×\d+ \| [\d.]+ \(([\d.]+); ([^)]+)\) \| ([\d.]+) · ([\d.]+) \| ([\d.]+) · ([\d.]+) \|$", re.M)
+WIDTHS = {preset: width for _, preset, width, _, _ in ZOO.values()}
+
+
+def preflight_cells(preset: str, grid: int) -> tuple[str, ...]:
+    """The table's memory cells from the preflight's estimate: weights in fp32 · bf16, and one process fine-tuning
+    at micro-batch 1 without ZeRO in fp32 on the CPU · amp-bf16 on a GPU (GiB, one decimal)."""
+    from npp.preflight import GiB, Plan, estimate
+
+    model = npp.ModelConfig.preset(preset, vocab_size=16384, num_classes=1000, grid=grid)
+    weights = [estimate(Plan(model, 1, precision=p, device=d)).weights for p, d in (("fp32", "cpu"), ("bf16", "cuda"))]
+    tuning = [estimate(Plan(model, 1, precision=p, device=d)).peak for p, d in (("fp32", "cpu"), ("amp-bf16", "cuda"))]
+    return tuple(f"{value / GiB:.1f}" for value in (*weights, *tuning))
+
+
+def test_the_readme_zoo_commands_load_what_its_table_says(states, tmp_path, monkeypatch, capsys):
+    """Every `npp convert` of the README's zoo table runs as written, in a folder holding stand-ins under the
+    released names and layouts; what it infers, the protocol `npp evaluate` then applies to a LlamaGen file, and
+    the memory cells (from npp.preflight's estimate) are the table's."""
+    from npp.evaluate import LLAMAGEN_FID_CFG, default_protocol
+
+    rows = ZOO_ROW.findall((ROOT / "README.md").read_text())
+    assert sorted(name for npp_row, name, *_ in rows if not npp_row) == sorted(ZOO)
+    assert [name for npp_row, name, *_ in rows if npp_row] == ["c2i_B_256.pt", "c2i_L_256.pt", "c2i_XL_256.pt",
+                                                                "c2i_XXL_256.pt"]
+    monkeypatch.chdir(tmp_path)
+    for npp_row, name, layout, command, heads, head_dim, grid, cfg, scored, *memory in rows:
+        preset = name.split("_")[1]
+        argv = shlex.split(command)
+        Path(argv[2]).parent.mkdir(parents=True, exist_ok=True)
+        write(Path(argv[2]), states[WIDTHS[preset]], layout.lower())
+        assert cli.main(argv[1:]) == 0, command
+        capsys.readouterr()
+        saved = json.loads((Path(argv[3]) / "config.json").read_text())
+        assert (saved["n_head"], saved["grid"]) == (int(heads), int(grid)), command
+        assert saved["dim"] // saved["n_head"] == int(head_dim or 64)
+        if not npp_row:
+            assert (layout.lower(), int(heads), int(grid)) == ZOO[name][:1] + ZOO[name][3:]
+            protocol = default_protocol(Path(argv[3]).parent)
+            assert protocol.cfg_scale == LLAMAGEN_FID_CFG[preset] == float(cfg)
+            assert scored == ("384 → 256 px" if protocol.eval_image_size == 256 else f"{int(grid) * 16} px")
+        assert tuple(memory) == preflight_cells(preset, int(grid)), name

@@ -121,6 +121,13 @@ COMMANDS: dict[str, Check] = {
     "deepspeed --hostfile hostfile --master_addr node1 npp/train.py --deepspeed ds_configs/zero2.json "
     "--recipe paper --model XXL --data codes/imagenet256 --name npp-xxl --activation-checkpointing":
         Check("help", TRAIN_HELP, "needs a cluster and ImageNet codes"),
+    # The released checkpoints (tests/test_llamagen_zoo.py runs every convert of the zoo table against stand-ins)
+    "npp convert c2i_L_384.pt runs/c2i_L_384/export":
+        Check("help", ("npp convert --help",), "needs LlamaGen's c2i_L_384.pt (run against a stand-in of that name "
+                                               "in tests/test_llamagen_zoo.py)"),
+    "npp evaluate runs/c2i_L_384 --tokenizer vq_ds16_c2i.pt --num-samples 50000 --labels random "
+    "--reference imagenet/val --inception-weights weights-inception-2015-12-05-6726825d.pth --export-npz":
+        Check("help", ("npp evaluate --help",), "needs LlamaGen's GPT-L and tokenizer, ImageNet and the Inception weights"),
     # Evaluation
     "npp evaluate runs/quickstart-npp --num-samples 10000":
         Check("heavy", ("npp evaluate --help",), "10,000 samples (~7 min of CPU)", after_quickstart=True),
