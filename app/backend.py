@@ -16,7 +16,6 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import queue
 import re
 import resource
 import sys
@@ -34,11 +33,10 @@ import torch
 
 from npp.config import PAPER_SAMPLER, SamplerConfig
 from npp.errors import CheckpointError, ConfigError, DataError, is_number
-from npp.sampling import sample_generators
 from npp.model import GPT
 from npp.pipeline import Pipeline
 from npp.runs import RunDir
-from npp.sampling import generate
+from npp.sampling import STEPPED_THREAD, SteppedSampler, sample_generators
 from npp.weights import FOREIGN_CHECKPOINT_CLASSES, safe_load
 
 MAX_IMAGES = 16
@@ -48,8 +46,8 @@ MAX_SEED = 2**31 - 1
 WARM_ROWS = 2
 """Token rows each model samples, untimed, before its first timed row at a batch size: the first row pays
 the prefill, the second the steady step; together they load every kernel and buffer the timed rows use."""
-SAMPLER_THREAD = "npp-app-sampler"
-"""Name of the worker threads that run npp.generate, so a test can see that none is left behind."""
+SAMPLER_THREAD = STEPPED_THREAD
+"""Name of the worker threads that sample (Pipeline.stepped), so a test can see that none is left behind."""
 DIGITS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 
 
@@ -450,96 +448,6 @@ def _is_int(value: Any) -> bool:
 # Two models in turns
 # ------------------------------------------------------------------------------------------------
 
-class SteppedSampler:
-    """npp.generate in a worker thread that pauses after every `every` tokens until told to go on.
-
-    generate() is one loop with a callback; pausing inside the callback lets two models take turns
-    (row by row) without a second sampling loop to keep equal to the real one.
-    """
-
-    _CANCEL = object()
-
-    def __init__(self, model: GPT, labels_B: torch.Tensor, sampler: SamplerConfig,
-                 generators: list[torch.Generator], every: int, warm_rows: int = 0):
-        self.every, self.length, self.done = every, model.config.seq_len, False
-        self.warm_rows = warm_rows
-        """Rows sampled first, untimed and discarded, with generators of their own (the request's stay
-        untouched), so that one-time costs land before the first timed row."""
-        self.ready = threading.Event()
-        self._go: queue.Queue[object] = queue.Queue()
-        self._out: queue.Queue[tuple[str, Any]] = queue.Queue()
-        self._thread = threading.Thread(target=self._run, args=(model, labels_B, sampler, generators), daemon=True,
-                                        name=SAMPLER_THREAD)
-        self._thread.start()
-
-    def _run(self, model: GPT, labels_B: torch.Tensor, sampler: SamplerConfig,
-             generators: list[torch.Generator]) -> None:
-        try:
-            try:
-                self._warm_up(model, labels_B, sampler, generators[0].device)
-            finally:
-                self.ready.set()
-            self._wait()
-            tokens_BL = generate(model, labels_B, sampler, generator=generators, callback=self._pause)
-            self._out.put(("done", tokens_BL.cpu()))
-        except _Cancelled:
-            pass
-        except BaseException as err:  # noqa: BLE001 (handed to the caller, which raises it)
-            self._out.put(("error", err))
-
-    def _warm_up(self, model: GPT, labels_B: torch.Tensor, sampler: SamplerConfig, device: torch.device) -> None:
-        """Sample warm_rows rows in this thread and throw them away (a warm-up's failure is the real run's)."""
-        if self.warm_rows <= 0:
-            return
-        tokens = min(self.warm_rows * self.every, self.length)
-
-        def stop(step: int, tokens_BT: torch.Tensor) -> None:
-            if step + 1 >= tokens:
-                raise _WarmedUp
-
-        try:
-            generate(model, labels_B, sampler, generator=sample_generators(range(len(labels_B)), 0, device),
-                     callback=stop)
-        except _WarmedUp:
-            pass
-
-    def _pause(self, step: int, tokens_BT: torch.Tensor) -> None:
-        if (step + 1) % self.every == 0 and step + 1 < self.length:
-            self._out.put(("partial", tokens_BT.cpu()))
-            self._wait()
-
-    def _wait(self) -> None:
-        if self._go.get() is self._CANCEL:
-            raise _Cancelled
-
-    def advance(self) -> torch.Tensor:
-        """Sample the next `every` tokens (the rest, at the end); returns every token so far, (B, T) on the CPU."""
-        if self.done:
-            raise RuntimeError("this sampler has finished")
-        self._go.put(True)
-        kind, payload = self._out.get()
-        if kind == "error":
-            self.done = True
-            raise payload
-        self.done = kind == "done"
-        return payload
-
-    def close(self) -> None:
-        """Stop a sampler that is waiting for its turn (the request was cancelled); finished ones just end."""
-        if not self.done:
-            self.done = True
-            self._go.put(self._CANCEL)
-        self._thread.join(timeout=5)
-
-
-class _Cancelled(Exception):
-    pass
-
-
-class _WarmedUp(Exception):
-    pass
-
-
 _WARMED: weakref.WeakKeyDictionary[GPT, set[int]] = weakref.WeakKeyDictionary()
 """The batch sizes each loaded model has sampled since it was loaded: those need no warm-up again (a model
 evicted and loaded again is a new object, warmed again)."""
@@ -625,8 +533,7 @@ def stream(sides: Sequence[Loaded], settings: Settings) -> Iterator[list[Frame]]
         for s in sides:
             generators = sample_generators(range(settings.num_images), settings.seed, s.pipe.device)
             warm = WARM_ROWS if needs_warm_up(s.pipe.model, settings.num_images) else 0
-            samplers.append(SteppedSampler(s.pipe.model, labels_B, settings.sampler, generators, every=s.pipe.grid,
-                                           warm_rows=warm))
+            samplers.append(s.pipe.stepped(labels_B, settings.sampler, generator=generators, warm_rows=warm))
         for sampler in samplers:
             sampler.ready.wait()
         for round_ in itertools.count():
