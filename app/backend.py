@@ -33,6 +33,7 @@ import torch
 
 from npp.config import PAPER_SAMPLER, SamplerConfig
 from npp.errors import CheckpointError, ConfigError, DataError, is_number
+from npp.evaluate import PAPER_PROTOCOL, Protocol, default_sampler, pipeline_protocol
 from npp.model import GPT
 from npp.pipeline import Pipeline
 from npp.runs import RunDir
@@ -230,17 +231,49 @@ class Loaded:
     """Whether class_names are real names (digits, ImageNet) rather than 'class k'."""
     train_flops: float | None
     """Total training FLOPs from the run's last metrics row; None for .pt checkpoints."""
+    protocol: Protocol
+    """Its own sampling defaults, those `npp evaluate` uses: LlamaGen's FID CFG for a released LlamaGen GPT, the
+    recipe's for a run of ours, else the paper's."""
 
     @classmethod
     def from_pipeline(cls, source: Source, pipe: Pipeline, train_flops: float | None) -> Loaded:
         names, named = class_names(pipe.model.config.num_classes, pipe.on_embedded_data)
-        return cls(source, pipe, names, named, train_flops)
+        return cls(source, pipe, names, named, train_flops, pipeline_protocol(pipe))
 
     def describe(self) -> str:
+        """Markdown for the model's panel; for a .pt checkpoint, a second line says what was inferred about its
+        architecture and from where (the file's name, never its folders)."""
         c = self.pipe.model.config
-        return (f"**{self.source.name}** ({self.source.kind}) · {format_count(self.pipe.model.num_params())} "
-                f"parameters · {c.grid}×{c.grid} tokens, {c.vocab_size} codes, {c.num_classes} classes · "
-                f"training {format_flops(self.train_flops)} · {self.pipe.device}")
+        facts = (f"**{self.source.name}** ({self.source.kind}) · {format_count(self.pipe.model.num_params())} "
+                 f"parameters · {c.grid}×{c.grid} tokens, {c.vocab_size} codes, {c.num_classes} classes · "
+                 f"{self.pipe.image_size}×{self.pipe.image_size} px · training {format_flops(self.train_flops)} · "
+                 f"{self.pipe.device}")
+        inferred = self.pipe.model.inferred
+        return facts if inferred is None else f"{facts}\n\nInferred: {_markdown_literal(inferred)}"
+
+    def sampler_defaults(self, sampler: type[SamplerConfig] = SamplerConfig) -> SamplerConfig:
+        """The Advanced boxes' values for this model: its own defaults (see `protocol`)."""
+        return default_sampler(self.protocol, sampler)
+
+    def defaults_text(self) -> str:
+        """Which default is in force and why, without the server's folders."""
+        return f"CFG {self.protocol.cfg_scale:g} from {hide_paths(self.protocol.source)}"
+
+
+def _markdown_literal(text: str) -> str:
+    """`text` shown as written: file names such as c2i_B_384.pt hold markdown's emphasis marks."""
+    return "".join(f"\\{ch}" if ch in "\\`*_[]<>#|" else ch for ch in text)
+
+
+def advanced_label(shown: Loaded | None, other: Loaded | None) -> str:
+    """The Advanced panel's title: whose defaults its boxes hold and where they come from; the other side's own
+    CFG when it differs (both sides sample with one sampler)."""
+    if shown is None:
+        return "Advanced (the paper's defaults)"
+    label = f"Advanced (defaults of {shown.source.name}: {shown.defaults_text()}"
+    if other is not None and other.protocol.cfg_scale != shown.protocol.cfg_scale:
+        label += f"; {other.source.name}'s own: {other.defaults_text()}"
+    return label + ")"
 
 
 def format_count(n: int) -> str:
@@ -405,9 +438,9 @@ def parse_class(value: Any, names: Sequence[str]) -> int:
 # ------------------------------------------------------------------------------------------------
 
 def paper_sampler(cls: type[SamplerConfig] = SamplerConfig) -> SamplerConfig:
-    """The app's default sampler of class `cls`: the paper's values, and the class's own defaults for the
-    fields it adds."""
-    return cls(**PAPER_SAMPLER.to_dict())
+    """The sampler of class `cls` when no model says otherwise: the paper's values, and the class's own
+    defaults for the fields it adds."""
+    return default_sampler(PAPER_PROTOCOL, cls)
 
 
 @dataclass
