@@ -280,7 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", default="runs", help="folder of run directories; those with export/ are offered")
     parser.add_argument("--checkpoint", nargs="+", action="extend", default=[], metavar="PATH",
-                        help="LlamaGen/NPP .pt checkpoints to offer as well (needs --tokenizer)")
+                        help="LlamaGen/NPP .pt checkpoints to offer as well (needs --tokenizer); each draws at its "
+                             "own size, as its stored training arguments or its name say (c2i_XL_384.pt: 384 px)")
     parser.add_argument("--tokenizer", help="tokenizer folder or LlamaGen VQ .pt for the checkpoints")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                         help="where the models run (auto: cuda when available)")
