@@ -16,7 +16,6 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import queue
 import re
 import resource
 import sys
@@ -34,11 +33,11 @@ import torch
 
 from npp.config import PAPER_SAMPLER, SamplerConfig
 from npp.errors import CheckpointError, ConfigError, DataError, is_number
-from npp.sampling import sample_generators
+from npp.evaluate import PAPER_PROTOCOL, Protocol, default_sampler, pipeline_protocol
 from npp.model import GPT
 from npp.pipeline import Pipeline
 from npp.runs import RunDir
-from npp.sampling import generate
+from npp.sampling import STEPPED_THREAD, SteppedSampler, sample_generators
 from npp.weights import FOREIGN_CHECKPOINT_CLASSES, safe_load
 
 MAX_IMAGES = 16
@@ -48,8 +47,8 @@ MAX_SEED = 2**31 - 1
 WARM_ROWS = 2
 """Token rows each model samples, untimed, before its first timed row at a batch size: the first row pays
 the prefill, the second the steady step; together they load every kernel and buffer the timed rows use."""
-SAMPLER_THREAD = "npp-app-sampler"
-"""Name of the worker threads that run npp.generate, so a test can see that none is left behind."""
+SAMPLER_THREAD = STEPPED_THREAD
+"""Name of the worker threads that sample (Pipeline.stepped), so a test can see that none is left behind."""
 DIGITS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 
 
@@ -232,17 +231,49 @@ class Loaded:
     """Whether class_names are real names (digits, ImageNet) rather than 'class k'."""
     train_flops: float | None
     """Total training FLOPs from the run's last metrics row; None for .pt checkpoints."""
+    protocol: Protocol
+    """Its own sampling defaults, those `npp evaluate` uses: LlamaGen's FID CFG for a released LlamaGen GPT, the
+    recipe's for a run of ours, else the paper's."""
 
     @classmethod
     def from_pipeline(cls, source: Source, pipe: Pipeline, train_flops: float | None) -> Loaded:
         names, named = class_names(pipe.model.config.num_classes, pipe.on_embedded_data)
-        return cls(source, pipe, names, named, train_flops)
+        return cls(source, pipe, names, named, train_flops, pipeline_protocol(pipe))
 
     def describe(self) -> str:
+        """Markdown for the model's panel; for a .pt checkpoint, a second line says what was inferred about its
+        architecture and from where (the file's name, never its folders)."""
         c = self.pipe.model.config
-        return (f"**{self.source.name}** ({self.source.kind}) · {format_count(self.pipe.model.num_params())} "
-                f"parameters · {c.grid}×{c.grid} tokens, {c.vocab_size} codes, {c.num_classes} classes · "
-                f"training {format_flops(self.train_flops)} · {self.pipe.device}")
+        facts = (f"**{self.source.name}** ({self.source.kind}) · {format_count(self.pipe.model.num_params())} "
+                 f"parameters · {c.grid}×{c.grid} tokens, {c.vocab_size} codes, {c.num_classes} classes · "
+                 f"{self.pipe.image_size}×{self.pipe.image_size} px · training {format_flops(self.train_flops)} · "
+                 f"{self.pipe.device}")
+        inferred = self.pipe.model.inferred
+        return facts if inferred is None else f"{facts}\n\nInferred: {_markdown_literal(inferred)}"
+
+    def sampler_defaults(self, sampler: type[SamplerConfig] = SamplerConfig) -> SamplerConfig:
+        """The Advanced boxes' values for this model: its own defaults (see `protocol`)."""
+        return default_sampler(self.protocol, sampler)
+
+    def defaults_text(self) -> str:
+        """Which default is in force and why, without the server's folders."""
+        return f"CFG {self.protocol.cfg_scale:g} from {hide_paths(self.protocol.source)}"
+
+
+def _markdown_literal(text: str) -> str:
+    """`text` shown as written: file names such as c2i_B_384.pt hold markdown's emphasis marks."""
+    return "".join(f"\\{ch}" if ch in "\\`*_[]<>#|" else ch for ch in text)
+
+
+def advanced_label(shown: Loaded | None, other: Loaded | None) -> str:
+    """The Advanced panel's title: whose defaults its boxes hold and where they come from; the other side's own
+    CFG when it differs (both sides sample with one sampler)."""
+    if shown is None:
+        return "Advanced (the paper's defaults)"
+    label = f"Advanced (defaults of {shown.source.name}: {shown.defaults_text()}"
+    if other is not None and other.protocol.cfg_scale != shown.protocol.cfg_scale:
+        label += f"; {other.source.name}'s own: {other.defaults_text()}"
+    return label + ")"
 
 
 def format_count(n: int) -> str:
@@ -407,9 +438,9 @@ def parse_class(value: Any, names: Sequence[str]) -> int:
 # ------------------------------------------------------------------------------------------------
 
 def paper_sampler(cls: type[SamplerConfig] = SamplerConfig) -> SamplerConfig:
-    """The app's default sampler of class `cls`: the paper's values, and the class's own defaults for the
-    fields it adds."""
-    return cls(**PAPER_SAMPLER.to_dict())
+    """The sampler of class `cls` when no model says otherwise: the paper's values, and the class's own
+    defaults for the fields it adds."""
+    return default_sampler(PAPER_PROTOCOL, cls)
 
 
 @dataclass
@@ -449,96 +480,6 @@ def _is_int(value: Any) -> bool:
 # ------------------------------------------------------------------------------------------------
 # Two models in turns
 # ------------------------------------------------------------------------------------------------
-
-class SteppedSampler:
-    """npp.generate in a worker thread that pauses after every `every` tokens until told to go on.
-
-    generate() is one loop with a callback; pausing inside the callback lets two models take turns
-    (row by row) without a second sampling loop to keep equal to the real one.
-    """
-
-    _CANCEL = object()
-
-    def __init__(self, model: GPT, labels_B: torch.Tensor, sampler: SamplerConfig,
-                 generators: list[torch.Generator], every: int, warm_rows: int = 0):
-        self.every, self.length, self.done = every, model.config.seq_len, False
-        self.warm_rows = warm_rows
-        """Rows sampled first, untimed and discarded, with generators of their own (the request's stay
-        untouched), so that one-time costs land before the first timed row."""
-        self.ready = threading.Event()
-        self._go: queue.Queue[object] = queue.Queue()
-        self._out: queue.Queue[tuple[str, Any]] = queue.Queue()
-        self._thread = threading.Thread(target=self._run, args=(model, labels_B, sampler, generators), daemon=True,
-                                        name=SAMPLER_THREAD)
-        self._thread.start()
-
-    def _run(self, model: GPT, labels_B: torch.Tensor, sampler: SamplerConfig,
-             generators: list[torch.Generator]) -> None:
-        try:
-            try:
-                self._warm_up(model, labels_B, sampler, generators[0].device)
-            finally:
-                self.ready.set()
-            self._wait()
-            tokens_BL = generate(model, labels_B, sampler, generator=generators, callback=self._pause)
-            self._out.put(("done", tokens_BL.cpu()))
-        except _Cancelled:
-            pass
-        except BaseException as err:  # noqa: BLE001 (handed to the caller, which raises it)
-            self._out.put(("error", err))
-
-    def _warm_up(self, model: GPT, labels_B: torch.Tensor, sampler: SamplerConfig, device: torch.device) -> None:
-        """Sample warm_rows rows in this thread and throw them away (a warm-up's failure is the real run's)."""
-        if self.warm_rows <= 0:
-            return
-        tokens = min(self.warm_rows * self.every, self.length)
-
-        def stop(step: int, tokens_BT: torch.Tensor) -> None:
-            if step + 1 >= tokens:
-                raise _WarmedUp
-
-        try:
-            generate(model, labels_B, sampler, generator=sample_generators(range(len(labels_B)), 0, device),
-                     callback=stop)
-        except _WarmedUp:
-            pass
-
-    def _pause(self, step: int, tokens_BT: torch.Tensor) -> None:
-        if (step + 1) % self.every == 0 and step + 1 < self.length:
-            self._out.put(("partial", tokens_BT.cpu()))
-            self._wait()
-
-    def _wait(self) -> None:
-        if self._go.get() is self._CANCEL:
-            raise _Cancelled
-
-    def advance(self) -> torch.Tensor:
-        """Sample the next `every` tokens (the rest, at the end); returns every token so far, (B, T) on the CPU."""
-        if self.done:
-            raise RuntimeError("this sampler has finished")
-        self._go.put(True)
-        kind, payload = self._out.get()
-        if kind == "error":
-            self.done = True
-            raise payload
-        self.done = kind == "done"
-        return payload
-
-    def close(self) -> None:
-        """Stop a sampler that is waiting for its turn (the request was cancelled); finished ones just end."""
-        if not self.done:
-            self.done = True
-            self._go.put(self._CANCEL)
-        self._thread.join(timeout=5)
-
-
-class _Cancelled(Exception):
-    pass
-
-
-class _WarmedUp(Exception):
-    pass
-
 
 _WARMED: weakref.WeakKeyDictionary[GPT, set[int]] = weakref.WeakKeyDictionary()
 """The batch sizes each loaded model has sampled since it was loaded: those need no warm-up again (a model
@@ -625,8 +566,7 @@ def stream(sides: Sequence[Loaded], settings: Settings) -> Iterator[list[Frame]]
         for s in sides:
             generators = sample_generators(range(settings.num_images), settings.seed, s.pipe.device)
             warm = WARM_ROWS if needs_warm_up(s.pipe.model, settings.num_images) else 0
-            samplers.append(SteppedSampler(s.pipe.model, labels_B, settings.sampler, generators, every=s.pipe.grid,
-                                           warm_rows=warm))
+            samplers.append(s.pipe.stepped(labels_B, settings.sampler, generator=generators, warm_rows=warm))
         for sampler in samplers:
             sampler.ready.wait()
         for round_ in itertools.count():

@@ -37,12 +37,12 @@ from npp.threads import THREADS_DOC, use_threads  # noqa: E402
 
 if __package__:  # imported as app.demo (python -m app.demo)
     from app.backend import (MAX_IMAGES, MAX_SEED, Backend, Frame, LoadError, Loaded, Settings, Source,  # noqa: E402
-                             checkpoint_problem, default_pair, find_sources, hide_paths, paper_sampler, parse_class,
-                             shared_classes, stream, training_plots)
+                             advanced_label, checkpoint_problem, default_pair, find_sources, hide_paths,
+                             paper_sampler, parse_class, shared_classes, stream, training_plots)
 else:  # run as a script: python app/demo.py puts app/ first on the import path
     from backend import (MAX_IMAGES, MAX_SEED, Backend, Frame, LoadError, Loaded, Settings, Source,  # noqa: E402
-                         checkpoint_problem, default_pair, find_sources, hide_paths, paper_sampler, parse_class,
-                         shared_classes, stream, training_plots)
+                         advanced_label, checkpoint_problem, default_pair, find_sources, hide_paths,
+                         paper_sampler, parse_class, shared_classes, stream, training_plots)
 
 QUEUE_SIZE = 32
 """Requests waiting beyond this are turned away with a message rather than piling up."""
@@ -98,8 +98,10 @@ def class_choices(sides: list[Loaded | None], current: Any) -> dict[str, Any]:
     return gr.update(choices=names, value=value)
 
 
-def make_describe(backend: Backend):
-    """The handler run on page load and when a model is chosen: model facts, classes, training curves."""
+def make_describe(backend: Backend, sampler: type[SamplerConfig], chosen: int = 0):
+    """The handler run on page load and when a model is chosen: model facts, classes, training curves, and the
+    Advanced boxes set to the defaults of side `chosen` (0 left, 1 right: the model just chosen; the other
+    side's when that one does not load), the panel's title saying whose they are."""
 
     def describe(left: str | None, right: str | None, current_class: Any):
         sides, messages = load_sides(backend, [left, right])
@@ -108,19 +110,33 @@ def make_describe(backend: Backend):
                 gr.Warning(message.removeprefix("⚠️ "))
         loss, fid, note = training_plots({"left": backend.sources.get(left or ""),
                                           "right": backend.sources.get(right or "")})
-        return messages[0], messages[1], class_choices(sides, current_class), loss, fid, note
+        label, defaults = sampler_defaults(sides, chosen, sampler)
+        knobs = [gr.update(value=getattr(defaults, field.name)) for field in dataclasses.fields(sampler)]
+        return (messages[0], messages[1], class_choices(sides, current_class), loss, fid, note,
+                gr.update(label=label), *knobs)
 
     return describe
+
+
+def sampler_defaults(sides: list[Loaded | None], chosen: int, sampler: type[SamplerConfig]
+                     ) -> tuple[str, SamplerConfig]:
+    """The Advanced panel's title and its boxes' values: the own defaults of side `chosen` (the other side's
+    when that one did not load; the paper's when neither did)."""
+    shown, other = sides[chosen], sides[1 - chosen]
+    if shown is None:
+        shown, other = other, None
+    return advanced_label(shown, other), paper_sampler(sampler) if shown is None else shown.sampler_defaults(sampler)
 
 
 def gallery(frame: Frame | None, caption: str) -> list[tuple[Any, str]]:
     return [] if frame is None else [(image, caption) for image in frame.images_BHW3]
 
 
-def sampler_widgets(sampler: type[SamplerConfig]) -> list[gr.Number]:
+def sampler_widgets(sampler: type[SamplerConfig], defaults: SamplerConfig) -> list[gr.Number]:
     """One number box per field of the sampler class, in field order: labelled by the field's docstring,
-    set to the paper's value. A field added to the class gets its box here with no other change."""
-    docs, defaults, hints = field_docs(sampler), paper_sampler(sampler), typing.get_type_hints(sampler)
+    set to `defaults` (the shown model's own). A field added to the class gets its box here with no other
+    change."""
+    docs, hints = field_docs(sampler), typing.get_type_hints(sampler)
     widgets = []
     for field in dataclasses.fields(sampler):
         if hints[field.name] not in (int, float):
@@ -205,6 +221,7 @@ def build_demo(backend: Backend, sampler: type[SamplerConfig] = SamplerConfig, *
     left_default, right_default = default_pair(list(backend.sources.values()), backend.loads)
     default_sides, _ = load_sides(backend, [left_default, right_default])
     first_classes = class_choices(default_sides, None)
+    advanced_title, defaults = sampler_defaults(default_sides, 0, sampler)
     with gr.Blocks(title="NTP vs NPP", delete_cache=(3600, 3600)) as demo:
         gr.Markdown(f"# Next-token vs next-patch prediction\n{intro(queue_size, max_wait_s)}", elem_id="intro")
         with gr.Row():
@@ -224,9 +241,9 @@ def build_demo(backend: Backend, sampler: type[SamplerConfig] = SamplerConfig, *
                 num_images = gr.Slider(1, MAX_IMAGES, value=4, step=1, label="Images per side", elem_id="num-images")
                 seed = gr.Number(0, precision=0, minimum=0, maximum=MAX_SEED, label="Seed", elem_id="seed")
                 randomize = gr.Checkbox(False, label="New random seed each time", elem_id="randomize")
-            with gr.Accordion("Advanced (the paper's defaults)", open=False):
+            with gr.Accordion(advanced_title, open=False, elem_id="advanced") as advanced:
                 with gr.Row():
-                    knobs = sampler_widgets(sampler)
+                    knobs = sampler_widgets(sampler, defaults)
             button = gr.Button("Generate", variant="primary", elem_id="generate")
             status = gr.Markdown(elem_id="status")
             with gr.Row():
@@ -245,12 +262,13 @@ def build_demo(backend: Backend, sampler: type[SamplerConfig] = SamplerConfig, *
 
         # Loading and sampling share one concurrency slot: a model is never swapped out mid-sampling,
         # and a large model never loads while another request holds the GPU.
-        describe = dict(fn=make_describe(backend), inputs=[left, right, class_box],
-                        outputs=[left_info, right_info, class_box, loss_plot, fid_plot, training_note],
-                        concurrency_id="models")
-        demo.load(**describe, api_name="describe")
-        left.change(**describe, api_visibility="private")
-        right.change(**describe, api_visibility="private")
+        # A model just chosen brings its own sampling defaults into the Advanced boxes.
+        describe = dict(inputs=[left, right, class_box], concurrency_id="models",
+                        outputs=[left_info, right_info, class_box, loss_plot, fid_plot, training_note, advanced,
+                                 *knobs])
+        demo.load(make_describe(backend, sampler, 0), **describe, api_name="describe")
+        left.change(make_describe(backend, sampler, 0), **describe, api_visibility="private")
+        right.change(make_describe(backend, sampler, 1), **describe, api_visibility="private")
         button.click(make_generate(backend, sampler, max_wait_s, queue_size),
                      inputs=[left, right, class_box, num_images, seed, randomize, *knobs],
                      outputs=[left_gallery, right_gallery, left_stats, right_stats, seed, status],
@@ -262,7 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", default="runs", help="folder of run directories; those with export/ are offered")
     parser.add_argument("--checkpoint", nargs="+", action="extend", default=[], metavar="PATH",
-                        help="LlamaGen/NPP .pt checkpoints to offer as well (needs --tokenizer)")
+                        help="LlamaGen/NPP .pt checkpoints to offer as well (needs --tokenizer); each draws at its "
+                             "own size, as its stored training arguments or its name say (c2i_XL_384.pt: 384 px)")
     parser.add_argument("--tokenizer", help="tokenizer folder or LlamaGen VQ .pt for the checkpoints")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                         help="where the models run (auto: cuda when available)")

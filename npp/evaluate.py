@@ -490,23 +490,52 @@ class Protocol:
     source: str
 
 
+PAPER_PROTOCOL = Protocol(PAPER_SAMPLER.cfg_scale, 0, "the paper's sampler (PAPER_SAMPLER)")
+"""What a model is scored by when nothing says otherwise."""
+
+
 def default_protocol(path: str | os.PathLike) -> Protocol:
     """A released LlamaGen GPT (an export `npp convert` wrote: its config.json records what was inferred, and
     its width is a LlamaGen preset's) is scored as LlamaGen scores it; a run of ours by its recipe's CFG (the
     run's eval_sampler); anything else by the paper's sampler. Read from the JSON files, before any weights."""
     export = export_folder(path)
     model = _json_object(export / "config.json")
-    released = [name for name in LLAMAGEN_PRESETS if MODEL_PRESETS[name][2] == model.get("dim")]
-    if "inferred" in model and released:
-        name, size = released[0], model.get("grid", 0) * LLAMAGEN_DOWNSAMPLE
-        return Protocol(LLAMAGEN_FID_CFG[name], LLAMAGEN_EVAL_SIZES.get(size, 0),
-                        f"LlamaGen's FID protocol for its released GPT-{name} at {size} px")
+    if "inferred" in model and (released := released_protocol(model.get("dim"), model.get("grid", 0))):
+        return released
     run = _json_object(export.parent / "config.json")
     sampler = run.get("eval_sampler")
     scale = sampler.get("cfg_scale") if isinstance(sampler, dict) else run.get("eval_cfg_scale")
     if isinstance(scale, (int, float)) and not isinstance(scale, bool):
         return Protocol(float(scale), 0, f"the run's recipe ({export.parent / 'config.json'}: eval_sampler)")
-    return Protocol(PAPER_SAMPLER.cfg_scale, 0, "the paper's sampler (PAPER_SAMPLER)")
+    return PAPER_PROTOCOL
+
+
+def released_protocol(dim: Any, grid: Any) -> Protocol | None:
+    """LlamaGen's FID protocol for a GPT read from one of its files whose width is a released preset's, or None
+    (a width no released GPT has: not one of LlamaGen's models)."""
+    released = [name for name in LLAMAGEN_PRESETS if MODEL_PRESETS[name][2] == dim]
+    if not released:
+        return None
+    name, size = released[0], grid * LLAMAGEN_DOWNSAMPLE
+    return Protocol(LLAMAGEN_FID_CFG[name], LLAMAGEN_EVAL_SIZES.get(size, 0),
+                    f"LlamaGen's FID protocol for its released GPT-{name} at {size} px")
+
+
+def pipeline_protocol(pipe: Pipeline) -> Protocol:
+    """default_protocol of a loaded model: an export's as its files say; a GPT read from a LlamaGen/NPP .pt
+    (it carries `model.inferred`) as a released one, when its width is a released preset's; else the paper's."""
+    if pipe.export is not None:
+        return default_protocol(pipe.export)
+    config = pipe.model.config
+    if pipe.model.inferred is not None and (released := released_protocol(config.dim, config.grid)):
+        return released
+    return PAPER_PROTOCOL
+
+
+def default_sampler(protocol: Protocol, sampler: type[SamplerConfig] = SamplerConfig) -> SamplerConfig:
+    """The sampler a model is evaluated (and shown in the app) with when no flag or box says otherwise: the
+    paper's knobs with the protocol's CFG scale; a SamplerConfig subclass's own fields keep their defaults."""
+    return sampler(**{**PAPER_SAMPLER.to_dict(), "cfg_scale": protocol.cfg_scale})
 
 
 def _json_object(path: Path) -> dict[str, Any]:
@@ -557,8 +586,8 @@ def config_from_args(args, sampler: type[SamplerConfig] = SamplerConfig,
     """The flags given, over the protocol's defaults (default_protocol), over the paper's sampler."""
     from npp.flags import given
 
-    defaults = protocol or Protocol(PAPER_SAMPLER.cfg_scale, 0, "")
-    knobs = {**PAPER_SAMPLER.to_dict(), "cfg_scale": defaults.cfg_scale, **given(args, sampler)}
+    defaults = protocol or PAPER_PROTOCOL
+    knobs = {**default_sampler(defaults, sampler).to_dict(), **given(args, sampler)}
     settings = {"eval_image_size": defaults.eval_image_size, **given(args, EvalConfig, exclude=["sampler"])}
     return EvalConfig(**settings, sampler=sampler(**knobs))
 

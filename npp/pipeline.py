@@ -22,7 +22,7 @@ from npp.config import SamplerConfig
 from npp.errors import ConfigError, check, check_device, is_int, require
 from npp.model import GPT
 from npp.runs import RunDir
-from npp.sampling import StepCallback, generate
+from npp.sampling import StepCallback, SteppedSampler, generate
 from npp.tokenizer import VQModel, load_tokenizer, to_uint8
 from npp.tokenref import TokenizerRef
 from npp.weights import file_sha256, fingerprint
@@ -160,6 +160,16 @@ class Pipeline:
             image = require("PIL.Image", "output='pil'")
             return [image.fromarray(array) for array in images_BHW3.numpy()]
         return images_BHW3
+
+    def stepped(self, labels_B: torch.Tensor | Sequence[int], sampler: SamplerConfig | None = None, *,
+                generator: Sequence[torch.Generator], warm_rows: int = 0) -> SteppedSampler:
+        """Sampling paused after every token row, for callers that show or interleave rows (the app's two
+        models drawing in turns): each `advance()` samples one more row of the grid and returns every token
+        so far, (B, T) on the CPU (`decode_rows` shows them); `close()` stops early. The tokens are those of
+        `self(labels_B, sampler, generator=generator, output="codes")`: the same loop, paused. One generator
+        per label; `warm_rows` rows are first sampled and thrown away, with generators of their own."""
+        return SteppedSampler(self.model, torch.as_tensor(labels_B), sampler or SamplerConfig(), list(generator),
+                              every=self.grid, warm_rows=warm_rows)
 
     @torch.no_grad()
     def decode(self, codes_Bhw: torch.Tensor) -> torch.Tensor:

@@ -3,11 +3,15 @@
 NPP changes only training: every model, whatever its schedule, samples one token at a time here.
 Every sampling knob lives in one typed, validated `SamplerConfig`; evaluation, the trainer's periodic
 evaluation, the app's "Advanced" widgets and `npp evaluate`'s flags are all built from its fields.
+`SteppedSampler` runs the same loop paused every few tokens (Pipeline.stepped: row by row), so that two
+models can draw in turns.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import queue
+import threading
 from typing import Any, Callable, Sequence
 
 import torch
@@ -152,3 +156,103 @@ def _checked_labels(labels_B: Any, num_classes: int) -> torch.Tensor:
     check(int(labels.min()) >= 0 and int(labels.max()) <= num_classes,
           f"class labels must lie in [0, {num_classes}] ({num_classes} is the null class), got {labels.tolist()[:8]}")
     return labels
+
+
+# ------------------------------------------------------------------------------------------------
+# The same loop, paused: two models drawing in turns
+# ------------------------------------------------------------------------------------------------
+
+STEPPED_THREAD = "npp-stepped-sampler"
+"""Name of the worker threads of SteppedSampler, so that a caller can see that none is left behind."""
+
+
+class SteppedSampler:
+    """`generate` in a worker thread that pauses after every `every` tokens until told to go on.
+
+    generate() is one loop with a callback; pausing inside the callback lets two models take turns
+    (row by row: Pipeline.stepped) without a second sampling loop to keep equal to the real one.
+    """
+
+    _CANCEL = object()
+
+    def __init__(self, model: GPT, labels_B: torch.Tensor, sampler: SamplerConfig,
+                 generators: list[torch.Generator], every: int, warm_rows: int = 0):
+        check(len(generators) > 0, "SteppedSampler needs one generator per label (sample_generators)")
+        self.every, self.length, self.done = every, model.config.seq_len, False
+        self.warm_rows = warm_rows
+        """Rows sampled first, untimed and discarded, with generators of their own (the request's stay
+        untouched), so that one-time costs land before the first timed row."""
+        self.ready = threading.Event()
+        """Set once the warm-up is over (or failed: the failure is then the first `advance`'s)."""
+        self._go: queue.Queue[object] = queue.Queue()
+        self._out: queue.Queue[tuple[str, Any]] = queue.Queue()
+        self._thread = threading.Thread(target=self._run, args=(model, labels_B, sampler, generators), daemon=True,
+                                        name=STEPPED_THREAD)
+        self._thread.start()
+
+    def _run(self, model: GPT, labels_B: torch.Tensor, sampler: SamplerConfig,
+             generators: list[torch.Generator]) -> None:
+        try:
+            try:
+                self._warm_up(model, labels_B, sampler, generators[0].device)
+            finally:
+                self.ready.set()
+            self._wait()
+            tokens_BL = generate(model, labels_B, sampler, generator=generators, callback=self._pause)
+            self._out.put(("done", tokens_BL.cpu()))
+        except _Cancelled:
+            pass
+        except BaseException as err:  # noqa: BLE001 (handed to the caller, which raises it)
+            self._out.put(("error", err))
+
+    def _warm_up(self, model: GPT, labels_B: torch.Tensor, sampler: SamplerConfig, device: torch.device) -> None:
+        """Sample warm_rows rows in this thread and throw them away (a warm-up's failure is the real run's)."""
+        if self.warm_rows <= 0:
+            return
+        tokens = min(self.warm_rows * self.every, self.length)
+
+        def stop(step: int, tokens_BT: torch.Tensor) -> None:
+            if step + 1 >= tokens:
+                raise _WarmedUp
+
+        try:
+            generate(model, labels_B, sampler, generator=sample_generators(range(len(labels_B)), 0, device),
+                     callback=stop)
+        except _WarmedUp:
+            pass
+
+    def _pause(self, step: int, tokens_BT: torch.Tensor) -> None:
+        if (step + 1) % self.every == 0 and step + 1 < self.length:
+            self._out.put(("partial", tokens_BT.cpu()))
+            self._wait()
+
+    def _wait(self) -> None:
+        if self._go.get() is self._CANCEL:
+            raise _Cancelled
+
+    def advance(self) -> torch.Tensor:
+        """Sample the next `every` tokens (the rest, at the end); returns every token so far, (B, T) on the CPU."""
+        if self.done:
+            raise RuntimeError("this sampler has finished")
+        self._go.put(True)
+        kind, payload = self._out.get()
+        if kind == "error":
+            self.done = True
+            raise payload
+        self.done = kind == "done"
+        return payload
+
+    def close(self) -> None:
+        """Stop a sampler that is waiting for its turn (the request was cancelled); finished ones just end."""
+        if not self.done:
+            self.done = True
+            self._go.put(self._CANCEL)
+        self._thread.join(timeout=5)
+
+
+class _Cancelled(Exception):
+    pass
+
+
+class _WarmedUp(Exception):
+    pass
