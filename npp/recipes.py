@@ -23,6 +23,7 @@ from npp.batches import data_facts
 from npp.config import MODEL_PRESETS, TrainConfig
 from npp.errors import check
 from npp.flags import overlay
+from npp.tokenizer import EMBEDDED_TOKENIZERS
 
 SMALL_PRESETS = ("debug", "tiny")
 """Presets of the CPU world: `auto` gives them the quickstart recipe."""
@@ -37,6 +38,9 @@ class Setting:
     value: Any
     source: str
     per_preset: dict[str, Any] = field(default_factory=dict)
+    embedded_data_only: bool = False
+    """Set only on the embedded MNIST data, whose test digits npp ships: the periodic evaluation's
+    reference on other data is a folder only the user can name, so there TrainConfig's default stays."""
 
     def for_preset(self, preset: str) -> Any:
         return self.per_preset.get(preset, self.value)
@@ -52,14 +56,16 @@ class Recipe:
     warmup_epochs: float = 0.0
     """Warm-up of every stage, in epochs (converted with the data set's size, like the length)."""
 
-    def values(self, preset: str, *, data_size: int, batch_size: int | None = None) -> dict[str, Any]:
+    def values(self, preset: str, *, data_size: int, batch_size: int | None = None,
+               embedded_data: bool = False) -> dict[str, Any]:
         """TrainConfig fields (nested as TrainConfig.from_dict takes them) for a model preset and data
-        of data_size images; epochs become steps with batch_size (default: the recipe's)."""
+        of data_size images (the embedded MNIST or not); epochs become steps with batch_size (default:
+        the recipe's)."""
         check(preset in MODEL_PRESETS, f"TrainConfig.model={preset!r}: choose one of {', '.join(MODEL_PRESETS)}")
         out: dict[str, Any] = {"recipe": self.name, "model": preset}
         for setting in self.settings:
             value = setting.for_preset(preset)
-            if value is None:  # not set for this preset: TrainConfig's default stays
+            if value is None or (setting.embedded_data_only and not embedded_data):  # TrainConfig's default stays
                 continue
             *parents, leaf = setting.field.split(".")
             target = out
@@ -145,6 +151,10 @@ QUICKSTART = Recipe(
         Setting("num_workers", 1, "ours: one of the two cores decodes"),
         Setting("log_every", 10, "ours"),
         Setting("ckpt_every", 300, "ours"),
+        Setting("eval_every", None, "ours: FID curves in the notebooks, at steps 300, 600, 900 and 1,200 (and every "
+                "stage end); on the embedded data only", per_preset={"tiny": 300}, embedded_data_only=True),
+        Setting("eval_samples", None, "ours: a quick estimate (~6 s an evaluation on one core); `npp evaluate` "
+                "gives the final numbers", per_preset={"tiny": 300}, embedded_data_only=True),
     ))
 
 RECIPES = {recipe.name: recipe for recipe in (PAPER, LLAMAGEN, QUICKSTART)}
@@ -168,8 +178,10 @@ def resolve(given: dict[str, Any], recipe: str = "auto") -> TrainConfig:
     defaults = TrainConfig()
     preset = given.get("model", defaults.model)
     chosen = recipe_for(recipe, preset)
-    facts = data_facts(given.get("data", defaults.data))
-    base = chosen.values(preset, data_size=facts.count, batch_size=given.get("batch_size"))
+    data = given.get("data", defaults.data)
+    facts = data_facts(data)
+    base = chosen.values(preset, data_size=facts.count, batch_size=given.get("batch_size"),
+                         embedded_data=data in EMBEDDED_TOKENIZERS)
     values = overlay(TrainConfig, base, given)
     values["model_overrides"] = {**base.get("model_overrides", {}), **given.get("model_overrides", {})}
     return TrainConfig.from_dict(values)
