@@ -336,7 +336,7 @@ def plots(runs: dict[tuple[str, str, int], dict], out: Path) -> list[Path]:
                           xaxis_title=viz.X_AXES[x][1], yaxis_title="FID ↓ (log scale)", yaxis_type="log",
                           template="plotly_white", legend={"orientation": "h", "y": -0.2}, height=520)
         fig.write_html(out / f"fid_vs_{x}.html", include_plotlyjs="cdn", div_id=f"fid_vs_{x}")  # reruns diff clean
-        png = viz.save_png(fig, out / f"fid_vs_{x}.png", width=1000, height=520)
+        png = viz.save_figure_png(fig, out / f"fid_vs_{x}.png", width=1000, height=520)
         written += [p for p in (png, out / f"fid_vs_{x}.html") if p]
     return written
 

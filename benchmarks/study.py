@@ -590,7 +590,7 @@ def main() -> None:
     if "ladder" in found:
         fig = ladder_figure(found)
         fig.write_html(out / "scale_ladder.html", include_plotlyjs="cdn", div_id="scale_ladder")  # reruns diff clean
-        viz.save_png(fig, out / "scale_ladder.png", width=900, height=480)
+        viz.save_figure_png(fig, out / "scale_ladder.png", width=900, height=480)
     if not args.no_pages:
         for page, blocks in PAGE_BLOCKS.items():
             for block, name in blocks.items() if (args.root / page).is_file() else ():

@@ -22,6 +22,7 @@ from typing import Any
 from npp.config import MODEL_PRESETS, TrainConfig
 from npp.errors import check
 from npp.flags import overlay
+from npp.tokenizer import EMBEDDED_TOKENIZERS
 
 SMALL_PRESETS = ("debug", "tiny")
 """Presets of the CPU world: `auto` gives them the quickstart recipe."""
@@ -36,6 +37,9 @@ class Setting:
     value: Any
     source: str
     per_preset: dict[str, Any] = field(default_factory=dict)
+    embedded_data_only: bool = False
+    """Set only on the embedded MNIST data, whose test digits npp ships: the periodic evaluation's
+    reference on other data is a folder only the user can name, so there TrainConfig's default stays."""
 
     def for_preset(self, preset: str) -> Any:
         return self.per_preset.get(preset, self.value)
@@ -51,14 +55,16 @@ class Recipe:
     warmup_epochs: float = 0.0
     """Warm-up of every stage, in epochs (converted with the data set's size, like the length)."""
 
-    def values(self, preset: str, *, data_size: int, batch_size: int | None = None) -> dict[str, Any]:
+    def values(self, preset: str, *, data_size: int, batch_size: int | None = None,
+               embedded_data: bool = False) -> dict[str, Any]:
         """TrainConfig fields (nested as TrainConfig.from_dict takes them) for a model preset and data
-        of data_size images; epochs become steps with batch_size (default: the recipe's)."""
+        of data_size images (the embedded MNIST or not); epochs become steps with batch_size (default:
+        the recipe's)."""
         check(preset in MODEL_PRESETS, f"TrainConfig.model={preset!r}: choose one of {', '.join(MODEL_PRESETS)}")
         out: dict[str, Any] = {"recipe": self.name, "model": preset}
         for setting in self.settings:
             value = setting.for_preset(preset)
-            if value is None:  # not set for this preset: TrainConfig's default stays
+            if value is None or (setting.embedded_data_only and not embedded_data):  # TrainConfig's default stays
                 continue
             *parents, leaf = setting.field.split(".")
             target = out
@@ -144,6 +150,10 @@ QUICKSTART = Recipe(
         Setting("num_workers", 1, "ours: one of the two cores decodes"),
         Setting("log_every", 10, "ours"),
         Setting("ckpt_every", 300, "ours"),
+        Setting("eval_every", None, "ours: FID curves in the notebooks, at steps 300, 600, 900 and 1,200 (and every "
+                "stage end); on the embedded data only", per_preset={"tiny": 300}, embedded_data_only=True),
+        Setting("eval_samples", None, "ours: a quick estimate (~6 s an evaluation on one core); `npp evaluate` "
+                "gives the final numbers", per_preset={"tiny": 300}, embedded_data_only=True),
     ))
 
 RECIPES = {recipe.name: recipe for recipe in (PAPER, LLAMAGEN, QUICKSTART)}
@@ -169,7 +179,8 @@ def resolve(given: dict[str, Any], recipe: str = "auto", *, data_size: int | Non
     check(data_size is not None or not (chosen.epochs or chosen.warmup_epochs),
           f"recipe {chosen.name!r} gives lengths in epochs: resolve it with npp.plan.plan_run, which reads the "
           f"data set's size")
-    base = chosen.values(preset, data_size=data_size or 0, batch_size=given.get("batch_size"))
+    base = chosen.values(preset, data_size=data_size or 0, batch_size=given.get("batch_size"),
+                         embedded_data=given.get("data", TrainConfig().data) in EMBEDDED_TOKENIZERS)
     values = overlay(TrainConfig, base, given)
     values["model_overrides"] = {**base.get("model_overrides", {}), **given.get("model_overrides", {})}
     return TrainConfig.from_dict(values)

@@ -25,7 +25,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence, TypeVar
 
 from npp.config import TrainConfig
 from npp.errors import CheckpointError, ConfigError, TrainingError
@@ -35,6 +35,17 @@ from npp.files import dump_json, write_text
 
 TRAIN_SCRIPT = Path(__file__).resolve().parent / "train.py"
 """What the deepspeed launcher runs (`deepspeed npp/train.py ...`); one process runs `python -m npp.train`."""
+Row = TypeVar("Row", bound=Mapping[str, Any])
+
+
+def training_rows(rows: Iterable[Row]) -> list[Row]:
+    """The training rows of metrics.jsonl (step, stage, loss, lr, ...), without the evaluation rows."""
+    return [row for row in rows if not row.get("eval")]
+
+
+def evaluation_rows(rows: Iterable[Row]) -> list[Row]:
+    """The periodic evaluation rows of metrics.jsonl (step, fid, is, precision, recall, flops_seen, ...)."""
+    return [row for row in rows if row.get("eval")]
 
 
 class RunDir:
@@ -177,12 +188,10 @@ class RunDir:
         return rows
 
     def train_rows(self) -> list[dict[str, Any]]:
-        """The training rows (step, stage, loss, lr, ...), without the evaluation rows."""
-        return [row for row in self.read_metrics() if not row.get("eval")]
+        return training_rows(self.read_metrics())
 
     def eval_rows(self) -> list[dict[str, Any]]:
-        """The periodic evaluation rows (step, fid, is, precision, recall, flops_seen, ...)."""
-        return [row for row in self.read_metrics() if row.get("eval")]
+        return evaluation_rows(self.read_metrics())
 
     def truncate_metrics(self, after_step: int) -> None:
         """Drop rows logged after a checkpoint, so a resumed run does not log those steps twice."""

@@ -21,7 +21,7 @@ import plotly.graph_objects as go
 import torch
 from plotly.subplots import make_subplots
 
-from npp.runs import RunDir
+from npp.runs import RunDir, evaluation_rows, training_rows
 
 Rows = Sequence[Mapping[str, Any]]
 RunsLike = Mapping[str, "RunDir | Rows"]
@@ -41,16 +41,16 @@ PAPER_RESULTS = [
 ]
 
 
-def _rows(run: RunDir | Rows) -> list[Mapping[str, Any]]:
-    return run.read_metrics() if isinstance(run, RunDir) else list(run)
+def _rows(run: RunDir | Rows) -> Rows:
+    return run.read_metrics() if isinstance(run, RunDir) else run
 
 
 def train_rows(run: RunDir | Rows) -> list[Mapping[str, Any]]:
-    return [r for r in _rows(run) if not r.get("eval")]
+    return training_rows(_rows(run))
 
 
 def eval_rows(run: RunDir | Rows) -> list[Mapping[str, Any]]:
-    return [r for r in _rows(run) if r.get("eval")]
+    return evaluation_rows(_rows(run))
 
 
 def stage_switches(rows: Rows) -> list[dict[str, Any]]:
@@ -306,7 +306,8 @@ def use_notebook_renderer() -> None:
     pio.renderers.default = "plotly_mimetype+notebook"
 
 
-def save_png(fig: go.Figure, path: str | os.PathLike, *, width: int = 900, height: int | None = None) -> Path | None:
+def save_figure_png(fig: go.Figure, path: str | os.PathLike, *, width: int = 900,
+                    height: int | None = None) -> Path | None:
     """A static PNG through kaleido when a chromium is available; None (and nothing written) otherwise."""
     try:
         fig.write_image(str(path), width=width, height=height or fig.layout.height or 450)

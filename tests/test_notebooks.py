@@ -12,6 +12,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = ROOT / "notebooks"
 PLOTLY = "application/vnd.plotly.v1+json"
+STEPS = 12
+"""The notebook pair's length; it evaluates as the quickstart does (npp.recipes), at the same fractions of the run."""
 
 
 @pytest.fixture(scope="module")
@@ -44,6 +46,24 @@ def figures(notebook: nbformat.NotebookNode) -> int:
                for output in cell.outputs)
 
 
+def printed(notebook: nbformat.NotebookNode) -> str:
+    return "".join(o.get("text", "") for c in notebook.cells if c.cell_type == "code" for o in c.outputs)
+
+
+def plotted(notebook: nbformat.NotebookNode) -> list[dict]:
+    return [output["data"][PLOTLY] for cell in notebook.cells if cell.cell_type == "code"
+            for output in cell.outputs if PLOTLY in output.get("data", {})]
+
+
+def quickstart_eval_every() -> int:
+    """The quickstart's evaluation interval scaled to STEPS: evaluations at its quarters and stage ends."""
+    from npp.quickstart import quickstart_config
+
+    config = quickstart_config("quickstart-npp")
+    assert config.schedule.total_steps % config.eval_every == 0
+    return STEPS * config.eval_every // config.schedule.total_steps
+
+
 def errors(notebook: nbformat.NotebookNode) -> list[str]:
     return [output.get("ename", "") for cell in notebook.cells if cell.cell_type == "code"
             for output in cell.outputs if output.output_type == "error"]
@@ -51,11 +71,12 @@ def errors(notebook: nbformat.NotebookNode) -> list[str]:
 
 @pytest.fixture(scope="module")
 def trained(env):
-    """train.ipynb with tiny parameters: an NPP run and its NTP twin, with periodic evaluations."""
+    """train.ipynb with tiny parameters: an NPP run and its NTP twin, with periodic evaluations shaped as the
+    quickstart's (its quarters and stage ends), on 20 samples."""
     root, codes = env
     notebook = execute("train", root / "train.ipynb", name="nb", runs_dir=str(root / "runs"), model="debug",
-                       model_overrides="{}", data=str(codes), steps=12, batch_size=16, warmup_steps=2,
-                       eval_every=6, eval_samples=20, fid_samples=20, ckpt_every=100, progress=False,
+                       model_overrides="{}", data=str(codes), steps=STEPS, batch_size=16, warmup_steps=2,
+                       eval_every=quickstart_eval_every(), eval_samples=20, fid_samples=20, ckpt_every=100, progress=False,
                        png_dir=str(root / "png"))
     return root, notebook
 
@@ -69,8 +90,11 @@ def test_train_notebook_trains_the_pair_and_draws_its_figures(trained):
         assert list(run.glob("eval/*/results.json"))
     # Dashboard, loss by FLOPs, FID and class accuracy curves, two sample grids.
     assert figures(notebook) == 6
-    text = "".join(o.get("text", "") for c in notebook.cells if c.cell_type == "code" for o in c.outputs)
-    assert "NPP: " in text and "fid" in text
+    text = printed(notebook)
+    assert "NPP: " in text and "fid" in text and "no periodic evaluations" not in text
+    fid = next(f for f in plotted(notebook) if f["layout"].get("yaxis", {}).get("title", {}).get("text") == "FID ↓")
+    # One curve per run through its quarters, stage ends included (the NPP run's 2×2 stage ends at 6).
+    assert {trace["name"]: len(trace["x"]) for trace in fid["data"]} == {"NPP": 4, "NTP": 4}
     # Static PNGs through kaleido and the chromium that `make test` installs.
     assert [p.name for p in sorted((root / "png").iterdir())] == ["loss_by_flops.png", "training.png"]
     assert (root / "png" / "training.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -79,8 +103,8 @@ def test_train_notebook_trains_the_pair_and_draws_its_figures(trained):
 def test_train_notebook_reuses_finished_runs(trained, tmp_path):
     root, _ = trained
     notebook = execute("train", tmp_path / "again.ipynb", name="nb", runs_dir=str(root / "runs"), model="debug",
-                       model_overrides="{}", data=str(root / "codes"), steps=12, batch_size=16, warmup_steps=2,
-                       eval_every=6, eval_samples=20, fid_samples=0, ckpt_every=100, progress=False)
+                       model_overrides="{}", data=str(root / "codes"), steps=STEPS, batch_size=16, warmup_steps=2,
+                       eval_every=quickstart_eval_every(), eval_samples=20, fid_samples=0, ckpt_every=100, progress=False)
     text = "".join(o.get("text", "") for c in notebook.cells if c.cell_type == "code" for o in c.outputs)
     assert text.count("is trained: reusing it") == 2
 
@@ -92,8 +116,11 @@ def test_fid_notebook_compares_the_runs(trained, tmp_path):
     assert errors(notebook) == []
     # 4 metrics × 2 axes, loss by FLOPs, cost vs quality, the paper's table and its cost plot.
     assert figures(notebook) == 12
-    text = "".join(o.get("text", "") for c in notebook.cells if c.cell_type == "code" for o in c.outputs)
-    assert "training cost" in text and "FID at" in text
+    text = printed(notebook)
+    assert "no periodic evaluations" not in text and "needs periodic evaluations" not in text
+    assert "training cost" in text and text.count(" FID at ") == 2  # the equal-cost comparison, both runs
+    table = next(f for f in plotted(notebook) if f["data"][0]["type"] == "table")
+    assert table["data"][0]["cells"]["values"][0][-1] == "NPP-2B"  # the paper's table whole, to its last row
 
 
 @pytest.mark.heavy  # the README's fid command does this by default
@@ -176,4 +203,7 @@ def test_train_notebook_defaults_are_the_quickstart_pair():
         config = namespace["configs"][kind]
         assert config.name == f"quickstart-{kind}"
         assert config.changes_from(quickstart_config(config.name).to_dict()) == []
+        # Evaluated as the quickstart is (fields a resume may change, so changes_from leaves them out).
+        quickstart = quickstart_config(config.name)
+        assert (config.eval_every, config.eval_samples) == (quickstart.eval_every, quickstart.eval_samples) == (300, 300)
     assert namespace["configs"]["npp"].schedule.levels == 2

@@ -52,6 +52,15 @@ def test_the_core_needs_torch_numpy_and_safetensors_only():
         "train", "eval", "app", "notebooks"}
 
 
+def test_the_version_is_declared_once_in_the_package():
+    import npp
+
+    assert "version" not in _project() and "version" in _project()["dynamic"]
+    setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    assert setuptools["dynamic"]["version"] == {"attr": "npp.__version__"}
+    assert importlib.metadata.version("npp") == npp.__version__  # this environment's (editable) install
+
+
 def test_ci_runs_the_readme_test_command():
     readme = (ROOT / "README.md").read_text()
     assert "make test" in readme
@@ -138,8 +147,9 @@ def core_venv(tmp_path_factory) -> Path:
 
 
 CORE_SCRIPT = """
-import importlib.util, torch, npp
+import importlib.metadata, importlib.util, torch, npp
 assert "site-packages/npp" in npp.__file__.replace("\\\\", "/"), npp.__file__  # the wheel, not the sources
+assert importlib.metadata.version("npp") == npp.__version__, importlib.metadata.version("npp")  # one source
 for extra in ("deepspeed", "PIL", "gradio", "torch_fidelity", "tqdm", "plotly"):
     assert importlib.util.find_spec(extra) is None, extra
 from npp.tokenizer import load_embedded_tokenizer
