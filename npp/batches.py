@@ -13,8 +13,9 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
+from npp.codes import CodeDataset, read_manifest
 from npp.config import ModelConfig, TrainConfig, cache_dir
-from npp.data import MNIST_CLASSES, MNIST_SIZE, CodeDataset, mnist_count, read_manifest
+from npp.data import MNIST_CLASSES, MNIST_SIZE, mnist_count
 from npp.distributed import is_rank0
 from npp.errors import ConfigError
 from npp.tokenizer import EMBEDDED_TOKENIZERS, load_embedded_tokenizer

@@ -68,7 +68,8 @@ def extract(argv: list[str]) -> int:
     import torch
 
     from npp.config import VQ_PRESETS, VQConfig
-    from npp.data import CROP_MODES, MNIST_SIZE, CropConfig, MnistSource
+    from npp.crops import CROP_MODES, CropConfig
+    from npp.data import MNIST_SIZE, MnistSource
     from npp.distributed import is_rank0
     from npp.extract import extract_codes, open_source
     from npp.tokenizer import load_tokenizer
