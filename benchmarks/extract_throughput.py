@@ -35,7 +35,8 @@ import torch
 
 import npp
 from npp.config import VQ_PRESETS
-from npp.data import CROP_MODES, MNIST_SIZE, CropConfig, ImageFolderSource, ImageSource, MnistSource
+from npp.crops import CROP_MODES, CropConfig
+from npp.data import MNIST_SIZE, ImageFolderSource, ImageSource, MnistSource
 from npp.extract import extract_codes
 
 from common import (SyntheticImages, autocast, describe_machine, machine_line, markdown_table, synchronize, timed,

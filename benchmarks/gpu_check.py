@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 
 from npp.config import VQConfig
-from npp.data import CropConfig
+from npp.crops import CropConfig
 from npp.extract import extract_codes
 from npp.plan import RunPlan, plan_run
 from npp.preflight import GiB, check_run

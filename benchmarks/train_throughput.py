@@ -63,7 +63,7 @@ import torch
 import npp
 from npp.batches import micro_batches, open_data
 from npp.config import MODEL_PRESETS, ModelConfig, ScheduleConfig, TrainConfig, VQConfig
-from npp.data import CropConfig
+from npp.crops import CropConfig
 from npp.distributed import is_rank0
 from npp.extract import extract_codes
 from npp.runs import RunDir, launch

@@ -12,8 +12,8 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from npp.codes import CodeDataset
 from npp.config import cache_dir
-from npp.data import CodeDataset
 from npp.distributed import is_rank0
 from npp.errors import ConfigError
 from npp.tokenizer import EMBEDDED_TOKENIZERS, load_embedded_tokenizer

@@ -38,8 +38,9 @@ import torch
 from numpy.lib.format import open_memmap
 from PIL import Image
 
-from npp.data import (CODES_FORMAT, EXTRACT_AGAIN, MNIST_SIZE, CodeDataset, CropConfig, ImageFolderSource, ImageSource,
-                      MnistSource, crop_variants, open_array, to_unit_range)
+from npp.codes import CODES_FORMAT, EXTRACT_AGAIN, CodeDataset, open_array
+from npp.crops import CropConfig, crop_variants
+from npp.data import MNIST_SIZE, ImageFolderSource, ImageSource, MnistSource, to_unit_range
 from npp.distributed import Ranks
 from npp.errors import DataError, check, is_int
 from npp.files import dump_json, write_text

@@ -20,7 +20,8 @@ from types import MappingProxyType
 from typing import Any, Mapping
 
 from npp.config import ModelConfig, TrainConfig
-from npp.data import MNIST_CLASSES, MNIST_SIZE, mnist_count, read_manifest
+from npp.codes import read_manifest
+from npp.data import MNIST_CLASSES, MNIST_SIZE, mnist_count
 from npp.distributed import ZeroStage, deepspeed_config, offloads_optimizer, zero_stage
 from npp.errors import ConfigError, check
 from npp.preflight import Estimate, Plan, estimate

@@ -6,8 +6,9 @@ import torch
 from PIL import Image
 
 from npp.config import ConfigError
-from npp.data import (MNIST_SIZE, CropConfig, DataError, ImageFolderSource, MnistSource, adm_centre_crop,
-                      crop_variants, five_crops, list_image_folder, load_mnist, mnist_images, to_unit_range)
+from npp.crops import CropConfig, adm_centre_crop, crop_variants, five_crops
+from npp.data import (MNIST_SIZE, DataError, ImageFolderSource, MnistSource, list_image_folder, load_mnist, mnist_images,
+                      to_unit_range)
 
 # Digits per class in LeCun's MNIST, 0 to 9.
 MNIST_TRAIN_HISTOGRAM = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]

@@ -1,4 +1,4 @@
-"""Code extraction (npp.extract, `npp extract`) and the data set over its output (npp.data.CodeDataset)."""
+"""Code extraction (npp.extract, `npp extract`) and the data set over its output (npp.codes.CodeDataset)."""
 
 import json
 import os
@@ -15,8 +15,9 @@ from PIL import Image
 import npp
 from npp import cli
 from npp import extract as extract_module
-from npp.data import (MNIST_CLASSES, CodeDataset, CropConfig, DataError, ImageFolderSource, crop_variants,
-                      mnist_images, to_unit_range)
+from npp.codes import CodeDataset
+from npp.crops import CropConfig, crop_variants
+from npp.data import MNIST_CLASSES, DataError, ImageFolderSource, mnist_images, to_unit_range
 from npp.extract import ARRAY_FILES, extract_codes, mnist_codes
 
 TINY_VQ = dict(image_size=16, base_channels=32, ch_mult=(1, 2), num_res_blocks=1, z_channels=32,

@@ -285,7 +285,8 @@ def test_an_impossible_schedule_is_refused_before_the_embedded_data_is_extracted
 
 
 def test_codes_whose_tokenizer_changed_are_refused_at_the_start_of_training(tmp_path):
-    from npp.data import CropConfig, MnistSource
+    from npp.crops import CropConfig
+    from npp.data import MnistSource
     from npp.extract import extract_codes
 
     torch.manual_seed(0)

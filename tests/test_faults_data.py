@@ -20,8 +20,9 @@ import torch
 from PIL import Image
 
 import npp
-from npp.data import (CodeDataset, CropConfig, DataError, ImageFolderSource, MnistSource, mnist_images,
-                      read_manifest)
+from npp.codes import CodeDataset, read_manifest
+from npp.crops import CropConfig
+from npp.data import DataError, ImageFolderSource, MnistSource, mnist_images
 from npp.extract import extract_codes
 from npp.fidelity import MNIST_EXTRACTOR, resolve_reference, save_reference_statistics
 from npp.images import to_rgb8

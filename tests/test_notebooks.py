@@ -20,7 +20,8 @@ STEPS = 12
 def env(tmp_path_factory):
     """A private cache, inherited by the papermill kernels, and codes of the first digits by the shipped
     mnist-8x8 tokenizer (named in the manifest, so samples can be decoded and judged)."""
-    from npp.data import CropConfig, MnistSource
+    from npp.crops import CropConfig
+    from npp.data import MnistSource
     from npp.extract import extract_codes
     from npp.files import ASSETS
     from npp.tokenizer import load_embedded_tokenizer

@@ -77,7 +77,8 @@ def test_the_quickstart_evaluates_at_its_quarters_and_stage_ends_on_a_few_hundre
 @pytest.fixture(scope="module")
 def digits(tmp_path_factory) -> Path:
     """Codes of the first digits by the shipped mnist-8x8 tokenizer: the periodic evaluation can decode and judge them."""
-    from npp.data import CropConfig, MnistSource
+    from npp.crops import CropConfig
+    from npp.data import MnistSource
     from npp.extract import extract_codes
     from npp.files import ASSETS
 

@@ -322,7 +322,8 @@ def test_npp_command_trains_and_exports(reference, tmp_path):
 def judged_codes(tmp_path_factory) -> str:
     """Codes of the first digits by the shipped mnist-8x8 tokenizer, which the manifest names, so that
     samples can be decoded and judged."""
-    from npp.data import CropConfig, MnistSource
+    from npp.crops import CropConfig
+    from npp.data import MnistSource
     from npp.extract import extract_codes
     from npp.files import ASSETS
     from npp.tokenizer import load_embedded_tokenizer
