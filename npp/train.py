@@ -57,6 +57,19 @@ from npp.trainfolder import lock_run, resumed_experiment, start_afresh
 from npp.trainlog import MetricsLogger
 
 
+def build_optimizer(model: GPT, config: TrainConfig, *, offload: bool) -> torch.optim.Optimizer:
+    """AdamW with weight decay on the matrices only (not on norms, biases or other vectors)."""
+    groups = [{"params": [p for p in model.parameters() if p.dim() >= 2], "weight_decay": config.weight_decay},
+              {"params": [p for p in model.parameters() if p.dim() < 2], "weight_decay": 0.0}]
+    if offload:
+        # With the optimizer state on the host, DeepSpeed steps it with its vectorised CPU Adam.
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(groups, lr=config.schedule.lr, betas=config.betas, adamw_mode=True)
+    # The fused kernel on the CPU too: one pass over the parameters instead of a loop of small ops.
+    return torch.optim.AdamW(groups, lr=config.schedule.lr, betas=config.betas, fused=True)
+
+
 class Trainer:
     """Builds the model, data and DeepSpeed engine of a run's plan (or config); `train()` runs it to the end."""
 
@@ -120,17 +133,7 @@ class Trainer:
         torch.manual_seed(self.config.seed)
         model = GPT(self.model_config)
         model.activation_checkpointing = self.config.activation_checkpointing
-        groups = [{"params": [p for p in model.parameters() if p.dim() >= 2], "weight_decay": self.config.weight_decay},
-                  {"params": [p for p in model.parameters() if p.dim() < 2], "weight_decay": 0.0}]
-        if self.plan.offload:
-            # With the optimizer state on the host, DeepSpeed steps it with its vectorised CPU Adam.
-            from deepspeed.ops.adam import DeepSpeedCPUAdam
-
-            optimizer = DeepSpeedCPUAdam(groups, lr=self.config.schedule.lr, betas=self.config.betas,
-                                         adamw_mode=True)
-        else:
-            # The fused kernel on the CPU too: one pass over the parameters instead of a loop of small ops.
-            optimizer = torch.optim.AdamW(groups, lr=self.config.schedule.lr, betas=self.config.betas, fused=True)
+        optimizer = build_optimizer(model, self.config, offload=self.plan.offload)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                                                  config=self.ds_config)
         self.micro = self.engine.train_micro_batch_size_per_gpu()
