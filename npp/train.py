@@ -30,14 +30,10 @@ import argparse
 import dataclasses
 import functools
 import gc
-import os
 import math
-import signal
 import sys
 import time
-from contextlib import nullcontext
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -45,18 +41,33 @@ import torch
 from npp.batches import GlobalOrder, micro_batches, open_data
 from npp.checkpoints import CheckpointMeta, Checkpointer
 from npp.config import TrainConfig
-from npp.distributed import ZeroStage, init_distributed
-from npp.errors import USER_ERRORS, ConfigError, TrainingError, check, require
+from npp.distributed import init_distributed
+from npp.errors import USER_ERRORS, TrainingError, check, require
 from npp.flags import Parser, add_flags, fail, given, overlay, read_config_file
 from npp.model import GPT
 from npp.patching import next_patch_loss
+from npp.periodic_eval import PeriodicEval
 from npp.plan import RunPlan, plan_run
 from npp.preflight import check_run
-from npp.lock import RunLock
 from npp.runs import RunDir, check_run_folder
-from npp.schedule import Stage, lr_at, stage_at
+from npp.schedule import lr_at, stage_at
+from npp.stopping import StopRequest, end_lone_process_on_sigterm
 from npp.threads import use_threads
+from npp.trainfolder import lock_run, resumed_experiment, start_afresh
 from npp.trainlog import MetricsLogger
+
+
+def build_optimizer(model: GPT, config: TrainConfig, *, offload: bool) -> torch.optim.Optimizer:
+    """AdamW with weight decay on the matrices only (not on norms, biases or other vectors)."""
+    groups = [{"params": [p for p in model.parameters() if p.dim() >= 2], "weight_decay": config.weight_decay},
+              {"params": [p for p in model.parameters() if p.dim() < 2], "weight_decay": 0.0}]
+    if offload:
+        # With the optimizer state on the host, DeepSpeed steps it with its vectorised CPU Adam.
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(groups, lr=config.schedule.lr, betas=config.betas, adamw_mode=True)
+    # The fused kernel on the CPU too: one pass over the parameters instead of a loop of small ops.
+    return torch.optim.AdamW(groups, lr=config.schedule.lr, betas=config.betas, fused=True)
 
 
 class Trainer:
@@ -73,7 +84,8 @@ class Trainer:
         check(self.world == plan.world and self.device.type == plan.device,
               f"the run was planned for {plan.world} process(es) on {plan.device}, not the {self.world} on "
               f"{self.device.type} started: resolve its RunPlan under the launcher that runs it")
-        self._lock = self._lock_run()
+        self.stop = StopRequest()
+        self._lock = lock_run(self.run, self.rank, self._everywhere)
         try:
             self._build(config, resume)
         except BaseException:
@@ -86,52 +98,27 @@ class Trainer:
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         # The plan checked everything that can be refused from the data's manifest; the codes are read below.
         self.tokenizer = self.plan.data.tokenizer
-        self._check_tokenizer()
+        # A model trained on codes no tokenizer can decode would be found out only at evaluation, hours later.
+        elsewhere = self.tokenizer.check_decodes()
+        if elsewhere and self.rank == 0:
+            print(f"npp train: warning: {elsewhere}", file=sys.stderr, flush=True)
         self.ds_config = self.plan.engine_config()
         self.start_step, self.tokens_seen, self.flops_seen = 0, 0, 0.0
         resume_tag = self.run.latest_tag() if resume else None
-        self.experiment = config.experiment_id()
-        if resume_tag is not None:
-            saved = self.run.read_config()
-            changed = config.changes_from(saved)
-            # The run's own identity: the same data spelled otherwise (./codes/x/, a symlink) is the same experiment.
-            self.experiment = TrainConfig.from_dict(saved).experiment_id()
-            if changed:
-                raise ConfigError(f"{self.run.path} was started with other values of {', '.join(changed)}: resume "
-                                  f"it unchanged, give a new --name, or pass --no-resume to start it again")
-        self.quick_eval = self._build_quick_eval() if config.eval_every else None
-
+        self.experiment = config.experiment_id() if resume_tag is None else resumed_experiment(self.run, config)
+        self.periodic_eval = PeriodicEval(config, self.tokenizer, self.model_config, self.run, rank=self.rank,
+                                          device=self.device, zero=self.plan.zero) if config.eval_every else None
         self.data = open_data(config.data, config.seed)
         self.order = GlobalOrder(len(self.data), config.batch_size, config.seed)
         if resume_tag is None:  # a new run, a run started again, or one that died before its first checkpoint
             if self.rank == 0:
-                self._start_afresh()
+                start_afresh(self.run, self.config)
             torch.distributed.barrier()
-        if resume_tag is not None:
+        else:
             self._prepare_resume()
         self._build_engine()
         if resume_tag is not None:
             self._resume()
-        self._stop_signal: int | None = None
-
-    # ---- the run's lock ------------------------------------------------------------------
-
-    def _lock_run(self) -> RunLock | None:
-        """Rank 0 takes RUN/.lock before anything in the folder is read or written (a second trainer on the
-        folder is refused in one line naming the first); every rank learns whether it got it. Rank 0 then
-        removes what an export interrupted by a kill left. Returns the lock rank 0 took (None elsewhere)."""
-        lock, refusal = None, None
-        if self.rank == 0:
-            try:
-                lock = self.run.lock()
-                if not lock.acquire("npp train"):
-                    lock = None  # this process holds it already (a Trainer before this one): it stays held
-                self.run.remove_partial_exports("npp train")
-            except TrainingError as err:
-                refusal = err
-        if not self._everywhere(refusal is None):
-            raise refusal or TrainingError(f"{self.run.path} is in use by another process (rank 0 says which)")
-        return lock
 
     def _unlock(self) -> None:
         if getattr(self, "_lock", None) is not None:
@@ -146,17 +133,7 @@ class Trainer:
         torch.manual_seed(self.config.seed)
         model = GPT(self.model_config)
         model.activation_checkpointing = self.config.activation_checkpointing
-        groups = [{"params": [p for p in model.parameters() if p.dim() >= 2], "weight_decay": self.config.weight_decay},
-                  {"params": [p for p in model.parameters() if p.dim() < 2], "weight_decay": 0.0}]
-        if self.plan.offload:
-            # With the optimizer state on the host, DeepSpeed steps it with its vectorised CPU Adam.
-            from deepspeed.ops.adam import DeepSpeedCPUAdam
-
-            optimizer = DeepSpeedCPUAdam(groups, lr=self.config.schedule.lr, betas=self.config.betas,
-                                         adamw_mode=True)
-        else:
-            # The fused kernel on the CPU too: one pass over the parameters instead of a loop of small ops.
-            optimizer = torch.optim.AdamW(groups, lr=self.config.schedule.lr, betas=self.config.betas, fused=True)
+        optimizer = build_optimizer(model, self.config, offload=self.plan.offload)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                                                  config=self.ds_config)
         self.micro = self.engine.train_micro_batch_size_per_gpu()
@@ -166,24 +143,6 @@ class Trainer:
         self.ema: dict[str, torch.Tensor] | None = None
         if self.config.ema_decay:
             self.ema = {k: v.detach().float().clone() for k, v in self.engine.module.state_dict().items()}
-
-    def _check_tokenizer(self) -> None:
-        """A model trained on codes no tokenizer can decode would be found out only at evaluation, hours later."""
-        elsewhere = self.tokenizer.check_decodes()
-        if elsewhere and self.rank == 0:
-            print(f"npp train: warning: {elsewhere}", file=sys.stderr, flush=True)
-
-    def _build_quick_eval(self) -> Any:
-        """Resolved before the engine exists, so a missing reference or weights file fails at once."""
-        from npp.evaluate import EvalConfig, QuickEval
-
-        c = self.config
-        settings = EvalConfig(num_samples=c.eval_samples, batch_size=min(c.eval_samples, 100),
-                              sampler=c.eval_sampler, reference=c.eval_reference,
-                              inception_weights=c.eval_inception_weights or None,
-                              metrics=("fid", "isc", "prc"), save_png=False, progress=False)
-        vq = self.tokenizer.load(where=f"TrainConfig.data={c.data!r}")
-        return QuickEval(settings, vq.to(self.device).eval(), self.tokenizer.on_embedded_data, self.model_config.grid)
 
     # ---- one step --------------------------------------------------------------------------
 
@@ -215,7 +174,7 @@ class Trainer:
     def synchronise(self, losses: list[tuple[int, torch.Tensor]]) -> float:
         """One all-reduce for the steps since the last one: their losses averaged over ranks, and the stop
         request (a signal seen by any rank). Raises on the first non-finite loss; returns the last loss."""
-        stop = torch.tensor([float(self._stop_signal is not None)], device=self.device)
+        stop = torch.tensor([float(self.stop.signum is not None)], device=self.device)
         values = torch.cat([torch.stack([loss for _, loss in losses]), stop])
         torch.distributed.all_reduce(values)
         *means, stopping = (values / torch.tensor([self.world] * len(losses) + [1.0], device=self.device)).tolist()
@@ -247,13 +206,10 @@ class Trainer:
                                 world=self.world, micro=self.micro, num_workers=config.num_workers,
                                 pin_memory=self.device.type == "cuda")
         logger = MetricsLogger(config, self.run, self.start_step) if self.rank == 0 else None
-        previous = {signal.SIGINT: signal.getsignal(signal.SIGINT), signal.SIGTERM: signal.getsignal(signal.SIGTERM)}
-        for sig in previous:
-            signal.signal(sig, self._on_signal)
         self._stop_everywhere = False
         pending: list[tuple[int, torch.Tensor]] = []
         since = time.perf_counter()
-        try:
+        with self.stop:
             for step in range(self.start_step, schedule.total_steps):
                 pending.append((step, self.train_step(step, [next(batches) for _ in range(self.accum)])))
                 done = step + 1
@@ -261,7 +217,7 @@ class Trainer:
                 at_stage_end = done == stage.end
                 log = done % config.log_every == 0 or at_stage_end
                 save = done % config.ckpt_every == 0 or at_stage_end
-                evaluate = self.quick_eval is not None and (done % config.eval_every == 0 or at_stage_end)
+                evaluate = self.periodic_eval is not None and (done % config.eval_every == 0 or at_stage_end)
                 if logger is not None:
                     logger.advance(1)
                 if not (log or save or evaluate):
@@ -283,41 +239,13 @@ class Trainer:
                 if save:
                     self.save_checkpoint(done)
                 if evaluate:
-                    self.evaluate_now(done, stage, logger)
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
+                    result = self.periodic_eval(self.engine.module, done)
+                    if logger is not None and result is not None:
+                        logger.evaluation(done, stage, result.metrics, self.tokens_seen, self.flops_seen,
+                                          result.seconds, result.grid)
         if logger is not None:
             logger.close()
         return self.export()
-
-    def evaluate_now(self, step: int, stage: Stage, logger: MetricsLogger | None) -> None:
-        """The periodic evaluation, on rank 0 while the others wait. Sampling draws from its own
-        generators and leaves the training RNG alone, so a run with evaluations trains the same."""
-        import deepspeed
-
-        from npp.images import image_grid, save_png
-
-        params = list(self.engine.module.parameters())
-        # ZeRO-3 holds a shard of every weight per rank: gather them for the duration of the sampling.
-        gathered = deepspeed.zero.GatheredParameters(params) if self.plan.zero == ZeroStage.WEIGHTS \
-            else nullcontext()
-        with gathered:
-            if self.rank == 0:
-                started = time.perf_counter()
-                metrics, images, _ = self.quick_eval(self.engine.module)
-                # Labels are balanced (sample i asks for class i mod C): with C ≤ 10 columns, one class each.
-                columns = min(self.model_config.num_classes, 10)
-                grid = save_png(image_grid(images[: 8 * columns], nrow=columns),
-                                self.run.samples / f"{RunDir.tag(step)}.png")
-                assert logger is not None
-                logger.evaluation(step, stage, metrics, self.tokens_seen, self.flops_seen,
-                                  time.perf_counter() - started, grid)
-        torch.distributed.barrier()
-
-    def _on_signal(self, signum: int, frame: Any) -> None:
-        # Finish the step in flight, then checkpoint at the same step on every rank.
-        self._stop_signal = signum
 
     def summary(self) -> str:
         return self.plan.summary(params=sum(p.numel() for p in self.engine.module.parameters()),
@@ -339,16 +267,6 @@ class Trainer:
         self.checkpoints.save(self.engine, meta, ema=self.ema, keep_last=self.config.keep_last,
                               keep={RunDir.tag(s.end) for s in self.stages})
         torch.distributed.barrier()
-
-    def _start_afresh(self) -> None:
-        """Write the run's config; what an earlier experiment left in the folder is moved aside first, so
-        that no later resume can mistake its checkpoints for this run's (nothing is deleted)."""
-        moved = self.run.set_aside()
-        if moved is not None:
-            print(f"npp train: starting {self.run.path} again; the files of its previous run are in {moved} "
-                  f"(delete that folder when you no longer need them)", flush=True)
-        self.run.write_config(self.config.to_dict())
-        self.run.metrics.unlink(missing_ok=True)
 
     def _prepare_resume(self) -> None:
         """Before the engine exists: a checkpoint of another number of processes is loaded re-sharded
@@ -414,17 +332,9 @@ def plan_from_args(args: argparse.Namespace) -> RunPlan:
     return plan_run(overlay(TrainConfig, data, given(args, TrainConfig, exclude=["recipe"])), args.recipe)
 
 
-def _end_on_signal(signum: int, frame: Any) -> None:
-    raise SystemExit(128 + signum)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if os.environ.get("WORLD_SIZE", "1") == "1":
-        # Outside the training loop (which stops at a checkpoint instead), SIGTERM ends a lone process through
-        # its `finally` blocks and exit hooks: the partial export is removed and the run's lock given back.
-        # Not with several ranks: a rank waiting in a collective would never see the exception.
-        signal.signal(signal.SIGTERM, _end_on_signal)
+    end_lone_process_on_sigterm()  # the training loop stops at a checkpoint instead
     try:
         plan = plan_from_args(args)  # fails on an impossible schedule or data before any process starts
         check_run(plan)  # and on a run that cannot fit this machine
@@ -442,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if trainer.rank == 0 and export is not None:
         print(f"done: {plan.config.run_dir} (export: {export})", flush=True)
-    stopped = trainer._stop_signal
+    stopped = trainer.stop.signum
     trainer.close()
     return 128 + stopped if stopped else 0
 
