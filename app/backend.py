@@ -1,165 +1,43 @@
-"""What the demo does, without the UI: find models, load them, sample two of them in turns, measure.
+"""Loading what the app samples: the few models kept loaded, what their panels say, and messages that
+name the model and never the server's paths.
 
 The app only reads run directories (npp.runs) and checkpoints, each loaded as an npp.Pipeline;
 nothing here imports gradio, so the tests drive it in-process and the UI in app/demo.py stays a thin
-layer of widgets.
+layer of widgets (sources.py finds the models, turns.py samples two of them in turns).
 
     backend = Backend(find_sources("runs"), device="auto")
     left, right = backend.load("quickstart-ntp"), backend.load("quickstart-npp")
-    settings = Settings(class_index=7, num_images=4, seed=0, sampler=PAPER_SAMPLER).validated()
-    for frames in stream([left, right], settings):   # one round per token row, the sides in turn
-        ...                                          # frames[i].images_BHW3 fills row by row
 """
 
 from __future__ import annotations
 
-import itertools
-import json
-import math
 import re
-import resource
 import sys
 import threading
-import time
 import traceback
-import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Sequence
 
-import numpy as np
 import torch
 
-from npp.config import PAPER_SAMPLER, SamplerConfig
-from npp.errors import CheckpointError, ConfigError, DataError, is_number
-from npp.evaluate import PAPER_PROTOCOL, Protocol, default_sampler, pipeline_protocol
-from npp.model import GPT
+from npp.config import SamplerConfig
+from npp.errors import CheckpointError, ConfigError, DataError
+from npp.evaluate import Protocol, default_sampler, pipeline_protocol
 from npp.pipeline import Pipeline
-from npp.runs import RunDir
-from npp.sampling import STEPPED_THREAD, SteppedSampler, sample_generators
 from npp.weights import FOREIGN_CHECKPOINT_CLASSES, safe_load
 
-MAX_IMAGES = 16
-"""Images per side and request: enough to compare, small enough that one request cannot hog the queue."""
-MAX_SEED = 2**31 - 1
-"""Seeds stay below 2³¹ so that the browser's numbers hold them exactly."""
-WARM_ROWS = 2
-"""Token rows each model samples, untimed, before its first timed row at a batch size: the first row pays
-the prefill, the second the steady step; together they load every kernel and buffer the timed rows use."""
-SAMPLER_THREAD = STEPPED_THREAD
-"""Name of the worker threads that sample (Pipeline.stepped), so a test can see that none is left behind."""
+if __package__:  # imported as app.backend
+    from app.sources import Source, run_rows
+else:  # python app/demo.py: app/ is first on the import path
+    from sources import Source, run_rows
+
 DIGITS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 
 
 class LoadError(Exception):
     """A model that cannot be loaded; the message is meant for the person using the app."""
-
-
-# ------------------------------------------------------------------------------------------------
-# What can be sampled
-# ------------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Source:
-    """An exported run (runs/<name>, with export/model.safetensors) or a LlamaGen/NPP .pt checkpoint."""
-
-    name: str
-    path: Path
-    kind: str
-    """'run' or 'checkpoint'."""
-
-    @property
-    def run(self) -> RunDir | None:
-        return RunDir(self.path) if self.kind == "run" else None
-
-
-def find_sources(runs_dir: str | Path | None, checkpoints: Sequence[str | Path] = (),
-                 warn: Callable[[str], None] | None = None) -> list[Source]:
-    """Every exported run under runs_dir (sorted by name), then the checkpoints as given.
-
-    Runs without export/ (still training, or tokenizer runs) are not models the app can sample. A run
-    whose metrics.jsonl is malformed is left out with one warning line (its curves and the default pair
-    read that file, and one bad run must not stop the app); `warn` prints it (stderr by default).
-    """
-    warn = warn or _warn
-    sources = []
-    if runs_dir is not None and Path(runs_dir).is_dir():
-        for folder in sorted(Path(runs_dir).iterdir()):
-            if not RunDir(folder).exported:
-                continue
-            try:
-                run_rows(RunDir(folder))
-            except DataError as err:
-                warn(f"run {folder.name} skipped: {err}")
-                continue
-            sources.append(Source(folder.name, folder, "run"))
-    for path in dict.fromkeys(map(Path, checkpoints)):
-        sources.append(Source(unique_name(path, {s.name for s in sources}), path, "checkpoint"))
-    return sources
-
-
-def _warn(message: str) -> None:
-    print(f"app: warning: {message}", file=sys.stderr, flush=True)
-
-
-ROW_NUMBERS = ("step", "stage", "patch_size", "loss", "lr", "tokens_seen", "flops_seen", "imgs_per_s", "time",
-               "fid", "is", "precision", "recall", "kid", "class_accuracy")
-"""Fields of a metrics row that must be numbers when present: the app compares and plots them."""
-TRAIN_ROW_NEEDS = ("step", "patch_size", "loss", "tokens_seen", "flops_seen")
-"""What every training row must have: the curves plot loss against FLOPs and mark each patch-size switch
-with its step, FLOPs and tokens."""
-
-
-def run_rows(run: RunDir) -> list[dict[str, Any]]:
-    """The run's metrics rows, each checked for what the app reads from it; a DataError names the first bad
-    line and the fix. As in RunDir.read_metrics, a torn last line (a crash mid-write) is ignored; a bad line
-    before it is damage, not a crash."""
-    if not run.metrics.is_file():
-        return []
-    try:
-        lines = run.metrics.read_bytes().decode("utf-8").splitlines()
-    except (UnicodeDecodeError, OSError) as err:
-        raise DataError(f"metrics.jsonl cannot be read ({type(err).__name__}): remove or repair it") from None
-    rows = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            if number == len(lines):
-                break
-            raise DataError(f"metrics.jsonl line {number} is not JSON: remove or repair that line") from None
-        if (problem := row_problem(row)) is not None:
-            raise DataError(f"metrics.jsonl line {number} {problem}: remove or repair that line")
-        rows.append(row)
-    return rows
-
-
-def row_problem(row: Any) -> str | None:
-    """What is wrong with one metrics row for the app, or None."""
-    if not isinstance(row, dict):
-        return f"is {type(row).__name__}, not a JSON object"
-    wrong = [key for key in ROW_NUMBERS if key in row and not is_number(row[key])]
-    if wrong:
-        return f"has {wrong[0]}={row[wrong[0]]!r}, not a number"
-    missing = [key for key in TRAIN_ROW_NEEDS if key not in row] if not row.get("eval") else []
-    if missing:
-        return f"(a training row) lacks {', '.join(missing)}"
-    if not row.get("eval") or "flops_seen" in row:
-        return None
-    return "(an evaluation row) lacks flops_seen"
-
-
-def unique_name(path: Path, taken: set[str]) -> str:
-    """The file's name, with as many of its folders as make it unique: users see names, and the folders
-    above them are the server's business."""
-    parts = path.parts[1:] if path.anchor else path.parts
-    for depth in range(1, len(parts) + 1):
-        if (name := "/".join(parts[-depth:])) not in taken:
-            return name
-    return next(name for k in itertools.count(2) if (name := f"{path.name} ({k})") not in taken)
 
 
 def checkpoint_problem(path: Path) -> str | None:
@@ -171,36 +49,6 @@ def checkpoint_problem(path: Path) -> str | None:
         return _reason(err)
     return None
 
-
-def patch_trained(run: RunDir) -> bool:
-    """Whether a run trained on patches at some point (an NPP run), read from its metrics."""
-    return any(row.get("patch_size", 1) > 1 for row in run_rows(run) if not row.get("eval"))
-
-
-def default_pair(sources: Sequence[Source], loads: Callable[[str], bool]) -> tuple[str | None, str | None]:
-    """(left, right), each the first candidate that `loads`: the quickstart pair, then NTP-trained runs on
-    the left and NPP-trained runs on the right as their metrics tell, then any source (the right one
-    different from the left, unless only one loads). When none loads, the first candidate still shows
-    why in its panel."""
-    names = [s.name for s in sources]
-    if not names:
-        return None, None
-    npp_runs = [s.name for s in sources if s.run is not None and patch_trained(s.run)]
-    ntp_runs = [s.name for s in sources if s.run is not None and s.name not in npp_runs]
-    left = _first_loading(["quickstart-ntp", *ntp_runs, *names], names, loads)
-    others = [name for name in ("quickstart-npp", *npp_runs, *names) if name != left]
-    return left, _first_loading([*others, left], names, loads)
-
-
-def _first_loading(preferred: Sequence[str], offered: Sequence[str], loads: Callable[[str], bool]) -> str:
-    """The first name of `preferred` that is offered and loads, else the first offered one."""
-    candidates = [name for name in dict.fromkeys(preferred) if name in offered]
-    return next((name for name in candidates if loads(name)), candidates[0])
-
-
-# ------------------------------------------------------------------------------------------------
-# Loaded models
-# ------------------------------------------------------------------------------------------------
 
 def imagenet_classes() -> list[str] | None:
     """ImageNet-1k class names from torchvision's weight metadata (no download), or None."""
@@ -431,197 +279,3 @@ def parse_class(value: Any, names: Sequence[str]) -> int:
         raise ValueError(f"class {text!r} is not one of the {len(names)} classes both models know: "
                          f"pick one from the list (0 … {len(names) - 1})")
     return index
-
-
-# ------------------------------------------------------------------------------------------------
-# Sampling settings
-# ------------------------------------------------------------------------------------------------
-
-def paper_sampler(cls: type[SamplerConfig] = SamplerConfig) -> SamplerConfig:
-    """The sampler of class `cls` when no model says otherwise: the paper's values, and the class's own
-    defaults for the fields it adds."""
-    return default_sampler(PAPER_PROTOCOL, cls)
-
-
-@dataclass
-class Settings:
-    """One request: the same labels, seeds and sampler for both sides.
-
-    The sampler checks its own values when it is built (SamplerConfig raises a ConfigError, a
-    ValueError); this class checks the rest.
-    """
-
-    class_index: int
-    num_images: int = 4
-    seed: int = 0
-    """Image i is drawn with its own generator seeded seed + i, as npp evaluate does."""
-    sampler: SamplerConfig = PAPER_SAMPLER
-
-    def validated(self) -> Settings:
-        """Whole numbers in range (browsers send 2.0 for 2); one message lists every fix."""
-        problems = []
-        for name, low, high in (("num_images", 1, MAX_IMAGES), ("seed", 0, MAX_SEED), ("class_index", 0, None)):
-            value = getattr(self, name)
-            if not _is_int(value) or value < low or (high is not None and value > high):
-                bounds = f"{low} … {high}" if high is not None else f"≥ {low}"
-                problems.append(f"{name}={value!r}: use a whole number {bounds}")
-            else:
-                setattr(self, name, int(value))
-        if problems:
-            raise ValueError("; ".join(problems))
-        return self
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) \
-        and float(value).is_integer()
-
-
-# ------------------------------------------------------------------------------------------------
-# Two models in turns
-# ------------------------------------------------------------------------------------------------
-
-_WARMED: weakref.WeakKeyDictionary[GPT, set[int]] = weakref.WeakKeyDictionary()
-"""The batch sizes each loaded model has sampled since it was loaded: those need no warm-up again (a model
-evicted and loaded again is a new object, warmed again)."""
-
-
-def needs_warm_up(model: GPT, batch: int) -> bool:
-    """Whether this model has not yet sampled this batch size in this process (and mark it as done)."""
-    done = _WARMED.setdefault(model, set())
-    fresh = batch not in done
-    done.add(batch)
-    return fresh
-
-
-@dataclass
-class Frame:
-    """Where one side stands: its images so far and what its turns have cost."""
-
-    side: Loaded
-    images_BHW3: np.ndarray
-    rows: int = 0
-    done: bool = False
-    sampling_s: float = 0.0
-    """Time in its own sampling turns (the other side's turns excluded)."""
-    decoding_s: float = 0.0
-    """Time decoding its previews and final images."""
-    peak_bytes: int | None = None
-    """CUDA max_memory_allocated over its turns (both models resident); None on the CPU."""
-    tokens: int = 0
-    """Tokens sampled so far, over all its images."""
-    first_row_s: float = 0.0
-    """Its first turn's sampling time: it pays one-time costs (the KV cache, the first calls of each kernel,
-    the thread pool), the more so on the side that samples first."""
-    first_row_tokens: int = 0
-
-    @property
-    def wall_s(self) -> float:
-        return self.sampling_s + self.decoding_s
-
-    @property
-    def tokens_per_s(self) -> float:
-        """The speed after the first row: two models of the same architecture and sampler sample at the same
-        speed (NPP changes training only), whichever side goes first."""
-        steady_s = self.sampling_s - self.first_row_s
-        if steady_s <= 0:  # one row in all: nothing but the first
-            return self.tokens / self.sampling_s if self.sampling_s > 0 else float("inf")
-        return (self.tokens - self.first_row_tokens) / steady_s
-
-    def stats(self, settings: Settings) -> str:
-        """The line under a gallery: progress while sampling, cost and model facts when done."""
-        grid = self.side.pipe.grid
-        if not self.done:
-            return f"**{self.side.source.name}**: row {self.rows}/{grid} · {self.wall_s:.2f} s so far"
-        return (f"**{self.side.source.name}** · {settings.num_images} images · wall time {self.wall_s:.2f} s "
-                f"(sampling {self.sampling_s:.2f} s, previews and decoding {self.decoding_s:.2f} s) · "
-                f"{self.tokens_per_s:,.0f} tokens/s after the first row · {memory_text(self.peak_bytes)} · "
-                f"{format_count(self.side.pipe.model.num_params())} parameters · "
-                f"training {format_flops(self.side.train_flops)}")
-
-
-def memory_text(peak_bytes: int | None) -> str:
-    """Peak GPU memory when measured; on the CPU only the process's lifetime RSS peak exists, said as such."""
-    if peak_bytes is not None:
-        return f"peak GPU memory {peak_bytes / 2**30:.2f} GiB (both models resident)"
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
-    return f"peak memory n/a on CPU (whole app's peak RSS {rss / 2**20:,.0f} MiB)"
-
-
-def stream(sides: Sequence[Loaded], settings: Settings) -> Iterator[list[Frame]]:
-    """Sample every side with the same labels and seeds, one token row per side and round, in turns (who
-    goes first alternating from round to round).
-
-    Yields the frames after every round, so viewers watch both models draw; the last yield has
-    every side done. Closing the iterator (a cancelled request) stops the worker threads. A model's
-    first request at a batch size first samples WARM_ROWS rows untimed, every side before any side's
-    first timed row: otherwise the side that goes first pays the process's one-time costs (kernels
-    loaded, buffers grown) in its timed rows and two equal models show different speeds.
-    """
-    frames = [Frame(s, np.zeros((settings.num_images, s.pipe.image_size, s.pipe.image_size, 3), dtype=np.uint8))
-              for s in sides]
-    labels_B = torch.full((settings.num_images,), settings.class_index, dtype=torch.long)
-    samplers = []
-    try:
-        for s in sides:
-            generators = sample_generators(range(settings.num_images), settings.seed, s.pipe.device)
-            warm = WARM_ROWS if needs_warm_up(s.pipe.model, settings.num_images) else 0
-            samplers.append(s.pipe.stepped(labels_B, settings.sampler, generator=generators, warm_rows=warm))
-        for sampler in samplers:
-            sampler.ready.wait()
-        for round_ in itertools.count():
-            if all(f.done for f in frames):
-                break
-            # Who goes first alternates: the work each yield sets off (the previews encoded, the browser
-            # fetching them from this process) lands on the round's first turn, so always one side would
-            # take it and show the slower speed.
-            order = list(zip(frames, samplers))
-            for frame, sampler in order if round_ % 2 == 0 else order[::-1]:
-                if not frame.done:
-                    _turn(frame, sampler)
-            yield frames
-    finally:
-        for sampler in samplers:
-            sampler.close()
-
-
-def _turn(frame: Frame, sampler: SteppedSampler) -> None:
-    """One row of one side: sample it, decode the preview, account time and memory to this side."""
-    device = frame.side.pipe.device
-    cuda = device.type == "cuda"
-    if cuda:
-        torch.cuda.reset_peak_memory_stats(device)
-    started = time.perf_counter()
-    tokens_BT = sampler.advance()  # the copy to the CPU inside waits for the GPU, so the clock is honest
-    sampled = time.perf_counter()
-    frame.images_BHW3 = frame.side.pipe.decode_rows(tokens_BT)
-    frame.sampling_s += sampled - started
-    frame.decoding_s += time.perf_counter() - sampled
-    if frame.rows == 0:
-        frame.first_row_s, frame.first_row_tokens = sampled - started, tokens_BT.numel()
-    frame.rows = tokens_BT.shape[1] // frame.side.pipe.grid
-    frame.tokens, frame.done = tokens_BT.numel(), sampler.done
-    if cuda:
-        frame.peak_bytes = max(frame.peak_bytes or 0, torch.cuda.max_memory_allocated(device))
-
-
-# ------------------------------------------------------------------------------------------------
-# Training curves
-# ------------------------------------------------------------------------------------------------
-
-def training_plots(sides: dict[str, Source | None]) -> tuple[Any, Any, str]:
-    """(loss vs FLOPs, FID vs FLOPs, note) for the selected runs; .pt checkpoints have no curves."""
-    from npp.viz import eval_figure, training_figure
-
-    runs, notes = {}, [f"{s.name} is a .pt checkpoint: no training log." for s in sides.values()
-                       if s is not None and s.run is None]
-    for panel, s in sides.items():
-        if s is None or s.run is None:
-            continue
-        try:
-            runs[f"{s.name} ({panel})"] = run_rows(s.run)
-        except DataError as err:  # damaged since start-up: say so instead of drawing half a curve
-            notes.append(f"{s.name}: no curves, its {err}.")
-    if runs and not any(row.get("eval") for rows in runs.values() for row in rows):
-        notes.append("No evaluation rows yet: train with `--eval_every K` to get FID curves.")
-    return training_figure(runs, "loss", x="flops"), eval_figure(runs, "fid", x="flops"), " ".join(notes)

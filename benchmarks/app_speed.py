@@ -17,7 +17,9 @@ from pathlib import Path
 
 import torch
 
-from app.backend import Backend, Settings, Source, stream
+from app.backend import Backend
+from app.sources import Source
+from app.turns import Settings, stream
 from benchmarks.common import describe_machine, machine_line
 
 

@@ -26,8 +26,9 @@ import torch
 from PIL import Image
 
 import npp
-from app.backend import (SAMPLER_THREAD, Backend, LoadError, Settings, default_pair, find_sources, parse_class,
-                         shared_classes, stream)
+from app.backend import Backend, LoadError, parse_class, shared_classes
+from app.sources import default_pair, find_sources
+from app.turns import SAMPLER_THREAD, Settings, stream
 from npp.config import PAPER_SAMPLER, SamplerConfig
 from npp.errors import check
 from npp.sampling import sample_generators
@@ -456,7 +457,7 @@ def test_load_errors_show_no_server_path_and_still_say_the_fix(client, server, r
 
 
 def test_the_speed_shown_leaves_out_the_first_row_that_pays_the_warm_ups():
-    from app.backend import Frame
+    from app.turns import Frame
 
     frame = Frame(side=None, images_BHW3=np.zeros((1, 1, 1, 3), np.uint8))
     # First row: 16 tokens in 1 s (warm-up); then 48 tokens in 0.5 s: 96 tokens/s, not 64 / 1.5 = 43.

@@ -23,7 +23,8 @@ import pytest
 import torch
 
 import npp
-from app.backend import find_sources, hide_paths, run_rows
+from app.backend import hide_paths
+from app.sources import find_sources, run_rows
 from npp.errors import DataError
 from npp.runs import RunDir
 from test_app import CHROMIUM, CHROMIUM_ARGS, GRID, free_port, make_run, request
@@ -245,7 +246,7 @@ def test_a_path_with_spaces_in_an_error_is_cut_to_its_file_name():
 
 
 def test_the_upload_ledger_deletes_what_it_refuses_and_what_outlived_its_time(tmp_path):
-    from app.demo import UploadLedger
+    from app.guard import UploadLedger
 
     def stored(name: str, size: int) -> Path:
         path = tmp_path / "gradio" / name.split(".")[0] / name

@@ -20,7 +20,9 @@ import pytest
 import torch
 
 import npp
-from app.backend import Backend, Settings, advanced_label, find_sources, stream
+from app.backend import Backend, advanced_label
+from app.sources import find_sources
+from app.turns import Settings, stream
 from npp.config import PAPER_SAMPLER, SamplerConfig
 from npp.sampling import sample_generators
 from test_app import CHROMIUM, CHROMIUM_ARGS, ROOT, free_port, make_run, tiny_model
@@ -86,7 +88,8 @@ def test_each_model_brings_its_own_sampling_defaults(backend):
 
 
 def test_the_advanced_boxes_follow_the_model_just_chosen(backend):
-    from app.demo import build_demo, make_describe
+    from app.demo import build_demo
+    from app.handlers import make_describe
 
     checkpoints = Backend([s for s in backend.sources.values() if s.kind == "checkpoint"],
                           tokenizer=backend.tokenizer, device="cpu")
