@@ -33,7 +33,7 @@ import torch
 
 from npp.config import PAPER_SAMPLER, SamplerConfig
 from npp.errors import CheckpointError, ConfigError, DataError, is_number
-from npp.evaluate import PAPER_PROTOCOL, Protocol, default_sampler, pipeline_protocol
+from npp.protocol import PAPER_PROTOCOL, Protocol, default_sampler, pipeline_protocol
 from npp.model import GPT
 from npp.pipeline import Pipeline
 from npp.runs import RunDir
