@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from npp.errors import DataError, require
+from npp.files import dump_json
 
 SAMPLES_MANIFEST = "manifest.json"
 """Beside the PNGs: what drew them (weights sha256, tokenizer, sampler, seeds, batch size) and its key."""
