@@ -24,7 +24,7 @@ import torch
 
 from npp.config import SamplerConfig
 from npp.errors import CheckpointError, ConfigError, DataError
-from npp.evaluate import Protocol, default_sampler, pipeline_protocol
+from npp.protocol import Protocol, default_sampler, pipeline_protocol
 from npp.pipeline import Pipeline
 from npp.weights import FOREIGN_CHECKPOINT_CLASSES, safe_load
 

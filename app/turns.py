@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from npp.config import PAPER_SAMPLER, SamplerConfig
-from npp.evaluate import PAPER_PROTOCOL, default_sampler
+from npp.protocol import PAPER_PROTOCOL, default_sampler
 from npp.model import GPT
 from npp.sampling import STEPPED_THREAD, SteppedSampler, sample_generators
 

@@ -12,14 +12,15 @@ it; a sample folder holding another model's samples is moved aside, never scored
 then computes the metrics and writes results.json beside the samples, with everything a number
 needs to be trusted (torch-fidelity version, feature extractor and weights hash, reference
 identity and size, sampler settings, seeds, model identity).
+
+Neighbours: npp.protocol (the CFG scale and scoring size a model gets when no flag says otherwise),
+npp.sample_folder (a sample folder's provenance, claiming it, reading it back), npp.fidelity (the metrics).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
-import json
 import math
 import os
 import sys
@@ -31,15 +32,18 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from npp.config import MODEL_PRESETS, PAPER_SAMPLER, SamplerConfig
+from npp.config import PAPER_SAMPLER, SamplerConfig
 from npp.distributed import Ranks
-from npp.errors import DataError, check, check_device, is_int, require
+from npp.errors import check, check_device, is_int, require
 from npp.files import atomic_path, dump_json
 from npp.fidelity import (EMBEDDED_CLASSIFIER, INCEPTION_EXTRACTOR, METRICS, MNIST_EXTRACTOR, Reference,
                           check_image_size, class_accuracy, fidelity_metrics, resolve_extractor, resolve_reference)
-from npp.model import GPT, LLAMAGEN_DOWNSAMPLE, LLAMAGEN_PRESETS
-from npp.pipeline import Pipeline, export_folder
+from npp.model import GPT
+from npp.pipeline import Pipeline
+from npp.protocol import LLAMAGEN_FID_CFG, PAPER_PROTOCOL, Protocol, default_protocol, default_sampler
 from npp.runs import RunDir
+from npp.sample_folder import (BATCH_CHUNK, KEY_CHUNK, batch_tag, claim_results, claim_samples, drawn_by,
+                               png_path, read_samples, samples_key)
 from npp.sampling import sample_generators
 from npp.threads import check_threads, use_threads
 from npp.tokenizer import VQModel, to_uint8
@@ -172,21 +176,9 @@ def draw_all(pipe: Pipeline, config: EvalConfig) -> tuple[torch.Tensor, torch.Te
     return torch.cat([c[0] for c in chunks]), torch.cat([c[1] for c in chunks])
 
 
-def _png_path(folder: Path, index: int) -> Path:
-    return folder / f"{index:06d}.png"
-
-
 # ------------------------------------------------------------------------------------------------
-# Provenance: which model and settings drew a sample folder, and each PNG in it
+# Drawing into a sample folder (npp.sample_folder: what drew it, claiming it, reading it back)
 # ------------------------------------------------------------------------------------------------
-
-SAMPLES_MANIFEST = "manifest.json"
-"""Beside the PNGs: what drew them (weights sha256, tokenizer, sampler, seeds, batch size) and its key."""
-
-KEY_CHUNK, BATCH_CHUNK = "npp-samples", "npp-batch"
-"""PNG text chunks of every sample: the key of what drew it, and the batch (`start+length`) it was drawn
-in. Batch composition is part of the arithmetic, so a sample is reused only from the same batch."""
-
 
 def samples_identity(pipe: Pipeline, config: EvalConfig) -> dict[str, Any]:
     """Everything sample i depends on besides i: the exact weights and tokenizer, and the sampling recipe."""
@@ -196,86 +188,6 @@ def samples_identity(pipe: Pipeline, config: EvalConfig) -> dict[str, Any]:
             "sampler_class": type(config.sampler).__name__,
             # only when resizing: the keys of folders drawn at the model's size stay what they were
             **({"eval_image_size": config.eval_image_size} if config.eval_image_size else {})}
-
-
-def samples_key(identity: dict[str, Any]) -> str:
-    """A short name for an identity: 16 hex digits of the sha256 of its JSON."""
-    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def _batch_tag(indices: range) -> str:
-    return f"{indices.start}+{len(indices)}"
-
-
-def _drawn_by(path: Path, key: str, batch: str) -> bool:
-    """Whether the PNG at path exists and says it was drawn by `key` in `batch`."""
-    image = require("PIL.Image", "reading samples")
-    try:
-        with image.open(path) as png:
-            return png.info.get(KEY_CHUNK) == key and png.info.get(BATCH_CHUNK) == batch
-    except (OSError, SyntaxError, ValueError):  # missing, or damaged (a copy cut off): draw it again
-        return False
-
-
-def _manifest_key(folder: Path) -> str | None:
-    """The key a sample folder's manifest names, or None (no manifest, or an unreadable one)."""
-    try:
-        key = json.loads((folder / SAMPLES_MANIFEST).read_text()).get("key")
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
-        return None
-    return key if isinstance(key, str) else None
-
-
-def _aside(path: Path, label: str) -> Path:
-    """Where to move a file or folder of another model: beside it, named by that model's key
-    (`samples.<key>`, `results.<key>.json`; `-2`, `-3` … after the key when that name is taken)."""
-    candidate, n = path.with_name(f"{path.stem}.{label}{path.suffix}"), 1
-    while candidate.exists():
-        n += 1
-        candidate = path.with_name(f"{path.stem}.{label}-{n}{path.suffix}")
-    return candidate
-
-
-def claim_samples(folder: Path, identity: dict[str, Any]) -> str:
-    """Make `folder` (a sample folder) this identity's, before anything is drawn into it; returns its key.
-
-    Samples that another model or recipe drew, or of unknown origin (no manifest: an older npp), are moved
-    beside the folder (`samples.<their key>`), with a one-line warning: they are never scored and never
-    deleted. Samples of this identity set aside earlier come back, so nothing is drawn twice. The manifest
-    is written before any PNG, so a folder never holds samples its manifest does not describe."""
-    key = samples_key(identity)
-    found = _manifest_key(folder)
-    if folder.is_dir() and found != key and any(folder.glob("*.png")):
-        aside = _aside(folder, found or "unverified")
-        os.replace(folder, aside)
-        whose = f"of another model or sampler (key {found})" if found else "of unknown origin (no manifest)"
-        print(f"npp evaluate: warning: {folder} held samples {whose}; moved them to {aside.name} beside it, and "
-              f"this model's samples are drawn anew", file=sys.stderr, flush=True)
-    stash = folder.with_name(f"{folder.name}.{key}")
-    if not folder.exists() and stash.is_dir():
-        os.replace(stash, folder)  # this model's own samples, set aside by another model's evaluation
-    folder.mkdir(parents=True, exist_ok=True)
-    dump_json({"key": key, **identity, "files": "sample i is {i:06d}.png, drawn with torch.Generator()"
-               ".manual_seed(base_seed + i); each PNG's text chunks name this key and its batch"},
-              folder / SAMPLES_MANIFEST)
-    return key
-
-
-def claim_results(results: Path, key: str) -> None:
-    """A results.json that another model or recipe wrote (or an older npp, which did not record its key) is
-    moved aside (`results.<its key>.json`) with a one-line warning before this evaluation writes its own."""
-    if not results.is_file():
-        return
-    try:
-        found = json.loads(results.read_text()).get("samples_key")
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
-        found = None
-    if found != key:
-        aside = _aside(results, found if isinstance(found, str) else "earlier")
-        os.replace(results, aside)
-        whose = "another model or sampler" if found else "an evaluation that did not record its samples' key"
-        print(f"npp evaluate: warning: {results} was written for {whose}; moved it to {aside.name} beside it",
-              file=sys.stderr, flush=True)
 
 
 def sample_to_folder(pipe: Pipeline, config: EvalConfig, folder: Path, *, rank: int = 0, world: int = 1,
@@ -289,33 +201,19 @@ def sample_to_folder(pipe: Pipeline, config: EvalConfig, folder: Path, *, rank: 
     drawn = 0
     for k in range(rank, math.ceil(config.num_samples / config.batch_size), world):
         indices = range(k * config.batch_size, min(config.num_samples, (k + 1) * config.batch_size))
-        batch = _batch_tag(indices)
-        if not all(_drawn_by(_png_path(folder, i), key, batch) for i in indices):
+        batch = batch_tag(indices)
+        if not all(drawn_by(png_path(folder, i), key, batch) for i in indices):
             images, _ = draw_samples(pipe, indices, config)
             info = png_info()
             info.add_text(KEY_CHUNK, key)
             info.add_text(BATCH_CHUNK, batch)
             for i, array in zip(indices, images.numpy()):
-                with atomic_path(_png_path(folder, i)) as tmp:  # a killed rank leaves no half-written sample
+                with atomic_path(png_path(folder, i)) as tmp:  # a killed rank leaves no half-written sample
                     image.fromarray(array).save(tmp, format="PNG", pnginfo=info)
             drawn += len(indices)
         if on_batch is not None:
             on_batch(len(indices))
     return drawn
-
-
-def read_samples(folder: Path, num_samples: int, key: str | None = None) -> torch.Tensor:
-    """The PNGs of samples 0 … num_samples − 1 (exactly those) as (N, H, W, 3) uint8; with `key`, each must
-    say that key drew it (a folder changed by another process while it was being evaluated is refused)."""
-    image = require("PIL.Image", "reading samples")
-    arrays = []
-    for i in range(num_samples):
-        with image.open(_png_path(folder, i)) as png:
-            if key is not None and png.info.get(KEY_CHUNK) != key:
-                raise DataError(f"{_png_path(folder, i)} was replaced by another model's sample while this evaluation "
-                                f"ran: evaluate into a folder of your own (--out)")
-            arrays.append(np.asarray(png.convert("RGB")))
-    return torch.from_numpy(np.stack(arrays))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -469,83 +367,8 @@ def _measure(pipe: Pipeline, config: EvalConfig, folder: Path, reference: Refere
 
 
 # ------------------------------------------------------------------------------------------------
-# Which protocol a model is scored by when no flag says otherwise
+# Command line
 # ------------------------------------------------------------------------------------------------
-
-LLAMAGEN_FID_CFG = {"B": 2.0, "L": 2.0, "XL": 1.75, "XXL": 1.75, "3B": 1.65}
-"""The CFG scale of each released LlamaGen c2i GPT's published FID (the sampling commands of its
-GETTING_STARTED.md)."""
-
-LLAMAGEN_EVAL_SIZES = {384: 256}
-"""LlamaGen scores its 384-px GPTs at 256 px (sample_c2i_ddp.py --image-size-eval 256); 256-px ones as drawn."""
-
-
-@dataclass(frozen=True)
-class Protocol:
-    """The defaults a model is evaluated with, and where they come from (said when evaluate starts)."""
-
-    cfg_scale: float
-    eval_image_size: int
-    """0: the model's own size."""
-    source: str
-
-
-PAPER_PROTOCOL = Protocol(PAPER_SAMPLER.cfg_scale, 0, "the paper's sampler (PAPER_SAMPLER)")
-"""What a model is scored by when nothing says otherwise."""
-
-
-def default_protocol(path: str | os.PathLike) -> Protocol:
-    """A released LlamaGen GPT (an export `npp convert` wrote: its config.json records what was inferred, and
-    its width is a LlamaGen preset's) is scored as LlamaGen scores it; a run of ours by its recipe's CFG (the
-    run's eval_sampler); anything else by the paper's sampler. Read from the JSON files, before any weights."""
-    export = export_folder(path)
-    model = _json_object(export / "config.json")
-    if "inferred" in model and (released := released_protocol(model.get("dim"), model.get("grid", 0))):
-        return released
-    run = _json_object(export.parent / "config.json")
-    sampler = run.get("eval_sampler")
-    scale = sampler.get("cfg_scale") if isinstance(sampler, dict) else run.get("eval_cfg_scale")
-    if isinstance(scale, (int, float)) and not isinstance(scale, bool):
-        return Protocol(float(scale), 0, f"the run's recipe ({export.parent / 'config.json'}: eval_sampler)")
-    return PAPER_PROTOCOL
-
-
-def released_protocol(dim: Any, grid: Any) -> Protocol | None:
-    """LlamaGen's FID protocol for a GPT read from one of its files whose width is a released preset's, or None
-    (a width no released GPT has: not one of LlamaGen's models)."""
-    released = [name for name in LLAMAGEN_PRESETS if MODEL_PRESETS[name][2] == dim]
-    if not released:
-        return None
-    name, size = released[0], grid * LLAMAGEN_DOWNSAMPLE
-    return Protocol(LLAMAGEN_FID_CFG[name], LLAMAGEN_EVAL_SIZES.get(size, 0),
-                    f"LlamaGen's FID protocol for its released GPT-{name} at {size} px")
-
-
-def pipeline_protocol(pipe: Pipeline) -> Protocol:
-    """default_protocol of a loaded model: an export's as its files say; a GPT read from a LlamaGen/NPP .pt
-    (it carries `model.inferred`) as a released one, when its width is a released preset's; else the paper's."""
-    if pipe.export is not None:
-        return default_protocol(pipe.export)
-    config = pipe.model.config
-    if pipe.model.inferred is not None and (released := released_protocol(config.dim, config.grid)):
-        return released
-    return PAPER_PROTOCOL
-
-
-def default_sampler(protocol: Protocol, sampler: type[SamplerConfig] = SamplerConfig) -> SamplerConfig:
-    """The sampler a model is evaluated (and shown in the app) with when no flag or box says otherwise: the
-    paper's knobs with the protocol's CFG scale; a SamplerConfig subclass's own fields keep their defaults."""
-    return sampler(**{**PAPER_SAMPLER.to_dict(), "cfg_scale": protocol.cfg_scale})
-
-
-def _json_object(path: Path) -> dict[str, Any]:
-    """A JSON object file's content, or {} (absent or unreadable: the loader reports damage, not this guess)."""
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
 
 def protocol_line(protocol: Protocol, config: EvalConfig, args: argparse.Namespace) -> str:
     """One line: the CFG scale and scoring size in force, each with where it comes from."""
@@ -557,10 +380,6 @@ def protocol_line(protocol: Protocol, config: EvalConfig, args: argparse.Namespa
             else "scored at the model's own size")
     return f"npp evaluate: CFG scale {config.sampler.cfg_scale:g} ({cfg_from}); {size} ({size_from})"
 
-
-# ------------------------------------------------------------------------------------------------
-# Command line
-# ------------------------------------------------------------------------------------------------
 
 def build_parser(sampler: type[SamplerConfig] = SamplerConfig):
     """`npp evaluate`'s flags: EvalConfig's fields, the sampler's flattened (`--cfg-scale`). A SamplerConfig

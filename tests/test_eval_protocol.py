@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 import npp
-from npp.evaluate import Protocol, default_protocol
+from npp.protocol import Protocol, default_protocol
 from npp.sampling import sample_generators
 from npp.tokenizer import load_embedded_tokenizer
 from test_faults import NPP, ROOT, env, one_line

@@ -212,7 +212,7 @@ def test_device_cuda_without_a_gpu_is_one_line_before_anything_loads(command, ru
 def test_samples_of_unknown_origin_are_moved_aside_not_scored(tmp_path, capsys):
     from PIL import Image
 
-    from npp.evaluate import claim_samples
+    from npp.sample_folder import claim_samples
 
     folder = tmp_path / "samples"
     folder.mkdir()
@@ -228,7 +228,7 @@ def test_a_sample_replaced_while_evaluating_is_refused(tmp_path):
     from PIL import Image
     from PIL.PngImagePlugin import PngInfo
 
-    from npp.evaluate import KEY_CHUNK, read_samples
+    from npp.sample_folder import KEY_CHUNK, read_samples
 
     info = PngInfo()
     info.add_text(KEY_CHUNK, "another")

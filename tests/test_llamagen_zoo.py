@@ -317,7 +317,7 @@ def test_the_readme_zoo_commands_load_what_its_table_says(states, tmp_path, monk
     """Every `npp convert` of the README's zoo table runs as written, in a folder holding stand-ins under the
     released names and layouts; what it infers, the protocol `npp evaluate` then applies to a LlamaGen file, and
     the memory cells (from npp.preflight's estimate) are the table's."""
-    from npp.evaluate import LLAMAGEN_FID_CFG, default_protocol
+    from npp.protocol import LLAMAGEN_FID_CFG, default_protocol
 
     rows = ZOO_ROW.findall((ROOT / "README.md").read_text())
     assert sorted(name for npp_row, name, *_ in rows if not npp_row) == sorted(ZOO)
