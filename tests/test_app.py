@@ -239,6 +239,15 @@ def test_the_command_line_says_what_is_missing(tmp_path):
     assert "Traceback" not in run.stderr
 
 
+def generate_and_wait(page, num_images: int, timeout_ms: int) -> None:
+    """Ask the page for `num_images` per side and wait until both sides report their wall time."""
+    page.fill("#num-images input[type=number]", str(num_images))
+    page.press("#num-images input[type=number]", "Enter")
+    page.click("#generate")
+    page.wait_for_function("['#left-stats', '#right-stats'].every("
+                           "s => document.querySelector(s).innerText.includes('wall time'))", timeout=timeout_ms)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -358,11 +367,7 @@ def test_browser_generates_both_galleries(server, tmp_path):
             page.keyboard.press("Control+A")
             page.keyboard.type("sev")  # the dropdown is searchable
             page.get_by_role("option", name="7 – seven").click()
-            page.fill("#num-images input[type=number]", "4")
-            page.press("#num-images input[type=number]", "Enter")
-            page.click("#generate")
-            page.wait_for_function("['#left-stats', '#right-stats'].every("
-                                   "s => document.querySelector(s).innerText.includes('wall time'))", timeout=60_000)
+            generate_and_wait(page, 4, 60_000)
             for side in ("left", "right"):
                 assert page.locator(f"#{side}-gallery .thumbnail-item img").count() == 4
                 stats = page.inner_text(f"#{side}-stats")

@@ -27,7 +27,7 @@ from app.backend import hide_paths
 from app.sources import find_sources, run_rows
 from npp.errors import DataError
 from npp.runs import RunDir
-from test_app import CHROMIUM, CHROMIUM_ARGS, GRID, free_port, make_run, request
+from test_app import CHROMIUM, CHROMIUM_ARGS, GRID, free_port, generate_and_wait, make_run, request
 
 ROOT = Path(__file__).resolve().parents[1]
 SECRET = "Secret Projects"
@@ -125,11 +125,7 @@ def test_a_fresh_apps_first_request_shows_equal_speeds_for_equal_models(served):
             assert f"at most {QUEUE} wait" in intro and f"over {MAX_WAIT_S:g} s is dropped" in intro, intro
             assert "5.25M parameters" in page.inner_text("#left-info") and \
                 "5.25M parameters" in page.inner_text("#right-info")
-            page.fill("#num-images input[type=number]", "16")  # rows long enough to average out other load
-            page.press("#num-images input[type=number]", "Enter")
-            page.click("#generate")
-            page.wait_for_function("['#left-stats', '#right-stats'].every("
-                                   "s => document.querySelector(s).innerText.includes('wall time'))", timeout=120_000)
+            generate_and_wait(page, 16, 120_000)  # rows long enough to average out other load
             left, right = (page.inner_text(f"#{side}-stats") for side in ("left", "right"))
         finally:
             browser.close()

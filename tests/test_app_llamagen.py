@@ -25,7 +25,7 @@ from app.sources import find_sources
 from app.turns import Settings, stream
 from npp.config import PAPER_SAMPLER, SamplerConfig
 from npp.sampling import sample_generators
-from test_app import CHROMIUM, CHROMIUM_ARGS, ROOT, free_port, make_run, tiny_model
+from test_app import CHROMIUM, CHROMIUM_ARGS, ROOT, free_port, generate_and_wait, make_run, tiny_model
 from test_llamagen_zoo import VOCAB, stand_in_state, write
 
 XL_LINE = ("c2i_XL_384.pt: 1 layer × 1280, 20 heads of 64 (LlamaGen preset XL by width 1280 alone: the file has 1 "
@@ -182,11 +182,7 @@ def browse(page, url: str) -> None:
     assert XL_LABEL in advanced.inner_text()
     advanced.get_by_text("Advanced").first.click()  # open it: its boxes hold the XL's CFG, not the paper's 2
     assert page.input_value("#sampler-cfg_scale input") == "1.75"
-    page.fill("#num-images input[type=number]", "1")
-    page.press("#num-images input[type=number]", "Enter")
-    page.click("#generate")
-    page.wait_for_function("['#left-stats', '#right-stats'].every("
-                           "s => document.querySelector(s).innerText.includes('wall time'))", timeout=240_000)
+    generate_and_wait(page, 1, 240_000)
     for side in ("left", "right"):
         image = page.locator(f"#{side}-gallery .thumbnail-item img").first
         page.wait_for_function("img => img.complete && img.naturalWidth > 0", arg=image.element_handle())
