@@ -18,7 +18,9 @@ from typing import Any
 
 from npp.config import VQConfig
 from npp.errors import CheckpointError, ConfigError
-from npp.tokenizer import EMBEDDED_TOKENIZERS, VQModel, load_embedded_tokenizer, load_tokenizer
+from npp.files import ASSETS
+from npp.tokenizer import (EMBEDDED_TOKENIZERS, VQModel, load_embedded_tokenizer, load_tokenizer,
+                           tokenizer_location)
 
 SUPPLY_FIX = ("pass --tokenizer PATH (npp evaluate; Pipeline.from_run(tokenizer=PATH)), the tokenizer its codes "
               "were extracted with")
@@ -56,7 +58,7 @@ class TokenizerRef:
     @classmethod
     def extracted_with(cls, vq: VQModel, fingerprint: str, path: str | os.PathLike | None) -> "TokenizerRef":
         """What `npp extract` records of the tokenizer it ran (`path` None when it was given in memory)."""
-        return cls(fingerprint=fingerprint, path=None if path is None else os.path.abspath(path), config=vq.config)
+        return cls(fingerprint=fingerprint, path=None if path is None else portable_path(path), config=vq.config)
 
     @classmethod
     def of_data(cls, data: str, manifest: dict[str, Any]) -> "TokenizerRef":
@@ -119,7 +121,7 @@ class TokenizerRef:
     def check_available(self, where: str) -> None:
         """Refuse in one line, before any weights are read, a reference that names no tokenizer this machine
         has: its path is elsewhere (another machine's), or it names none. `where` is the file it came from."""
-        if self.path and not Path(self.path).exists():
+        if self.path and not tokenizer_location(self.path).exists():
             raise CheckpointError(f"{where} names the tokenizer {self.path}, which is not on this machine "
                                   f"(fingerprint {self.fingerprint}): {SUPPLY_FIX}")
         if not self.path and self.data not in EMBEDDED_TOKENIZERS:
@@ -132,7 +134,7 @@ class TokenizerRef:
         machine (codes copied from another): evaluation will then be given the tokenizer."""
         if not self.path and self.fingerprint and self.data not in EMBEDDED_TOKENIZERS:
             return None  # codes extracted in memory: no tokenizer file to check (evaluation will ask for --tokenizer)
-        if self.path and not Path(self.path).exists():
+        if self.path and not tokenizer_location(self.path).exists():
             return (f"{self.path}, the tokenizer {self.data} was extracted with, is not on this machine: evaluation "
                     f"will need `npp evaluate --tokenizer`")
         self.load(where=str(self.data), fix="put the tokenizer the codes were extracted with back at that path, or "
@@ -145,7 +147,7 @@ class TokenizerRef:
         extracted on another machine). Its fingerprint must be the recorded one; `fix` says what to do if not."""
         path = override or self.path
         if path:
-            config = {} if Path(path).is_dir() or self.config is None else self.config.to_dict()
+            config = {} if tokenizer_location(path).is_dir() or self.config is None else self.config.to_dict()
             vq = load_tokenizer(path, **config)
         elif self.data in EMBEDDED_TOKENIZERS:
             vq = load_embedded_tokenizer(self.data)
@@ -156,3 +158,10 @@ class TokenizerRef:
             raise ConfigError(f"the tokenizer at {path} is not the one the codes of {where} were extracted with "
                               f"(fingerprint {vq.fingerprint()[:12]} ≠ {self.fingerprint[:12]}): {fix}")
         return vq
+
+
+def portable_path(path: str | os.PathLike) -> str:
+    """How a manifest records a tokenizer: a shipped one by its name (its folder in npp/assets moves with the
+    install), any other by its absolute path."""
+    path = Path(path).resolve()
+    return path.name if path.parent == ASSETS.resolve() and path.name in EMBEDDED_TOKENIZERS else str(path)
